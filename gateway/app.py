@@ -1,0 +1,126 @@
+"""create_app(config) → a web.Application with its routes, middlewares and resources.
+
+Each shared resource is opened and closed by one cleanup context, in the order below;
+teardown runs in reverse, so in-flight settlements finish before Redis and the ledger
+close, and the ledger flushes before the database closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from gateway import health, proxy, state
+from gateway.auth import Authenticator
+from gateway.config import GatewayConfig
+from gateway.ledger import LedgerWriter, open_store
+from gateway.metrics import Metrics
+from gateway.middlewares import authenticate, errors_and_metrics, in_flight
+from gateway.policies import PolicyHolder
+from gateway.providers import build_provider
+from gateway.quota import QuotaLimiter
+from gateway.quota.store import open_redis
+from gateway.settlement import Settlement
+from gateway.tokens import TokenizerRegistry
+
+log = logging.getLogger("gateway")
+
+POLICY_RELOAD_SECONDS = 2.0
+
+
+def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = None) -> web.Application:
+    """The gateway application; `clock_ms` pins the quota clock (tests only)."""
+    app = web.Application(
+        middlewares=[errors_and_metrics, in_flight, authenticate],
+        client_max_size=config.server.max_body_bytes,
+    )
+    app[state.CONFIG] = config
+    app[state.METRICS] = Metrics()
+    app[state.TOKENIZERS] = TokenizerRegistry()
+    app[state.POLICIES] = PolicyHolder(config.base_dir, config.quota.policy_glob)
+
+    app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_ledger)
+    app.cleanup_ctx.append(_limiter(clock_ms))
+    app.cleanup_ctx.append(_providers)
+    app.cleanup_ctx.append(_settlement)
+    app.cleanup_ctx.append(_policy_watch)
+
+    app.router.add_post("/v1/chat/completions", proxy.chat_completions)
+    app.router.add_get("/health", health.liveness)
+    app.router.add_get("/health/ready", health.readiness)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[state.METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    store = open_store(app[state.CONFIG].backends)
+    await store.open()
+    try:
+        applied = await store.migrate()
+        if applied:
+            log.info("database migrated to version %d", applied[-1])
+    except BaseException:
+        await store.close()
+        raise
+    log.info("ledger and keys: %s", store.description)
+    app[state.STORE] = store
+    app[state.AUTH] = Authenticator(app[state.CONFIG].keys, store)
+    yield
+    await store.close()
+
+
+async def _ledger(app: web.Application) -> AsyncIterator[None]:
+    writer = LedgerWriter(app[state.STORE], app[state.CONFIG].ledger, app[state.METRICS])
+    writer.start()
+    app[state.LEDGER] = writer
+    yield
+    await writer.stop()
+
+
+def _limiter(clock_ms: Callable[[], int] | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def open_limiter(app: web.Application) -> AsyncIterator[None]:
+        config = app[state.CONFIG].backends.redis
+        redis, description = open_redis(config)
+        log.info("quota store: %s", description)
+        prefix = config.key_prefix if config is not None else "gw:"
+        app[state.LIMITER] = QuotaLimiter(redis, prefix, clock_ms=clock_ms)
+        yield
+        await redis.aclose()
+
+    return open_limiter
+
+
+async def _providers(app: web.Application) -> AsyncIterator[None]:
+    config = app[state.CONFIG]
+    providers = {
+        name: build_provider(provider, app[state.TOKENIZERS]) for name, provider in config.providers.items()
+    }
+    app[state.PROVIDERS] = providers
+    yield
+    for provider in providers.values():
+        await provider.close()
+
+
+async def _settlement(app: web.Application) -> AsyncIterator[None]:
+    settlement = Settlement(app[state.LIMITER], app[state.LEDGER], app[state.METRICS])
+    app[state.SETTLEMENT] = settlement
+    yield
+    await settlement.drain()
+
+
+async def _policy_watch(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[state.POLICIES].watch(POLICY_RELOAD_SECONDS))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

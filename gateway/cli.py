@@ -1,0 +1,198 @@
+"""The `gateway` command: serve, migrate, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.auth import KeyRecord, generate_key, generate_key_id, hash_key
+from gateway.config import IDENTIFIER, GatewayConfig, load_config
+from gateway.ledger import LedgerStore, open_store
+from gateway.ledger.schema import SchemaTooNew
+from gateway.yamlnode import ConfigError
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        command: Callable[[argparse.Namespace], int] = args.run
+        return command(args)
+    except ConfigError as exc:
+        print(f"gateway: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SchemaTooNew as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="LLM API gateway")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(
+        name: str, run: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", default="gateway.yaml", help="path to gateway.yaml")
+        sub.set_defaults(run=run)
+        return sub
+
+    serve = command("serve", _serve, "run the gateway")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    command("migrate", _migrate, "apply database migrations")
+    command("check", _check, "validate gateway.yaml and the policy files, then exit")
+
+    keys = commands.add_parser("keys", help="manage gateway API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+
+    def key_command(
+        name: str, run: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
+        sub = keys.add_parser(name, help=help_text)
+        sub.add_argument("--config", default="gateway.yaml", help="path to gateway.yaml")
+        sub.set_defaults(run=run)
+        return sub
+
+    create = key_command("create", _keys_create, "create a key (printed once)")
+    create.add_argument("--user", required=True)
+    create.add_argument("--team")
+    key_command("list", _keys_list, "list keys (ids and owners, never the keys)")
+    revoke = key_command("revoke", _keys_revoke, "revoke a key by id")
+    revoke.add_argument("key_id")
+    hasher = keys.add_parser("hash", help="print the SHA-256 of a key, for static keys in gateway.yaml")
+    hasher.add_argument("key", help="the key; '-' reads it from standard input")
+    hasher.set_defaults(run=_keys_hash)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> GatewayConfig:
+    return load_config(args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.app import create_app
+
+    config = _load(args)
+    logging.getLogger().setLevel(config.server.log_level.upper())
+    app = create_app(config)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    logging.getLogger("gateway").info("gateway %s listening on http://%s:%d", __version__, host, port)
+    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=30)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from gateway.policies import PolicyHolder
+
+    config = _load(args)
+    holder = PolicyHolder(config.base_dir, config.quota.policy_glob)
+    print(
+        f"{config.path}: ok ({len(config.models)} models, {len(config.providers)} providers, "
+        f"{len(holder.current.policies)} policies in {len(holder.current.files)} files)"
+    )
+    return 0
+
+
+def _with_store(args: argparse.Namespace, work: Callable[[LedgerStore], Awaitable[int]]) -> int:
+    config = _load(args)
+
+    async def run() -> int:
+        store = open_store(config.backends)
+        await store.open()
+        try:
+            await store.migrate()
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def run() -> int:
+        store = open_store(config.backends)
+        await store.open()
+        try:
+            applied = await store.migrate()
+            version = await store.schema_version()
+        finally:
+            await store.close()
+        done = f"applied {', '.join(map(str, applied))}" if applied else "nothing to apply"
+        print(f"{store.description}: schema version {version} ({done})")
+        return 0
+
+    return asyncio.run(run())
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    for flag, value in (("--user", args.user), ("--team", args.team)):
+        if value is not None and not IDENTIFIER.match(value):
+            print(f"gateway: {flag} may use letters, digits and . _ @ + -", file=sys.stderr)
+            return EXIT_CONFIG
+    key = generate_key()
+    record = KeyRecord(
+        key_id=generate_key_id(),
+        sha256=hash_key(key),
+        user=args.user,
+        team=args.team,
+        created_at=datetime.now(UTC),
+        revoked_at=None,
+    )
+
+    async def create(store: LedgerStore) -> int:
+        await store.insert_key(record)
+        return 0
+
+    status = _with_store(args, create)
+    print(f"key id: {record.key_id}\nuser:   {record.user}\nteam:   {record.team or '-'}")
+    print(f"key:    {key}\n(shown once: store it now; the gateway keeps only its hash)")
+    return status
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    async def show(store: LedgerStore) -> int:
+        keys = await store.list_keys()
+        print(f"{'KEY ID':<18} {'USER':<20} {'TEAM':<16} {'CREATED':<20} STATE")
+        for key in keys:
+            state = "revoked " + key.revoked_at.strftime("%Y-%m-%d") if key.revoked_at else "active"
+            created = key.created_at.strftime("%Y-%m-%d %H:%M")
+            print(f"{key.key_id:<18} {key.user:<20} {key.team or '-':<16} {created:<20} {state}")
+        return 0
+
+    return _with_store(args, show)
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    async def revoke(store: LedgerStore) -> int:
+        if await store.revoke_key(args.key_id):
+            print(f"revoked {args.key_id}")
+            return 0
+        print(f"gateway: no active key with id {args.key_id}", file=sys.stderr)
+        return EXIT_FAILURE
+
+    return _with_store(args, revoke)
+
+
+def _keys_hash(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    print(hash_key(key))
+    return 0

@@ -1,0 +1,299 @@
+"""gateway.yaml → frozen, typed configuration, read once at start-up.
+
+Every mistake stops start-up with `file: key.path: problem` (see yamlnode.ConfigError).
+Values may reference the environment as `${VAR}` or `${VAR:-default}`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.yamlnode import ConfigError, Node, load_yaml_file
+
+__all__ = ["ConfigError", "GatewayConfig", "load_config"]
+
+# Ids become part of Redis keys and ledger rows: keep them to a safe alphabet.
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+PROVIDER_TYPES = {"openai", "mock"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 8 * 1024 * 1024
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str
+    key_prefix: str = "gw:"
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    dsn: str
+    min_connections: int = 1
+    max_connections: int = 10
+
+
+@dataclass(frozen=True)
+class SqliteConfig:
+    path: Path
+
+
+@dataclass(frozen=True)
+class BackendsConfig:
+    """Where quota state and the ledger live; None means the embedded default."""
+
+    redis: RedisConfig | None
+    postgres: PostgresConfig | None
+    sqlite: SqliteConfig
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    connect_seconds: float = 10.0
+    read_seconds: float = 300.0
+    total_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    type: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    provider: str
+    upstream_model: str
+    tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class StaticKeyConfig:
+    id: str
+    sha256: str
+    user: str
+    team: str | None
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    policy_glob: str = "policies/*.yaml"
+    default_max_completion_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    batch_size: int = 500
+    flush_interval_seconds: float = 0.1
+    queue_size: int = 10_000
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    path: Path
+    server: ServerConfig
+    backends: BackendsConfig
+    providers: dict[str, ProviderConfig]
+    models: dict[str, ModelConfig]
+    keys: tuple[StaticKeyConfig, ...]
+    quota: QuotaConfig
+    ledger: LedgerConfig
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate gateway.yaml; raises ConfigError naming file and key path."""
+    config_path = Path(path).resolve()
+    root = load_yaml_file(config_path)
+    root.mapping({"server", "backends", "providers", "models", "keys", "quota", "ledger"})
+    base_dir = config_path.parent
+    providers = _providers(root.require("providers"))
+    return GatewayConfig(
+        path=config_path,
+        server=_server(root.get("server")),
+        backends=_backends(root.get("backends"), base_dir),
+        providers=providers,
+        models=_models(root.require("models"), providers),
+        keys=_static_keys(root.get("keys")),
+        quota=_quota(root.get("quota")),
+        ledger=_ledger(root.get("ledger")),
+    )
+
+
+def _server(node: Node | None) -> ServerConfig:
+    if node is None:
+        return ServerConfig()
+    node.mapping({"host", "port", "max_body_bytes", "log_level"})
+    default = ServerConfig()
+    host, port, body, level = (node.get(k) for k in ("host", "port", "max_body_bytes", "log_level"))
+    return ServerConfig(
+        host=host.as_str() if host else default.host,
+        port=port.as_int(minimum=0) if port else default.port,
+        max_body_bytes=body.as_int(minimum=1024) if body else default.max_body_bytes,
+        log_level=level.as_choice({"debug", "info", "warning", "error"}) if level else "info",
+    )
+
+
+def _backends(node: Node | None, base_dir: Path) -> BackendsConfig:
+    redis: RedisConfig | None = None
+    postgres: PostgresConfig | None = None
+    sqlite_path = base_dir / "var" / "gateway.db"
+    if node is not None:
+        node.mapping({"redis", "postgres", "sqlite"})
+        if (redis_node := node.get("redis")) is not None:
+            redis_node.mapping({"url", "key_prefix"})
+            prefix = redis_node.get("key_prefix")
+            redis = RedisConfig(
+                url=_nonempty(redis_node.require("url")),
+                key_prefix=prefix.as_str() if prefix else "gw:",
+            )
+        if (pg_node := node.get("postgres")) is not None:
+            pg_node.mapping({"dsn", "min_connections", "max_connections"})
+            low, high = pg_node.get("min_connections"), pg_node.get("max_connections")
+            postgres = PostgresConfig(
+                dsn=_nonempty(pg_node.require("dsn")),
+                min_connections=low.as_int(minimum=0) if low else 1,
+                max_connections=high.as_int(minimum=1) if high else 10,
+            )
+        if (sqlite_node := node.get("sqlite")) is not None:
+            sqlite_node.mapping({"path"})
+            sqlite_path = base_dir / sqlite_node.require("path").as_str()
+    return BackendsConfig(redis=redis, postgres=postgres, sqlite=SqliteConfig(sqlite_path))
+
+
+def _providers(node: Node) -> dict[str, ProviderConfig]:
+    providers: dict[str, ProviderConfig] = {}
+    for name, entry in node.items():
+        if not IDENTIFIER.match(name):
+            entry.fail("provider names may use letters, digits and . _ @ + -")
+        entry.mapping({"type", "base_url", "api_key_env", "timeouts"})
+        kind = entry.require("type").as_choice(PROVIDER_TYPES)
+        base_url = entry.get("base_url")
+        if kind == "openai" and base_url is None:
+            entry.child("base_url", None).fail("is required for providers of type openai")
+        key_env = entry.get("api_key_env")
+        providers[name] = ProviderConfig(
+            name=name,
+            type=kind,
+            base_url=base_url.as_str().rstrip("/") if base_url else None,
+            api_key_env=key_env.as_str() if key_env else None,
+            timeouts=_timeouts(entry.get("timeouts")),
+        )
+    if not providers:
+        node.fail("at least one provider is required")
+    return providers
+
+
+def _timeouts(node: Node | None) -> TimeoutsConfig:
+    if node is None:
+        return TimeoutsConfig()
+    node.mapping({"connect_seconds", "read_seconds", "total_seconds"})
+    default = TimeoutsConfig()
+    values = {
+        key: (child.as_float(minimum=0.001) if (child := node.get(key)) else getattr(default, key))
+        for key in ("connect_seconds", "read_seconds", "total_seconds")
+    }
+    return TimeoutsConfig(**values)
+
+
+def _models(node: Node, providers: dict[str, ProviderConfig]) -> dict[str, ModelConfig]:
+    models: dict[str, ModelConfig] = {}
+    for name, entry in node.items():
+        entry.mapping({"provider", "upstream_model", "tokenizer"})
+        provider_node = entry.require("provider")
+        provider = provider_node.as_str()
+        if provider not in providers:
+            provider_node.fail(f"no provider named {provider!r} under providers")
+        upstream, tokenizer = entry.get("upstream_model"), entry.get("tokenizer")
+        models[name] = ModelConfig(
+            name=name,
+            provider=provider,
+            upstream_model=upstream.as_str() if upstream else name,
+            tokenizer=tokenizer.as_str() if tokenizer else None,
+        )
+    if not models:
+        node.fail("at least one model is required")
+    return models
+
+
+def _static_keys(node: Node | None) -> tuple[StaticKeyConfig, ...]:
+    if node is None:
+        return ()
+    keys: list[StaticKeyConfig] = []
+    seen: set[str] = set()
+    for entry in node.elements():
+        entry.mapping({"id", "sha256", "user", "team"})
+        key_id = _identifier(entry.require("id"))
+        digest_node = entry.require("sha256")
+        digest = digest_node.as_str().lower()
+        if not SHA256_HEX.match(digest):
+            digest_node.fail("must be the 64-hex-digit SHA-256 of the key (`gateway keys hash`)")
+        if key_id in seen:
+            entry.child("id", None).fail(f"duplicate key id {key_id!r}")
+        seen.add(key_id)
+        team = entry.get("team")
+        keys.append(
+            StaticKeyConfig(
+                id=key_id,
+                sha256=digest,
+                user=_identifier(entry.require("user")),
+                team=_identifier(team) if team else None,
+            )
+        )
+    return tuple(keys)
+
+
+def _quota(node: Node | None) -> QuotaConfig:
+    glob = "policies/*.yaml"
+    default_max = QuotaConfig().default_max_completion_tokens
+    if node is not None:
+        node.mapping({"policies", "default_max_completion_tokens"})
+        if (glob_node := node.get("policies")) is not None:
+            glob = glob_node.as_str()
+        if (max_node := node.get("default_max_completion_tokens")) is not None:
+            default_max = max_node.as_int(minimum=1)
+    return QuotaConfig(policy_glob=glob, default_max_completion_tokens=default_max)
+
+
+def _ledger(node: Node | None) -> LedgerConfig:
+    if node is None:
+        return LedgerConfig()
+    node.mapping({"batch_size", "flush_interval_seconds", "queue_size"})
+    default = LedgerConfig()
+    size, interval, queue = (node.get(k) for k in ("batch_size", "flush_interval_seconds", "queue_size"))
+    return LedgerConfig(
+        batch_size=size.as_int(minimum=1) if size else default.batch_size,
+        flush_interval_seconds=interval.as_float(minimum=0.001)
+        if interval
+        else default.flush_interval_seconds,
+        queue_size=queue.as_int(minimum=1) if queue else default.queue_size,
+    )
+
+
+def _nonempty(node: Node) -> str:
+    value = node.as_str()
+    if not value:
+        node.fail("must not be empty")
+    return value
+
+
+def _identifier(node: Node) -> str:
+    value = node.as_str()
+    if not IDENTIFIER.match(value):
+        node.fail("may use letters, digits and . _ @ + - (at most 128 characters)")
+    return value

@@ -1,0 +1,51 @@
+"""The accounting state of one proxied request, from admission to its ledger row."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gateway.auth import Principal
+from gateway.config import ModelConfig
+from gateway.providers import Usage
+from gateway.quota import Reservation
+from gateway.tokens import Tokenizer
+
+
+@dataclass
+class Exchange:
+    """Filled in as the request moves along; read once by settlement."""
+
+    request_id: str
+    route: str
+    principal: Principal
+    model: ModelConfig
+    tokenizer: Tokenizer
+    stream: bool
+    prompt_tokens_estimated: int
+    reserved_tokens: int
+    reservation: Reservation
+    client_request_id: str | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    upstream_started_at: float | None = None
+    upstream_ended_at: float | None = None
+    status: int = 0
+    error_code: str | None = None
+    usage: Usage | None = None
+    # Generated text relayed to the client, kept only to count it if usage never comes.
+    relayed_text: list[str] = field(default_factory=list)
+    client_disconnected: bool = False
+
+    def upstream_began(self) -> None:
+        self.upstream_started_at = time.monotonic()
+
+    def upstream_finished(self) -> None:
+        if self.upstream_started_at is not None and self.upstream_ended_at is None:
+            self.upstream_ended_at = time.monotonic()
+
+    @property
+    def upstream_seconds(self) -> float | None:
+        if self.upstream_started_at is None or self.upstream_ended_at is None:
+            return None
+        return self.upstream_ended_at - self.upstream_started_at

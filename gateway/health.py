@@ -1,0 +1,76 @@
+"""Liveness and readiness: each component checked, with its status and check latency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from gateway import state
+
+CHECK_TIMEOUT_SECONDS = 2.0
+
+
+async def _timed(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+            detail = await check()
+        result: dict[str, Any] = {"status": "healthy"}
+        if isinstance(detail, dict):
+            result.update(detail)
+    except Exception as exc:
+        result = {"status": "unhealthy", "error": type(exc).__name__}
+    result["latency_ms"] = round((time.monotonic() - started) * 1000, 3)
+    return result
+
+
+async def liveness(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readiness(request: web.Request) -> web.Response:
+    """503 only when the gateway cannot serve (quota store or tokenizers down).
+
+    A database outage degrades: usage waits in the ledger queue until it is back.
+    """
+    app = request.app
+
+    async def redis_check() -> None:
+        await app[state.LIMITER].redis.ping()
+
+    async def database_check() -> dict[str, Any]:
+        await app[state.STORE].ping()
+        return {"pending_records": app[state.LEDGER].pending}
+
+    async def tokenizer_check() -> None:
+        registry = app[state.TOKENIZERS]
+        encodings = {
+            registry.for_model(model.upstream_model, model.tokenizer).encoding_name
+            for model in app[state.CONFIG].models.values()
+        }
+        for name in sorted(encodings):
+            if not registry.self_test(name):
+                raise RuntimeError(f"tokenizer {name} failed its self-test")
+
+    redis, database, tokenizers = await asyncio.gather(
+        _timed(redis_check), _timed(database_check), _timed(tokenizer_check)
+    )
+    components = {"redis": redis, "database": database, "tokenizers": tokenizers}
+    essential_ok = redis["status"] == "healthy" and tokenizers["status"] == "healthy"
+    if not essential_ok:
+        overall = "unhealthy"
+    elif database["status"] != "healthy":
+        overall = "degraded"
+    else:
+        overall = "healthy"
+    healthy = sum(1 for component in components.values() if component["status"] == "healthy")
+    body = {
+        "status": overall,
+        "healthy_share": round(healthy / len(components), 3),
+        "components": components,
+    }
+    return web.json_response(body, status=200 if essential_ok else 503)

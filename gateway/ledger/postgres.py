@@ -1,0 +1,143 @@
+"""The PostgreSQL ledger: asyncpg pool, migrations, COPY-based idempotent batch writes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from gateway.auth import KeyRecord
+from gateway.config import PostgresConfig
+from gateway.ledger.records import USAGE_COLUMNS, UsageRecord
+from gateway.ledger.schema import check_not_newer, migrations
+
+_COLUMN_LIST = ", ".join(USAGE_COLUMNS)
+# Batches land in a per-connection staging table, then move over in one statement that
+# skips request ids already recorded, so a retried batch never counts twice.
+_CREATE_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS usage_staging "
+    "(LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_MOVE_STAGED = (
+    f"INSERT INTO usage_events ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM usage_staging "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS gateway_schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+class PostgresStore:
+    def __init__(self, config: PostgresConfig) -> None:
+        self._config = config
+        self._pool: Any = None
+        self.description = "postgres " + _safe_dsn(config.dsn)
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self._config.dsn,
+            min_size=self._config.min_connections,
+            max_size=self._config.max_connections,
+            command_timeout=30,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def migrate(self) -> list[int]:
+        applied: list[int] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Several gateways may start at once; one migrates, the others wait.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway-migrations'))")
+            await conn.execute(_MIGRATIONS_TABLE)
+            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM gateway_schema_migrations")
+            check_not_newer("postgres", current)
+            for migration in migrations("postgres"):
+                if migration.version > current:
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO gateway_schema_migrations (version, name) VALUES ($1, $2)",
+                        migration.version,
+                        migration.name,
+                    )
+                    applied.append(migration.version)
+        return applied
+
+    async def schema_version(self) -> int:
+        async with self._pool.acquire() as conn:
+            exists = await conn.fetchval("SELECT to_regclass('gateway_schema_migrations')")
+            if exists is None:
+                return 0
+            return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM gateway_schema_migrations"))
+
+    async def write_usage(self, records: Sequence[UsageRecord]) -> int:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(_CREATE_STAGING)
+            await conn.copy_records_to_table(
+                "usage_staging", records=[record.row() for record in records], columns=USAGE_COLUMNS
+            )
+            status = await conn.execute(_MOVE_STAGED)
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def find_key(self, sha256: str) -> KeyRecord | None:
+        row = await self._pool.fetchrow(
+            "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at "
+            "FROM api_keys WHERE key_sha256 = $1",
+            sha256,
+        )
+        return _key_record(row) if row is not None else None
+
+    async def insert_key(self, record: KeyRecord) -> None:
+        await self._pool.execute(
+            "INSERT INTO api_keys (key_id, key_sha256, user_id, team_id, created_at) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            record.key_id,
+            record.sha256,
+            record.user,
+            record.team,
+            record.created_at,
+        )
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._pool.fetch(
+            "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at "
+            "FROM api_keys ORDER BY created_at, key_id"
+        )
+        return [_key_record(row) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        status = await self._pool.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL",
+            key_id,
+        )
+        return bool(status == "UPDATE 1")
+
+    async def ping(self) -> None:
+        await self._pool.fetchval("SELECT 1")
+
+
+def _key_record(row: Any) -> KeyRecord:
+    return KeyRecord(
+        key_id=row["key_id"],
+        sha256=row["key_sha256"],
+        user=row["user_id"],
+        team=row["team_id"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _safe_dsn(dsn: str) -> str:
+    """The DSN without its password, for logs."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or "@" not in rest:
+        return dsn if sep else "(dsn)"
+    credentials, _, location = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{location}"

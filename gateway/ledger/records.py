@@ -1,0 +1,42 @@
+"""One usage record per request: what the ledger stores."""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, fields
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """Usage of one request. Token fields are None when unknown, never a made-up 0."""
+
+    request_id: str
+    created_at: datetime
+    key_id: str
+    user_id: str
+    team_id: str | None
+    route: str
+    model: str
+    provider: str
+    upstream_model: str
+    stream: bool
+    status: int
+    error_code: str | None
+    # Counted by the gateway before forwarding, and whether that count is exact.
+    prompt_tokens_estimated: int
+    prompt_estimate_exact: bool
+    reserved_tokens: int
+    # As the provider reported them (usage_source "provider"), or counted from the
+    # relayed output when the provider's usage never arrived ("counted").
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    usage_source: str
+    latency_ms: float
+    upstream_latency_ms: float | None
+    client_request_id: str | None
+
+    def row(self) -> tuple[object, ...]:
+        return astuple(self)
+
+
+USAGE_COLUMNS: tuple[str, ...] = tuple(field.name for field in fields(UsageRecord))

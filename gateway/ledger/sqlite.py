@@ -1,0 +1,188 @@
+"""The embedded ledger: one SQLite file, driven from a single worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from gateway.auth import KeyRecord
+from gateway.ledger.records import USAGE_COLUMNS, UsageRecord
+from gateway.ledger.schema import check_not_newer, migrations
+
+T = TypeVar("T")
+
+_INSERT_USAGE = (
+    f"INSERT OR IGNORE INTO usage_events ({', '.join(USAGE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)})"
+)
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._connection: sqlite3.Connection | None = None
+        # sqlite3 connections belong to one thread; every call runs on this one.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
+        self.description = f"sqlite {path}"
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self._connection is not None, "store is not open"
+            return work(self._connection)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        def connect() -> sqlite3.Connection:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(self._path, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA busy_timeout=5000")
+            return connection
+
+        loop = asyncio.get_running_loop()
+        self._connection = await loop.run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._run(lambda connection: connection.close())
+            self._connection = None
+        self._executor.shutdown(wait=True)
+
+    async def migrate(self) -> list[int]:
+        def apply(connection: sqlite3.Connection) -> list[int]:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.execute(
+                    "CREATE TABLE IF NOT EXISTS gateway_schema_migrations "
+                    "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+                )
+                current = _version(connection)
+                check_not_newer("sqlite", current)
+                applied: list[int] = []
+                for migration in migrations("sqlite"):
+                    if migration.version > current:
+                        for statement in _statements(migration.sql):
+                            connection.execute(statement)
+                        connection.execute(
+                            "INSERT INTO gateway_schema_migrations VALUES (?, ?, ?)",
+                            (migration.version, migration.name, _text(datetime.now(UTC))),
+                        )
+                        applied.append(migration.version)
+                connection.execute("COMMIT")
+                return applied
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+
+        return await self._run(apply)
+
+    async def schema_version(self) -> int:
+        def read(connection: sqlite3.Connection) -> int:
+            exists = connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'gateway_schema_migrations'"
+            ).fetchone()
+            return _version(connection) if exists else 0
+
+        return await self._run(read)
+
+    async def write_usage(self, records: Sequence[UsageRecord]) -> int:
+        rows = [tuple(_value(value) for value in record.row()) for record in records]
+
+        def insert(connection: sqlite3.Connection) -> int:
+            before = connection.total_changes
+            connection.execute("BEGIN")
+            try:
+                connection.executemany(_INSERT_USAGE, rows)
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            return connection.total_changes - before
+
+        return await self._run(insert)
+
+    async def find_key(self, sha256: str) -> KeyRecord | None:
+        def find(connection: sqlite3.Connection) -> KeyRecord | None:
+            row = connection.execute(
+                "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at "
+                "FROM api_keys WHERE key_sha256 = ?",
+                (sha256,),
+            ).fetchone()
+            return _key_record(row) if row else None
+
+        return await self._run(find)
+
+    async def insert_key(self, record: KeyRecord) -> None:
+        values = (record.key_id, record.sha256, record.user, record.team, _text(record.created_at))
+        await self._run(
+            lambda connection: connection.execute(
+                "INSERT INTO api_keys (key_id, key_sha256, user_id, team_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                values,
+            )
+        )
+
+    async def list_keys(self) -> list[KeyRecord]:
+        def read(connection: sqlite3.Connection) -> list[KeyRecord]:
+            rows = connection.execute(
+                "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at "
+                "FROM api_keys ORDER BY created_at, key_id"
+            ).fetchall()
+            return [_key_record(row) for row in rows]
+
+        return await self._run(read)
+
+    async def revoke_key(self, key_id: str) -> bool:
+        now = _text(datetime.now(UTC))
+
+        def revoke(connection: sqlite3.Connection) -> bool:
+            cursor = connection.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (now, key_id),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(revoke)
+
+    async def ping(self) -> None:
+        await self._run(lambda connection: connection.execute("SELECT 1").fetchone())
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements (our migrations keep ';' out of comments)."""
+    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
+    return [statement for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+def _version(connection: sqlite3.Connection) -> int:
+    row = connection.execute("SELECT coalesce(max(version), 0) FROM gateway_schema_migrations")
+    return int(row.fetchone()[0])
+
+
+def _text(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
+def _value(value: object) -> object:
+    if isinstance(value, datetime):
+        return _text(value)
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _key_record(row: tuple[str, str, str, str | None, str, str | None]) -> KeyRecord:
+    return KeyRecord(
+        key_id=row[0],
+        sha256=row[1],
+        user=row[2],
+        team=row[3],
+        created_at=datetime.fromisoformat(row[4]),
+        revoked_at=datetime.fromisoformat(row[5]) if row[5] else None,
+    )

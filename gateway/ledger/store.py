@@ -1,0 +1,39 @@
+"""What the gateway needs from its database, whichever database it is."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from gateway.auth import KeyRecord
+from gateway.ledger.records import UsageRecord
+
+
+class LedgerStore(Protocol):
+    """Usage records and gateway keys; implemented for PostgreSQL and SQLite."""
+
+    description: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied."""
+        ...
+
+    async def schema_version(self) -> int: ...
+
+    async def write_usage(self, records: Sequence[UsageRecord]) -> int:
+        """Insert records; a request id already present is skipped. Returns rows inserted."""
+        ...
+
+    async def find_key(self, sha256: str) -> KeyRecord | None: ...
+
+    async def insert_key(self, record: KeyRecord) -> None: ...
+
+    async def list_keys(self) -> list[KeyRecord]: ...
+
+    async def revoke_key(self, key_id: str) -> bool: ...
+
+    async def ping(self) -> None: ...

@@ -1,0 +1,94 @@
+"""Every Prometheus metric the gateway exports, on one registry per application.
+
+Labels hold only bounded values: route, configured model and provider names, status
+codes and limit names. Never a key, a user, a request id or a raw path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from gateway import __version__
+
+# Seconds; spans a cached tiny completion to a long generation.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+UNKNOWN_MODEL = "unknown"
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.build_info = Gauge(
+            "gateway_build_info", "Version of the running gateway.", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Requests answered, by route, model and HTTP status.",
+            ["route", "model", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "gateway_prompt_tokens_total",
+            "Prompt (input) tokens, as the provider reported them.",
+            ["model"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens_total",
+            "Completion (output) tokens, as the provider reported them.",
+            ["model"],
+            registry=r,
+        )
+        self.estimated_prompt_tokens = Counter(
+            "gateway_prompt_tokens_estimated_total",
+            "Prompt tokens counted by the gateway before forwarding.",
+            ["model"],
+            registry=r,
+        )
+        self.quota_rejections = Counter(
+            "gateway_quota_rejections_total",
+            "Requests rejected by a quota limit, by the limit that rejected them.",
+            ["limit", "scope"],
+            registry=r,
+        )
+        self.quota_errors = Counter(
+            "gateway_quota_errors_total",
+            "Quota store calls that failed, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request arrival to the last byte sent.",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time the provider took, from sending the request to its last byte.",
+            ["provider", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served now.", registry=r)
+        self.ledger_queue_depth = Gauge(
+            "gateway_ledger_queue_depth", "Usage records waiting to be written.", registry=r
+        )
+        self.ledger_rows = Counter(
+            "gateway_ledger_rows_written_total", "Usage records written to the ledger.", registry=r
+        )
+        self.ledger_write_errors = Counter(
+            "gateway_ledger_write_errors_total",
+            "Ledger batch writes that failed (the batch is retried).",
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

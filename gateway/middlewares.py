@@ -1,0 +1,98 @@
+"""Request ids, errors in OpenAI's shape, authentication and request metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway import state
+from gateway.auth import bearer_token
+from gateway.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    RequestTooLarge,
+    RouteNotFound,
+    ServerError,
+)
+from gateway.metrics import UNKNOWN_MODEL
+from gateway.proxy import MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
+
+log = logging.getLogger("gateway.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+API_PREFIX = "/v1/"
+
+
+def error_response(error: GatewayError, request_id: str) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=json.dumps(error.body()).encode(),
+        content_type="application/json",
+        headers={**error.headers, "x-request-id": request_id},
+    )
+
+
+def _translate(exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPNotFound):
+        return RouteNotFound(f"Unknown request URL: {exc.reason}. Check the path and method.")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(f"Method {exc.method} is not allowed here.")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return RequestTooLarge("Request body is too large.")
+    error = GatewayError(exc.reason, code="http_error", error_type="invalid_request_error")
+    return error.with_status(exc.status)
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: every answer gets a request id, errors get OpenAI's shape, all are counted."""
+    started = time.monotonic()
+    request_id = new_request_id()
+    request[REQUEST_ID] = request_id
+    metrics = request.app[state.METRICS]
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            raise _translate(exc) from exc
+        status = response.status
+        return response
+    except GatewayError as exc:
+        status = exc.status
+        return error_response(exc, request_id)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error_response(ServerError("The gateway had an internal error."), request_id)
+    finally:
+        if request.path.startswith(API_PREFIX):
+            route = request.match_info.route.resource
+            route_label = route.canonical if route is not None else "unmatched"
+            model = request.get(MODEL_LABEL, UNKNOWN_MODEL)
+            metrics.requests.labels(route_label, model, str(status)).inc()
+            metrics.request_duration.labels(route_label, model).observe(time.monotonic() - started)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Resolve the caller's gateway key on API routes; health and metrics are open."""
+    if request.path.startswith(API_PREFIX):
+        token = bearer_token(request.headers.get("Authorization"))
+        request[PRINCIPAL] = await request.app[state.AUTH].authenticate(token)
+    return await handler(request)
+
+
+@web.middleware
+async def in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    gauge = request.app[state.METRICS].in_flight
+    gauge.inc()
+    try:
+        return await handler(request)
+    finally:
+        gauge.dec()

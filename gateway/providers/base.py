@@ -1,0 +1,54 @@
+"""What every provider offers the proxy: send a request, get a reply to relay."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens the provider reports for one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """A request ready for a provider: the body already names the upstream model."""
+
+    path: str
+    body: Mapping[str, Any]
+    stream: bool
+
+
+async def _nothing_to_close() -> None:
+    return None
+
+
+@dataclass
+class UpstreamReply:
+    """The provider's answer: a whole body, or raw SSE bytes as they arrive."""
+
+    status: int
+    content_type: str
+    body: bytes = b""
+    chunks: AsyncIterator[bytes] | None = None
+    close: Callable[[], Awaitable[None]] = field(default=_nothing_to_close)
+    retry_after: str | None = None
+
+
+class Provider(Protocol):
+    name: str
+
+    async def send(self, request: UpstreamRequest) -> UpstreamReply:
+        """Send; raises UpstreamError or UpstreamTimeout when no reply can be had."""
+        ...
+
+    async def close(self) -> None: ...

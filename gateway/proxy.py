@@ -1,0 +1,185 @@
+"""The request path: parse → count → reserve → forward → relay → settle.
+
+Provider details live in providers/, accounting in quota/ and ledger/; this module
+only puts them in order.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from gateway import state
+from gateway.auth import Principal
+from gateway.config import ModelConfig
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, RequestTooLarge
+from gateway.exchange import Exchange
+from gateway.providers import UpstreamRequest
+from gateway.quota import Charge, ratelimit_headers, rejection_error
+from gateway.relay import relay_body, relay_stream
+from gateway.tokens import count_chat_prompt
+
+PRINCIPAL = "gateway.principal"
+REQUEST_ID = "gateway.request_id"
+MODEL_LABEL = "gateway.model_label"
+MAX_CLIENT_REQUEST_ID = 128
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 400/413 that says what is wrong with it."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.app[state.CONFIG].server.max_body_bytes
+        raise RequestTooLarge(f"Request body exceeds the gateway's limit of {limit} bytes.") from exc
+    if not raw:
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. Send valid JSON (UTF-8)."
+        ) from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def resolve_model(request: web.Request, body: Mapping[str, Any]) -> ModelConfig:
+    model_name = body.get("model")
+    if not isinstance(model_name, str) or not model_name:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    model = request.app[state.CONFIG].models.get(model_name)
+    if model is None:
+        shown = model_name if len(model_name) <= 100 else model_name[:100] + "…"
+        raise ModelNotFound(
+            f"The model `{shown}` does not exist or you do not have access to it.", param="model"
+        )
+    request[MODEL_LABEL] = model.name
+    return model
+
+
+def validate_messages(body: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array of message objects.", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"messages[{index}] must be an object with a string 'role'.",
+                param=f"messages[{index}]",
+            )
+    return messages
+
+
+def completion_budget(body: Mapping[str, Any], default: int) -> int:
+    """Completion tokens to reserve: the request's own cap, else the configured default."""
+    for field in ("max_completion_tokens", "max_tokens"):
+        value = body.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
+        return value
+    return default
+
+
+def wants_stream(body: Mapping[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    return stream
+
+
+def client_request_id(request: web.Request) -> str | None:
+    value = request.headers.get("X-Client-Request-Id") or request.headers.get("X-Request-Id")
+    if value and len(value) <= MAX_CLIENT_REQUEST_ID and value.isprintable():
+        return value
+    return None
+
+
+def charges_for(request: web.Request, principal: Principal, reserved_tokens: int) -> list[Charge]:
+    limits = request.app[state.POLICIES].current.limits_for(principal)
+    return [Charge(limit, 1 if limit.rule.kind == "requests" else reserved_tokens) for limit in limits]
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    config = app[state.CONFIG]
+    principal: Principal = request[PRINCIPAL]
+    body = await read_json_object(request)
+    model = resolve_model(request, body)
+    messages = validate_messages(body)
+    stream = wants_stream(body)
+    max_completion = completion_budget(body, config.quota.default_max_completion_tokens)
+
+    tokenizer = app[state.TOKENIZERS].for_model(model.upstream_model, model.tokenizer)
+    prompt_tokens = count_chat_prompt(messages, tokenizer)
+    reserved_tokens = prompt_tokens + max_completion
+    admission = await app[state.LIMITER].reserve(charges_for(request, principal, reserved_tokens))
+    if not admission.admitted:
+        assert admission.rejected_by is not None
+        limit = admission.rejected_by.limit
+        app[state.METRICS].quota_rejections.labels(limit.rule.label, limit.scope).inc()
+        raise rejection_error(admission)
+
+    exchange = Exchange(
+        request_id=request[REQUEST_ID],
+        route="chat/completions",
+        principal=principal,
+        model=model,
+        tokenizer=tokenizer,
+        stream=stream,
+        prompt_tokens_estimated=prompt_tokens,
+        reserved_tokens=reserved_tokens,
+        reservation=admission.reservation,
+        client_request_id=client_request_id(request),
+    )
+    headers = {**ratelimit_headers(admission), "x-request-id": exchange.request_id}
+    try:
+        return await _forward(request, body, exchange, headers)
+    except GatewayError as exc:
+        exchange.status, exchange.error_code = exc.status, exc.code
+        exc.headers = {**headers, **exc.headers}
+        raise
+    except BaseException:
+        exchange.status, exchange.error_code = 500, "server_error"
+        raise
+    finally:
+        # Synchronous: runs even when the handler is being cancelled.
+        app[state.SETTLEMENT].settle_later(exchange)
+
+
+async def _forward(
+    request: web.Request, body: dict[str, Any], exchange: Exchange, headers: dict[str, str]
+) -> web.StreamResponse:
+    provider = request.app[state.PROVIDERS][exchange.model.provider]
+    upstream_body = {**body, "model": exchange.model.upstream_model}
+    client_wants_usage = False
+    if exchange.stream:
+        options = body.get("stream_options")
+        client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        # Always ask for usage: it is what the reservation is settled with.
+        upstream_body["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
+    exchange.upstream_began()
+    reply = await provider.send(UpstreamRequest("chat/completions", upstream_body, exchange.stream))
+    if reply.chunks is None:
+        exchange.upstream_finished()
+        response = relay_body(reply, exchange, headers)
+        exchange.status = response.status
+        return response
+    exchange.status = 200
+    return await relay_stream(request, reply, exchange, headers, client_wants_usage)
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex

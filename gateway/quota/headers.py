@@ -1,0 +1,73 @@
+"""Admission decisions → OpenAI's x-ratelimit-* headers and the 429 error."""
+
+from __future__ import annotations
+
+import math
+
+from gateway.errors import RateLimited
+from gateway.quota.limiter import Admission, LimitState
+
+# Past this wait the SDKs' blind retries cannot help: tell them not to retry.
+MAX_USEFUL_RETRY_MS = 60_000
+
+
+def go_duration(milliseconds: int) -> str:
+    """Format like Go's time.Duration, as OpenAI does: 12ms, 1.5s, 6m0s, 1h2m3s."""
+    if milliseconds <= 0:
+        return "0s"
+    if milliseconds < 1000:
+        return f"{milliseconds}ms"
+    hours, rest = divmod(milliseconds, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
+def _tightest(states: tuple[LimitState, ...], kind: str) -> LimitState | None:
+    relevant = [state for state in states if state.limit.rule.kind == kind]
+    if not relevant:
+        return None
+    return min(relevant, key=lambda state: (state.remaining, -state.reset_ms))
+
+
+def ratelimit_headers(admission: Admission) -> dict[str, str]:
+    """The -requests and -tokens trios, each describing the tightest limit of its kind."""
+    headers: dict[str, str] = {}
+    for kind in ("requests", "tokens"):
+        state = _tightest(admission.states, kind)
+        if state is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(state.capacity)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = go_duration(state.reset_ms)
+    return headers
+
+
+def rejection_error(admission: Admission) -> RateLimited:
+    """The 429 for a rejected admission, with Retry-After and x-should-retry."""
+    state = admission.rejected_by
+    assert state is not None
+    rule = state.limit.rule
+    headers = ratelimit_headers(admission)
+    scope = f"{state.limit.scope} '{state.limit.subject}'"
+    if admission.retry_after_ms < 0:
+        message = (
+            f"Request too large for {rule.kind} per {rule.window} of {scope} "
+            f"(policy '{state.limit.policy}'): limit {rule.capacity}, requested "
+            f"{admission.requested}. Send a shorter prompt or a smaller max_tokens."
+        )
+        headers["x-should-retry"] = "false"
+    else:
+        wait_ms = max(admission.retry_after_ms, 1)
+        message = (
+            f"Rate limit reached for {rule.kind} per {rule.window} of {scope} "
+            f"(policy '{state.limit.policy}'): limit {rule.capacity}, used {state.used}, "
+            f"requested {admission.requested}. Please try again in {go_duration(wait_ms)}."
+        )
+        headers["retry-after"] = str(math.ceil(wait_ms / 1000))
+        headers["retry-after-ms"] = str(wait_ms)
+        headers["x-should-retry"] = "true" if wait_ms <= MAX_USEFUL_RETRY_MS else "false"
+    return RateLimited(message, headers=headers, error_type=rule.kind)

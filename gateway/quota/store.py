@@ -1,0 +1,22 @@
+"""The Redis the quota scripts run on: a real server, or in-process for the embedded default."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from gateway.config import RedisConfig
+
+
+def open_redis(config: RedisConfig | None) -> tuple[Redis, str]:
+    """A client and a description for the start-up log (never with a password)."""
+    if config is None:
+        # fakeredis runs the same Lua scripts in-process (through lupa): one gateway
+        # process, state lost on restart. Good for trying the gateway, not for production.
+        import fakeredis
+
+        client: Redis = fakeredis.FakeAsyncRedis()
+        return client, "embedded (in-process, not shared, not persistent)"
+    client = Redis.from_url(config.url, socket_connect_timeout=2.0, socket_timeout=5.0)
+    pool_kwargs = client.connection_pool.connection_kwargs
+    where = f"{pool_kwargs.get('host', pool_kwargs.get('path', '?'))}:{pool_kwargs.get('port', '')}"
+    return client, f"redis {where} db {pool_kwargs.get('db', 0)}"

@@ -1,0 +1,115 @@
+"""After a response: settle the reservation in Redis and queue the usage record.
+
+Runs as its own task, never inside the handler, so a client that disconnects (or a
+cancelled handler) cannot split the settlement from the ledger write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.exchange import Exchange
+from gateway.ledger import LedgerWriter, UsageRecord
+from gateway.metrics import Metrics
+from gateway.providers import Usage
+from gateway.quota import QuotaLimiter
+
+log = logging.getLogger("gateway.settlement")
+
+
+@dataclass(frozen=True)
+class FinalUsage:
+    usage: Usage | None
+    source: str
+
+
+def final_usage(exchange: Exchange) -> FinalUsage:
+    """The provider's usage; else the relayed text counted; else nothing was produced."""
+    if exchange.usage is not None:
+        return FinalUsage(exchange.usage, "provider")
+    if exchange.relayed_text:
+        completion = exchange.tokenizer.count("".join(exchange.relayed_text))
+        return FinalUsage(Usage(exchange.prompt_tokens_estimated, completion), "counted")
+    return FinalUsage(None, "none")
+
+
+class Settlement:
+    """Settles exchanges in background tasks and waits for them at shutdown."""
+
+    def __init__(self, limiter: QuotaLimiter, ledger: LedgerWriter, metrics: Metrics) -> None:
+        self._limiter = limiter
+        self._ledger = ledger
+        self._metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def settle_later(self, exchange: Exchange) -> None:
+        self._spawn(self._settle(exchange))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for every settlement started so far."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _settle(self, exchange: Exchange) -> None:
+        final = final_usage(exchange)
+        tokens_used = final.usage.total_tokens if final.usage is not None else 0
+        actual = [
+            charge.amount if charge.limit.rule.kind == "requests" else tokens_used
+            for charge in exchange.reservation.charges
+        ]
+        try:
+            await self._limiter.settle(exchange.reservation, actual)
+        except Exception:
+            # The reservation stays charged: conservative, and it ages out of its window.
+            self._metrics.quota_errors.labels("settle").inc()
+            log.exception("quota settlement failed for request %s", exchange.request_id)
+        self._count_tokens(exchange, final)
+        await self._ledger.record(_record(exchange, final))
+
+    def _count_tokens(self, exchange: Exchange, final: FinalUsage) -> None:
+        model = exchange.model.name
+        self._metrics.estimated_prompt_tokens.labels(model).inc(exchange.prompt_tokens_estimated)
+        if final.usage is not None:
+            self._metrics.prompt_tokens.labels(model).inc(final.usage.prompt_tokens)
+            self._metrics.completion_tokens.labels(model).inc(final.usage.completion_tokens)
+        upstream_seconds = exchange.upstream_seconds
+        if upstream_seconds is not None:
+            self._metrics.upstream_duration.labels(exchange.model.provider, model).observe(upstream_seconds)
+
+
+def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
+    upstream_seconds = exchange.upstream_seconds
+    return UsageRecord(
+        request_id=exchange.request_id,
+        created_at=datetime.fromtimestamp(exchange.started_wall, UTC),
+        key_id=exchange.principal.key_id,
+        user_id=exchange.principal.user,
+        team_id=exchange.principal.team,
+        route=exchange.route,
+        model=exchange.model.name,
+        provider=exchange.model.provider,
+        upstream_model=exchange.model.upstream_model,
+        stream=exchange.stream,
+        status=exchange.status,
+        error_code=exchange.error_code,
+        prompt_tokens_estimated=exchange.prompt_tokens_estimated,
+        prompt_estimate_exact=exchange.tokenizer.exact,
+        reserved_tokens=exchange.reserved_tokens,
+        prompt_tokens=final.usage.prompt_tokens if final.usage else None,
+        completion_tokens=final.usage.completion_tokens if final.usage else None,
+        usage_source=final.source,
+        latency_ms=(time.monotonic() - exchange.started_at) * 1000,
+        upstream_latency_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
+        client_request_id=exchange.client_request_id,
+    )

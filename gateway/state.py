@@ -1,0 +1,26 @@
+"""Typed keys for what the application shares: each opened and closed in app.py."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.auth import Authenticator
+from gateway.config import GatewayConfig
+from gateway.ledger import LedgerStore, LedgerWriter
+from gateway.metrics import Metrics
+from gateway.policies import PolicyHolder
+from gateway.providers import Provider
+from gateway.quota import QuotaLimiter
+from gateway.settlement import Settlement
+from gateway.tokens import TokenizerRegistry
+
+CONFIG = web.AppKey("config", GatewayConfig)
+METRICS = web.AppKey("metrics", Metrics)
+TOKENIZERS = web.AppKey("tokenizers", TokenizerRegistry)
+POLICIES = web.AppKey("policies", PolicyHolder)
+LIMITER = web.AppKey("limiter", QuotaLimiter)
+STORE = web.AppKey("store", LedgerStore)
+LEDGER = web.AppKey("ledger", LedgerWriter)
+AUTH = web.AppKey("auth", Authenticator)
+PROVIDERS = web.AppKey("providers", dict[str, Provider])
+SETTLEMENT = web.AppKey("settlement", Settlement)
