@@ -32,6 +32,8 @@ class ServerConfig:
 class RedisConfig:
     url: str
     key_prefix: str = "gw:"
+    max_connections: int = 64
+    pool_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -156,11 +158,15 @@ def _backends(node: Node | None, base_dir: Path) -> BackendsConfig:
     if node is not None:
         node.mapping({"redis", "postgres", "sqlite"})
         if (redis_node := node.get("redis")) is not None:
-            redis_node.mapping({"url", "key_prefix"})
-            prefix = redis_node.get("key_prefix")
+            redis_node.mapping({"url", "key_prefix", "max_connections", "pool_timeout_seconds"})
+            prefix, pool_size, pool_wait = (
+                redis_node.get(key) for key in ("key_prefix", "max_connections", "pool_timeout_seconds")
+            )
             redis = RedisConfig(
                 url=_nonempty(redis_node.require("url")),
                 key_prefix=prefix.as_str() if prefix else "gw:",
+                max_connections=pool_size.as_int(minimum=1) if pool_size else 64,
+                pool_timeout_seconds=pool_wait.as_float(minimum=0.001) if pool_wait else 5.0,
             )
         if (pg_node := node.get("postgres")) is not None:
             pg_node.mapping({"dsn", "min_connections", "max_connections"})

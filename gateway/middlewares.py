@@ -90,6 +90,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
 
 @web.middleware
 async def in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts API requests being served (not scrapes or health checks)."""
+    if not request.path.startswith(API_PREFIX):
+        return await handler(request)
     gauge = request.app[state.METRICS].in_flight
     gauge.inc()
     try:

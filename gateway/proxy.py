@@ -23,9 +23,9 @@ from gateway.quota import Charge, ratelimit_headers, rejection_error
 from gateway.relay import relay_body, relay_stream
 from gateway.tokens import count_chat_prompt
 
-PRINCIPAL = "gateway.principal"
-REQUEST_ID = "gateway.request_id"
-MODEL_LABEL = "gateway.model_label"
+PRINCIPAL = web.RequestKey("principal", Principal)
+REQUEST_ID = web.RequestKey("request_id", str)
+MODEL_LABEL = web.RequestKey("model_label", str)
 MAX_CLIENT_REQUEST_ID = 128
 
 
@@ -112,7 +112,7 @@ def charges_for(request: web.Request, principal: Principal, reserved_tokens: int
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     config = app[state.CONFIG]
-    principal: Principal = request[PRINCIPAL]
+    principal = request[PRINCIPAL]
     body = await read_json_object(request)
     model = resolve_model(request, body)
     messages = validate_messages(body)

@@ -26,7 +26,6 @@ def usage_from_object(obj: Any) -> Usage | None:
     return Usage(prompt_tokens=prompt, completion_tokens=completion)
 
 
-
 class SseSplitter:
     """Cuts a byte stream into whole SSE events (each ending with a blank line)."""
 

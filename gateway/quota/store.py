@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from gateway.config import RedisConfig
 
@@ -16,7 +16,16 @@ def open_redis(config: RedisConfig | None) -> tuple[Redis, str]:
 
         client: Redis = fakeredis.FakeAsyncRedis()
         return client, "embedded (in-process, not shared, not persistent)"
-    client = Redis.from_url(config.url, socket_connect_timeout=2.0, socket_timeout=5.0)
-    pool_kwargs = client.connection_pool.connection_kwargs
+    # A blocking pool: under a burst, requests wait briefly for a connection instead of
+    # failing (redis-py's default pool raises once 100 connections are in use).
+    pool = BlockingConnectionPool.from_url(
+        config.url,
+        max_connections=config.max_connections,
+        timeout=config.pool_timeout_seconds,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+    )
+    client = Redis(connection_pool=pool)
+    pool_kwargs = pool.connection_kwargs
     where = f"{pool_kwargs.get('host', pool_kwargs.get('path', '?'))}:{pool_kwargs.get('port', '')}"
     return client, f"redis {where} db {pool_kwargs.get('db', 0)}"

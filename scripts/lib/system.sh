@@ -1,0 +1,28 @@
+# Helpers for installing Debian packages on a fresh machine. Sourced, not run.
+# The project's machines are Debian and we are usually root; elsewhere sudo is used.
+
+: "${_APT_UPDATED:=0}"
+
+# Runs a command as root: directly when we are root, else through sudo.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    echo "error: need root or sudo to run: $*" >&2
+    return 1
+  fi
+}
+
+# Installs Debian packages by name. 'apt-get update' runs once per script run,
+# because on a fresh machine the package lists may be empty or stale.
+apt_install() {
+  echo "installing Debian package(s): $*" >&2
+  if [ "$_APT_UPDATED" != 1 ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    _APT_UPDATED=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "$@"
+}

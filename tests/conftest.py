@@ -1,0 +1,271 @@
+"""Shared fixtures: real Redis, real PostgreSQL, a fake provider, and gateways built on them.
+
+Redis and PostgreSQL come from REDIS_URL / DATABASE_URL (scripts/test sets them) or
+the standard local ports. When they do not answer, tests fail loudly; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import openai
+import pytest
+import redis.asyncio as redis_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway import state
+from gateway.app import create_app
+from gateway.config import GatewayConfig, load_config
+from tests.fakes.openai_upstream import FakeUpstream
+
+_SHARED_TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken-cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _SHARED_TIKTOKEN_CACHE.is_dir():
+    # tiktoken reads this when an encoding is first loaded: no test may download one.
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_SHARED_TIKTOKEN_CACHE)
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PROVIDER_KEY = "sk-fake-provider-key-for-tests"
+USER_KEY = "gw-test-key-alice"
+OTHER_KEY = "gw-test-key-bob"
+# A fixed quota clock on a whole minute: reset and retry figures become exact.
+T0_MS = 1_800_000_000_000
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    async def ping() -> None:
+        client = redis_asyncio.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(ping())
+    except Exception as exc:
+        pytest.fail(f"Redis at {REDIS_URL} does not answer ({exc}); run the tests with scripts/test")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh database for this test session, dropped at the end."""
+    name = f"gateway_test_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(DATABASE_URL, timeout=5)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    try:
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL at {DATABASE_URL} does not answer ({exc}); run the tests with scripts/test")
+    base, _, _ = DATABASE_URL.rpartition("/")
+    yield f"{base}/{name}"
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test database, with the gateway's tables emptied."""
+    connection = await asyncpg.connect(database_url)
+    exists = await connection.fetchval("SELECT to_regclass('usage_events')")
+    if exists is not None:
+        await connection.execute("TRUNCATE usage_events, api_keys")
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def fake_upstream() -> FakeUpstream:
+    return FakeUpstream()
+
+
+@pytest.fixture
+async def upstream_url(fake_upstream: FakeUpstream) -> AsyncIterator[str]:
+    server = TestServer(fake_upstream.app())
+    await server.start_server()
+    yield str(server.make_url("/v1"))
+    await server.close()
+
+
+DEFAULT_POLICIES = """
+policies:
+  - name: per-user
+    scope: user
+    limits:
+      - {requests: 1000, per: minute}
+      - {tokens: 1000000, per: minute}
+"""
+
+
+@dataclass
+class ConfigWriter:
+    """Writes gateway.yaml and policy files into a test's own folder."""
+
+    directory: Path
+    redis_url: str
+    database_url: str
+    upstream_url: str
+
+    def write(
+        self,
+        policies: str = DEFAULT_POLICIES,
+        *,
+        embedded: bool = False,
+        extra: str = "",
+    ) -> Path:
+        policy_dir = self.directory / "policies"
+        policy_dir.mkdir(exist_ok=True)
+        (policy_dir / "test.yaml").write_text(textwrap.dedent(policies))
+        prefix = f"gwtest:{uuid.uuid4().hex[:8]}:"
+        backends = (
+            "backends:\n  sqlite:\n    path: var/test.db\n"
+            if embedded
+            else textwrap.dedent(
+                f"""\
+                backends:
+                  redis:
+                    url: {self.redis_url}
+                    key_prefix: "{prefix}"
+                  postgres:
+                    dsn: {self.database_url}
+                """
+            )
+        )
+        config = (
+            textwrap.dedent(
+                f"""\
+                server:
+                  host: 127.0.0.1
+                  port: 0
+                providers:
+                  fake:
+                    type: openai
+                    base_url: {self.upstream_url}
+                    api_key_env: FAKE_PROVIDER_KEY
+                    timeouts: {{connect_seconds: 2, read_seconds: 5, total_seconds: 10}}
+                  mock:
+                    type: mock
+                models:
+                  gpt-4o-mini:
+                    provider: fake
+                  team-model:
+                    provider: fake
+                    upstream_model: gpt-4o-mini
+                  gpt-4:
+                    provider: fake
+                  mock-model:
+                    provider: mock
+                    upstream_model: gpt-4o
+                keys:
+                  - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice, team: research}}
+                  - {{id: bob-key, sha256: {_sha256(OTHER_KEY)}, user: bob}}
+                quota:
+                  policies: policies/*.yaml
+                  default_max_completion_tokens: 100
+                ledger:
+                  batch_size: 100
+                  flush_interval_seconds: 0.02
+                """
+            )
+            + backends
+            + extra
+        )
+        path = self.directory / "gateway.yaml"
+        path.write_text(config)
+        return path
+
+
+@pytest.fixture
+def config_writer(
+    tmp_path: Path, redis_url: str, database_url: str, upstream_url: str, monkeypatch: pytest.MonkeyPatch
+) -> ConfigWriter:
+    monkeypatch.setenv("FAKE_PROVIDER_KEY", PROVIDER_KEY)
+    return ConfigWriter(tmp_path, redis_url, database_url, upstream_url)
+
+
+@dataclass
+class RunningGateway:
+    app: web.Application
+    url: str
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.app[state.CONFIG]
+
+    clients: list[openai.AsyncOpenAI]
+
+    def client(self, key: str = USER_KEY, **kwargs: Any) -> openai.AsyncOpenAI:
+        """An SDK client that never retries (so every request is counted once)."""
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def settle(self) -> None:
+        """Wait until every finished request is settled and written to the ledger."""
+        await self.app[state.SETTLEMENT].drain()
+        await self.app[state.LEDGER].flush()
+
+
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def start_gateway(config_writer: ConfigWriter) -> AsyncIterator[StartGateway]:
+    servers: list[TestServer] = []
+    gateways: list[RunningGateway] = []
+
+    async def start(
+        policies: str = DEFAULT_POLICIES,
+        *,
+        embedded: bool = False,
+        clock_ms: Callable[[], int] | None = None,
+        extra: str = "",
+    ) -> RunningGateway:
+        path = config_writer.write(policies, embedded=embedded, extra=extra)
+        app = create_app(load_config(path), clock_ms=clock_ms)
+        server = TestServer(app)
+        await server.start_server()
+        servers.append(server)
+        gateway = RunningGateway(app=app, url=str(server.make_url("")).rstrip("/"), clients=[])
+        gateways.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in gateways:
+        for client in gateway.clients:
+            await client.close()
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def gateway(start_gateway: StartGateway, pg: asyncpg.Connection) -> RunningGateway:
+    return await start_gateway()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,164 @@
+"""reserve_quota.lua and settle_quota.lua on a real Redis, with the clock pinned."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis_asyncio
+
+from gateway.quota.limiter import Charge, QuotaLimiter
+from gateway.quota.policy import AppliedLimit, LimitRule
+from tests.conftest import T0_MS
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_ms = T0_MS
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis_asyncio.Redis]:
+    client = redis_asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def limiter(redis_client: redis_asyncio.Redis, clock: Clock) -> QuotaLimiter:
+    return QuotaLimiter(redis_client, f"luatest:{uuid.uuid4().hex[:8]}:", clock_ms=clock)
+
+
+def limit(
+    capacity: int, kind: str = "tokens", window: str = "minute", subject: str = "alice"
+) -> AppliedLimit:
+    return AppliedLimit("p", "user", subject, LimitRule(kind, window, capacity))
+
+
+async def used(limiter: QuotaLimiter, applied: AppliedLimit) -> int:
+    buckets = await limiter.redis.hgetall(applied.redis_key(limiter.key_prefix))
+    return sum(int(value) for value in buckets.values())
+
+
+async def test_admission_is_all_or_nothing(limiter: QuotaLimiter) -> None:
+    roomy, tight = limit(10, subject="a"), limit(5, subject="b")
+    first = await limiter.reserve([Charge(roomy, 4), Charge(tight, 4)])
+    assert first.admitted
+    assert [state.remaining for state in first.states] == [6, 1]
+    second = await limiter.reserve([Charge(roomy, 4), Charge(tight, 4)])
+    assert not second.admitted
+    assert second.rejected_by is not None and second.rejected_by.limit == tight
+    # The limit that had room was not charged either.
+    assert (await used(limiter, roomy), await used(limiter, tight)) == (4, 4)
+
+
+async def test_window_rolls_and_the_oldest_bucket_counts_whole(limiter: QuotaLimiter, clock: Clock) -> None:
+    applied = limit(10)
+    assert (await limiter.reserve([Charge(applied, 10)])).admitted
+    clock.now_ms = T0_MS + 30_000
+    halfway = await limiter.reserve([Charge(applied, 1)])
+    assert not halfway.admitted
+    # The bucket of T0 leaves the count at T0 + 61 s (the partial bucket counts whole).
+    assert halfway.retry_after_ms == 31_000
+    clock.now_ms = T0_MS + 60_999
+    assert not (await limiter.reserve([Charge(applied, 1)])).admitted
+    clock.now_ms = T0_MS + 61_000
+    later = await limiter.reserve([Charge(applied, 10)])
+    assert later.admitted
+    assert later.states[0].remaining == 0
+    # Expired buckets are deleted, not left to grow the hash.
+    assert await used(limiter, applied) == 10
+
+
+async def test_no_double_burst_at_a_minute_boundary(limiter: QuotaLimiter, clock: Clock) -> None:
+    """A fixed window would reset at T0 + 60 s; the rolling one still holds the burst."""
+    applied = limit(10, kind="requests")
+    clock.now_ms = T0_MS + 59_000
+    outcomes = [(await limiter.reserve([Charge(applied, 1)])).admitted for _ in range(12)]
+    assert outcomes.count(True) == 10
+    clock.now_ms = T0_MS + 61_000
+    assert not (await limiter.reserve([Charge(applied, 1)])).admitted
+    clock.now_ms = T0_MS + 59_000 + 61_000
+    assert (await limiter.reserve([Charge(applied, 1)])).admitted
+
+
+async def test_retry_after_frees_just_enough(limiter: QuotaLimiter, clock: Clock) -> None:
+    applied = limit(10)
+    for offset_ms, amount in ((0, 3), (5_000, 3), (10_000, 4)):
+        clock.now_ms = T0_MS + offset_ms
+        assert (await limiter.reserve([Charge(applied, amount)])).admitted
+    clock.now_ms = T0_MS + 20_000
+    # 5 more need the first two buckets (3 + 3) gone: the second leaves at 5 s + 61 s.
+    decision = await limiter.reserve([Charge(applied, 5)])
+    assert not decision.admitted
+    assert decision.retry_after_ms == 66_000 - 20_000
+    assert decision.states[0].reset_ms == 71_000 - 20_000
+
+
+async def test_a_request_larger_than_the_capacity_can_never_fit(limiter: QuotaLimiter) -> None:
+    decision = await limiter.reserve([Charge(limit(10), 11)])
+    assert not decision.admitted
+    assert decision.retry_after_ms == -1
+
+
+async def test_settle_refunds_and_overshoots_in_the_reserved_bucket(
+    limiter: QuotaLimiter, clock: Clock
+) -> None:
+    applied = limit(100)
+    reservation = (await limiter.reserve([Charge(applied, 50)])).reservation
+    clock.now_ms = T0_MS + 20_000
+    await limiter.settle(reservation, [20])
+    assert await used(limiter, applied) == 20
+    buckets = await limiter.redis.hgetall(applied.redis_key(limiter.key_prefix))
+    assert buckets == {str(T0_MS // 1000).encode(): b"20"}
+
+    overshoot = (await limiter.reserve([Charge(applied, 30)])).reservation
+    await limiter.settle(overshoot, [120])
+    assert await used(limiter, applied) == 140
+    blocked = await limiter.reserve([Charge(applied, 1)])
+    assert not blocked.admitted and blocked.states[0].remaining == 0
+
+
+async def test_settle_after_the_window_has_passed_changes_nothing(
+    limiter: QuotaLimiter, clock: Clock
+) -> None:
+    applied = limit(100)
+    reservation = (await limiter.reserve([Charge(applied, 50)])).reservation
+    clock.now_ms = T0_MS + 30_000
+    assert (await limiter.reserve([Charge(applied, 10)])).admitted
+    clock.now_ms = T0_MS + 62_000
+    await limiter.settle(reservation, [0])
+    buckets = await limiter.redis.hgetall(applied.redis_key(limiter.key_prefix))
+    assert buckets[str(T0_MS // 1000).encode()] == b"50"
+    # What the window still holds: the 10 of T0 + 30 s, plus this request's 1.
+    assert (await limiter.reserve([Charge(applied, 1)])).states[0].used == 11
+
+
+async def test_keys_expire_after_their_window(limiter: QuotaLimiter) -> None:
+    applied = limit(10, window="hour")
+    await limiter.reserve([Charge(applied, 1)])
+    ttl_ms = await limiter.redis.pttl(applied.redis_key(limiter.key_prefix))
+    assert 3_600_000 < ttl_ms <= 3_600_000 + 2 * 60_000
+
+
+async def test_redis_clock_is_used_when_not_pinned(redis_client: redis_asyncio.Redis) -> None:
+    limiter = QuotaLimiter(redis_client, f"luatest:{uuid.uuid4().hex[:8]}:")
+    before_ms = int(time.time() * 1000)
+    decision = await limiter.reserve([Charge(limit(10), 1)])
+    after_ms = int(time.time() * 1000)
+    assert before_ms - 1000 <= decision.reservation.reserved_at_ms <= after_ms + 1000
+
+
+def test_keys_share_one_hash_tag_per_subject() -> None:
+    key = limit(10).redis_key("gw:")
+    assert key == "gw:{user:alice}:p:tokens:minute"

@@ -1,0 +1,165 @@
+"""The `gateway` command as operators run it: real processes, real services."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import openai
+import pytest
+
+from tests.conftest import ConfigWriter, StartGateway, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+HI = [{"role": "user", "content": "hi"}]
+
+
+def gateway_command(
+    *args: str, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=os.environ.copy(),
+    )
+
+
+def test_invalid_config_stops_start_up_naming_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("providers:\n  up:\n    type: openai\nmodels:\n  m: {provider: up}\n")
+    result = gateway_command("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert f"{config}: providers.up.base_url: is required for providers of type openai" in result.stderr
+
+
+def test_missing_config_file_is_reported(tmp_path: Path) -> None:
+    result = gateway_command("serve", "--config", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 2
+    assert "absent.yaml: cannot read file" in result.stderr
+
+
+def test_invalid_policy_stops_start_up(tmp_path: Path) -> None:
+    shutil.copy(REPO / "gateway.yaml", tmp_path / "gateway.yaml")
+    (tmp_path / "policies").mkdir()
+    bad = tmp_path / "policies" / "bad.yaml"
+    bad.write_text(
+        "policies:\n  - name: x\n    scope: user\n    limits:\n      - {tokens: 10, per: fortnight}\n"
+    )
+    result = gateway_command("serve", "--config", str(tmp_path / "gateway.yaml"))
+    assert result.returncode == 2
+    assert f"{bad}: policies[0].limits[0].per: must be one of day, hour, minute, second" in result.stderr
+
+
+def test_keys_create_list_revoke_against_postgres(
+    config_writer: ConfigWriter, pg: asyncpg.Connection
+) -> None:
+    config = str(config_writer.write())
+    created = gateway_command("keys", "create", "--user", "carol", "--team", "ml", "--config", config)
+    assert created.returncode == 0, created.stderr
+    key = re.search(r"^key:\s+(gw-\S+)$", created.stdout, re.MULTILINE)
+    key_id = re.search(r"^key id:\s+(key_[0-9a-f]{12})$", created.stdout, re.MULTILINE)
+    assert key is not None and key_id is not None
+
+    listed = gateway_command("keys", "list", "--config", config)
+    assert listed.returncode == 0
+    assert key_id[1] in listed.stdout and "carol" in listed.stdout and "active" in listed.stdout
+    assert key[1] not in listed.stdout
+
+    revoked = gateway_command("keys", "revoke", key_id[1], "--config", config)
+    assert revoked.returncode == 0 and f"revoked {key_id[1]}" in revoked.stdout
+    again = gateway_command("keys", "revoke", key_id[1], "--config", config)
+    assert again.returncode == 1
+
+
+async def test_created_key_authenticates_until_revoked(
+    config_writer: ConfigWriter, start_gateway: StartGateway, pg: asyncpg.Connection
+) -> None:
+    config = str(config_writer.write())
+    created = gateway_command("keys", "create", "--user", "dave", "--config", config)
+    key_match = re.search(r"^key:\s+(gw-\S+)$", created.stdout, re.MULTILINE)
+    assert key_match is not None
+    key = key_match[1]
+    # Only the hash is stored.
+    stored = await pg.fetchrow("SELECT * FROM api_keys WHERE user_id = 'dave'")
+    assert stored is not None and key not in str(dict(stored))
+
+    gateway = await start_gateway()
+    completion = await gateway.client(key=key).chat.completions.create(
+        model="gpt-4o-mini", messages=HI, max_tokens=2
+    )
+    assert completion.choices[0].message.content
+    await gateway.settle()
+    assert await pg.fetchval("SELECT user_id FROM usage_events") == "dave"
+
+    gateway_command("keys", "revoke", stored["key_id"], "--config", config)
+    fresh = await start_gateway()
+    with pytest.raises(openai.AuthenticationError):
+        await fresh.client(key=key).chat.completions.create(model="gpt-4o-mini", messages=HI)
+
+
+def test_migrate_reports_the_schema_version(config_writer: ConfigWriter, pg: asyncpg.Connection) -> None:
+    result = gateway_command("migrate", "--config", str(config_writer.write()))
+    assert result.returncode == 0, result.stderr
+    assert "schema version 1" in result.stdout
+
+
+def test_keys_hash_is_the_sha256_the_config_expects() -> None:
+    result = gateway_command("keys", "hash", "gw-demo-key-change-me")
+    assert result.stdout.strip() == hashlib.sha256(b"gw-demo-key-change-me").hexdigest()
+    # The shipped demo key is that hash.
+    assert f"sha256: {result.stdout.strip()}" in (REPO / "gateway.yaml").read_text()
+
+
+def test_shipped_config_serves_on_the_embedded_default(tmp_path: Path) -> None:
+    """The README's run command: the shipped gateway.yaml, no Redis, no Postgres, no account."""
+    shutil.copy(REPO / "gateway.yaml", tmp_path / "gateway.yaml")
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="gw-demo-key-change-me", max_retries=0
+        )
+        completion = None
+        deadline = time.monotonic() + 30
+        while completion is None:
+            try:
+                completion = client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=4)
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        assert completion.choices[0].message.content == "This is a mock"
+        assert completion.usage is not None
+        assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (8, 4)
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "quota store: embedded" in stderr
+    assert "ledger and keys: sqlite" in stderr
+    # SIGTERM flushed the ledger: the request is in the SQLite file.
+    with sqlite3.connect(tmp_path / "var" / "gateway.db") as connection:
+        rows = connection.execute(
+            "SELECT user_id, model, prompt_tokens, completion_tokens, usage_source FROM usage_events"
+        ).fetchall()
+    assert rows == [("demo", "gpt-4o-mini", 8, 4, "provider")]

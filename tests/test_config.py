@@ -1,0 +1,131 @@
+"""gateway.yaml is read once into typed objects; mistakes name file, key path and problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+from gateway.quota.policy import load_policies
+
+REPO = Path(__file__).resolve().parents[1]
+MINIMAL = "providers:\n  mock: {type: mock}\nmodels:\n  m: {provider: mock}\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_is_the_embedded_default_with_the_mock_provider() -> None:
+    config = load_config(REPO / "gateway.yaml")
+    assert config.backends.redis is None and config.backends.postgres is None
+    assert config.backends.sqlite.path == REPO / "var" / "gateway.db"
+    assert {model.provider for model in config.models.values()} == {"mock"}
+    assert config.providers["mock"].type == "mock"
+    assert load_policies(tuple(sorted(REPO.glob(config.quota.policy_glob)))).policies
+
+
+def test_defaults_fill_what_is_left_out(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
+    assert config.models["m"].upstream_model == "m"
+    assert config.quota.default_max_completion_tokens == 4096
+    assert config.keys == ()
+
+
+def test_environment_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GW_TEST_PORT", "9123")
+    monkeypatch.setenv("GW_TEST_REDIS", "redis://example.invalid:6379/2")
+    monkeypatch.delenv("GW_TEST_UNSET", raising=False)
+    text = (
+        MINIMAL
+        + "server: {port: '${GW_TEST_PORT}', host: '${GW_TEST_UNSET:-0.0.0.0}'}\n"
+        + "backends:\n  redis: {url: '${GW_TEST_REDIS}'}\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.server.port == 9123
+    assert config.server.host == "0.0.0.0"
+    assert config.backends.redis is not None
+    assert config.backends.redis.url == "redis://example.invalid:6379/2"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            MINIMAL + "server: {port: '${GW_TEST_UNSET}'}\n",
+            "server.port: environment variable GW_TEST_UNSET is not set",
+        ),
+        (MINIMAL + "server: {prot: 8080}\n", "server.prot: unknown key"),
+        (MINIMAL + "server: {port: eighty}\n", "server.port: expected an integer"),
+        (MINIMAL + "server: {port: -1}\n", "server.port: must be at least 0, got -1"),
+        ("models:\n  m: {provider: mock}\n", "providers: is required"),
+        (
+            "providers:\n  mock: {type: mock}\nmodels:\n  m: {provider: nope}\n",
+            "models.m.provider: no provider named 'nope'",
+        ),
+        (
+            "providers:\n  x: {type: carrier-pigeon}\nmodels: {}\n",
+            "providers.x.type: must be one of mock, openai",
+        ),
+        (
+            MINIMAL + "keys:\n  - {id: k, sha256: abc, user: u}\n",
+            "keys[0].sha256: must be the 64-hex-digit SHA-256",
+        ),
+        (MINIMAL + "keys:\n  - {id: k, sha256: '" + "a" * 64 + "'}\n", "keys[0].user: is required"),
+        (MINIMAL + "backends:\n  redis: {}\n", "backends.redis.url: is required"),
+        (
+            MINIMAL + "quota: {default_max_completion_tokens: 0}\n",
+            "quota.default_max_completion_tokens: must be at least 1",
+        ),
+        ("providers: [1, 2\n", "invalid YAML at line"),
+        ("- just\n- a list\n", "expected a mapping, got a list"),
+    ],
+)
+def test_invalid_configs_name_the_key_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, message: str
+) -> None:
+    monkeypatch.delenv("GW_TEST_UNSET", raising=False)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "policies:\n  - {name: a, scope: planet, limits: [{tokens: 1, per: minute}]}\n",
+            "policies[0].scope: must be one of key, team, user",
+        ),
+        (
+            "policies:\n  - {name: a, scope: user, limits: []}\n",
+            "policies[0].limits: a policy needs at least one limit",
+        ),
+        (
+            "policies:\n  - {name: a, scope: user, limits: [{tokens: 5, requests: 1, per: minute}]}\n",
+            "policies[0].limits[0]: a limit names exactly one of",
+        ),
+        (
+            "policies:\n  - {name: a, scope: user, limits: [{tokens: 0, per: minute}]}\n",
+            "policies[0].limits[0].tokens: must be at least 1",
+        ),
+        (
+            "policies:\n  - {name: a, scope: user, limits: [{tokens: 5, per: minute}]}\n"
+            "  - {name: a, scope: team, limits: [{tokens: 5, per: minute}]}\n",
+            "policies[1].name: policy 'a' is already defined",
+        ),
+    ],
+)
+def test_invalid_policies_name_the_key_path(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_policies((path,))
+    assert message in str(caught.value)
+    assert str(caught.value).startswith(f"{path}: ")

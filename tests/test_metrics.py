@@ -1,0 +1,88 @@
+"""/metrics moves by exactly what the requests did."""
+
+from __future__ import annotations
+
+import aiohttp
+import asyncpg
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import T0_MS, StartGateway
+from tests.fakes.openai_upstream import FakeUpstream
+
+HI = [{"role": "user", "content": "hi"}]
+ROUTE = "/v1/chat/completions"
+
+
+async def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_move_by_the_right_amounts(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    gateway = await start_gateway(
+        """
+        policies:
+          - name: tpm
+            scope: user
+            limits: [{tokens: 60, per: minute}]
+        """,
+        clock_ms=lambda: T0_MS,
+    )
+    before = await scrape(gateway.url)
+    client = gateway.client()
+    # Two completions of 5 tokens each: prompt 8 + 5 = 13 tokens each.
+    for _ in range(2):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+    await gateway.settle()
+    # 26 used; 8 + 40 more does not fit in 60.
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=40)
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="nope", messages=HI)
+    await gateway.settle()
+    after = await scrape(gateway.url)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("gateway_requests_total", route=ROUTE, model="gpt-4o-mini", status="200") == 2
+    assert delta("gateway_requests_total", route=ROUTE, model="gpt-4o-mini", status="429") == 1
+    assert delta("gateway_requests_total", route=ROUTE, model="unknown", status="404") == 1
+    assert delta("gateway_prompt_tokens_total", model="gpt-4o-mini") == 16
+    assert delta("gateway_completion_tokens_total", model="gpt-4o-mini") == 10
+    assert delta("gateway_prompt_tokens_estimated_total", model="gpt-4o-mini") == 16
+    assert delta("gateway_quota_rejections_total", limit="tokens_per_minute", scope="user") == 1
+    assert delta("gateway_request_duration_seconds_count", route=ROUTE, model="gpt-4o-mini") == 3
+    assert delta("gateway_upstream_duration_seconds_count", provider="fake", model="gpt-4o-mini") == 2
+    assert delta("gateway_ledger_rows_written_total") == 2
+    assert value(after, "gateway_requests_in_flight") == 0
+    assert value(after, "gateway_ledger_queue_depth") == 0
+
+
+async def test_metric_labels_hold_no_keys_users_or_ids(
+    start_gateway: StartGateway, pg: asyncpg.Connection
+) -> None:
+    gateway = await start_gateway()
+    raw = await gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HI, max_tokens=2
+    )
+    await gateway.settle()
+    async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/metrics") as response:
+        text = await response.text()
+    for secret in ("alice", "research", "alice-key", "gw-test-key", raw.headers["x-request-id"]):
+        assert secret not in text

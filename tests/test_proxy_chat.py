@@ -1,0 +1,167 @@
+"""Completions through the official OpenAI SDK, forwarded, relayed and recorded."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import asyncpg
+
+from tests.conftest import PROVIDER_KEY, USER_KEY, RunningGateway
+from tests.fakes.openai_upstream import FakeUpstream
+
+MESSAGES = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Say hello to the gateway.", "name": "alice"},
+]
+# OpenAI's formula in o200k_base: 3 priming + 2 x 3 per message + 1 for the name, plus
+# the encoded lengths: "system" 1, "You are a terse assistant." 6, "user" 1,
+# "Say hello to the gateway." 6, "alice" 1.
+MESSAGES_PROMPT_TOKENS = 3 + 3 + 1 + 6 + 3 + 1 + 6 + 1 + 1
+
+
+async def ledger_rows(pg: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await pg.fetch("SELECT * FROM usage_events ORDER BY created_at")
+
+
+async def test_completion_through_the_sdk_is_forwarded_and_recorded(
+    gateway: RunningGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    client = gateway.client()
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=5
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "Hello from the fake upstream"
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (
+        MESSAGES_PROMPT_TOKENS,
+        5,
+    )
+    request_id = raw.headers["x-request-id"]
+
+    # The provider got its own key and never the caller's.
+    sent_headers = fake_upstream.headers_seen[0]
+    assert sent_headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert USER_KEY not in json.dumps(sent_headers) + json.dumps(fake_upstream.requests[0])
+
+    await gateway.settle()
+    rows = await ledger_rows(pg)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["request_id"] == request_id
+    assert (row["key_id"], row["user_id"], row["team_id"]) == ("alice-key", "alice", "research")
+    assert (row["model"], row["provider"], row["upstream_model"]) == ("gpt-4o-mini", "fake", "gpt-4o-mini")
+    assert row["status"] == 200 and row["stream"] is False and row["error_code"] is None
+    assert row["prompt_tokens_estimated"] == MESSAGES_PROMPT_TOKENS
+    assert row["prompt_estimate_exact"] is True
+    assert row["reserved_tokens"] == MESSAGES_PROMPT_TOKENS + 5
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (MESSAGES_PROMPT_TOKENS, 5)
+    assert row["usage_source"] == "provider"
+    assert row["latency_ms"] > 0 and row["upstream_latency_ms"] > 0
+
+
+async def test_ledger_keeps_the_providers_usage_apart_from_the_estimate(
+    gateway: RunningGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    fake_upstream.prompt_tokens, fake_upstream.completion_tokens = 40, 9
+    await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=20)
+    await gateway.settle()
+    (row,) = await ledger_rows(pg)
+    assert row["prompt_tokens_estimated"] == MESSAGES_PROMPT_TOKENS
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (40, 9)
+    assert row["reserved_tokens"] == MESSAGES_PROMPT_TOKENS + 20
+
+
+async def test_streamed_completion_through_the_sdk(
+    gateway: RunningGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    stream = await gateway.client().chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=6, stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from the fake upstream!"
+    # The client did not ask for usage: the usage chunk the gateway requested is not shown.
+    assert all(chunk.choices for chunk in chunks)
+    assert fake_upstream.requests[0]["stream_options"] == {"include_usage": True}
+
+    await gateway.settle()
+    (row,) = await ledger_rows(pg)
+    assert row["stream"] is True and row["status"] == 200
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (MESSAGES_PROMPT_TOKENS, 6)
+    assert row["prompt_tokens_estimated"] == MESSAGES_PROMPT_TOKENS
+    assert row["usage_source"] == "provider"
+
+
+async def test_stream_with_include_usage_shows_the_usage_chunk(
+    gateway: RunningGateway, pg: asyncpg.Connection
+) -> None:
+    stream = await gateway.client().chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        max_tokens=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    usage_chunks = [chunk for chunk in chunks if chunk.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
+    assert usage_chunks[0].usage is not None
+    assert usage_chunks[0].usage.completion_tokens == 3
+    assert usage_chunks[0].usage.prompt_tokens == MESSAGES_PROMPT_TOKENS
+
+
+async def test_stream_arrives_event_by_event(gateway: RunningGateway, fake_upstream: FakeUpstream) -> None:
+    """Each SSE event reaches the client as its own read: nothing is buffered whole."""
+    fake_upstream.reply = " ".join(["word"] * 50)
+    events = 0
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{gateway.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 50, "stream": True},
+        ) as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                events += 1
+    # role chunk + 50 tokens + finish chunk + [DONE]; the usage chunk is withheld.
+    assert events == 1 + 50 + 1 + 1
+
+
+async def test_stream_cut_by_the_provider_ends_with_an_error_event_and_is_settled(
+    gateway: RunningGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    fake_upstream.mode = "cut_stream"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{gateway.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 8, "stream": True},
+        ) as response,
+    ):
+        body = await response.read()
+    last_event = body.strip().split(b"\n\n")[-1]
+    assert last_event.startswith(b'data: {"error"')
+    assert json.loads(last_event[6:])["error"]["code"] == "upstream_stream_cut"
+    await gateway.settle()
+    (row,) = await ledger_rows(pg)
+    # Half of the 8 tokens were relayed; the provider's usage never came, so they are counted.
+    assert row["error_code"] == "upstream_stream_cut"
+    assert row["usage_source"] == "counted"
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (MESSAGES_PROMPT_TOKENS, 4)
+
+
+async def test_model_alias_is_renamed_for_the_provider(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    completion = await gateway.client().chat.completions.create(
+        model="team-model", messages=MESSAGES, max_tokens=2
+    )
+    assert fake_upstream.requests[0]["model"] == "gpt-4o-mini"
+    assert completion.choices[0].message.content == "Hello from"
