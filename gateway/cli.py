@@ -94,7 +94,17 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     logging.getLogger("gateway").info("gateway %s listening on http://%s:%d", __version__, host, port)
-    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=30)
+    # Cancel the handler of a client that left, so its upstream call stops too; the
+    # request path settles and records in a task of its own, which is not cancelled.
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=30,
+        handler_cancellation=True,
+    )
     return 0
 
 

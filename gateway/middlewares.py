@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from gateway.errors import (
     ServerError,
 )
 from gateway.metrics import UNKNOWN_MODEL
-from gateway.proxy import MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
+from gateway.proxy import CLIENT_CLOSED_REQUEST, MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
 
 log = logging.getLogger("gateway.http")
 
@@ -67,6 +68,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     except GatewayError as exc:
         status = exc.status
         return error_response(exc, request_id)
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED_REQUEST
+        raise
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error_response(ServerError("The gateway had an internal error."), request_id)

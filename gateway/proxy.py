@@ -6,6 +6,7 @@ only puts them in order.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 REQUEST_ID = web.RequestKey("request_id", str)
 MODEL_LABEL = web.RequestKey("model_label", str)
 MAX_CLIENT_REQUEST_ID = 128
+# nginx's convention for "the client closed the connection before the answer".
+CLIENT_CLOSED_REQUEST = 499
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -147,6 +150,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except GatewayError as exc:
         exchange.status, exchange.error_code = exc.status, exc.code
         exc.headers = {**headers, **exc.headers}
+        raise
+    except asyncio.CancelledError:
+        # The client went away (aiohttp cancels the handler): what was produced is charged.
+        exchange.upstream_finished()
+        exchange.status = exchange.status or CLIENT_CLOSED_REQUEST
+        exchange.error_code = "client_disconnected"
         raise
     except BaseException:
         exchange.status, exchange.error_code = 500, "server_error"

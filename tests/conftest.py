@@ -127,6 +127,7 @@ class ConfigWriter:
     redis_url: str
     database_url: str
     upstream_url: str
+    timeouts: str = "{connect_seconds: 2, read_seconds: 5, total_seconds: 10}"
 
     def write(
         self,
@@ -164,7 +165,7 @@ class ConfigWriter:
                     type: openai
                     base_url: {self.upstream_url}
                     api_key_env: FAKE_PROVIDER_KEY
-                    timeouts: {{connect_seconds: 2, read_seconds: 5, total_seconds: 10}}
+                    timeouts: {self.timeouts}
                   mock:
                     type: mock
                 models:

@@ -129,3 +129,12 @@ def test_invalid_policies_name_the_key_path(tmp_path: Path, text: str, message: 
         load_policies((path,))
     assert message in str(caught.value)
     assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_production_example_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://redis.internal:6379/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://gateway:secret@db.internal:5432/gateway")
+    config = load_config(REPO / "deploy" / "gateway.production.yaml")
+    assert config.backends.redis is not None and config.backends.postgres is not None
+    assert config.providers["openai"].api_key_env == "OPENAI_API_KEY"
+    assert {model.provider for model in config.models.values()} == {"openai"}

@@ -163,3 +163,17 @@ async def test_unreachable_upstream_is_502(start_gateway, pg: asyncpg.Connection
         await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
     assert caught.value.status_code == 502
     assert caught.value.response.json()["error"]["code"] == "upstream_unreachable"
+
+
+def test_every_error_code_is_documented() -> None:
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    source = "\n".join(path.read_text() for path in (repo / "gateway").rglob("*.py"))
+    codes = set(re.findall(r'code\s*=\s*"([a-z_]+)"', source))
+    documented = set(
+        re.findall(r"^\| `([a-z_]+)` \|", (repo / "docs" / "errors.md").read_text(), re.MULTILINE)
+    )
+    assert len(codes) >= 20
+    assert codes <= documented, f"undocumented: {sorted(codes - documented)}"

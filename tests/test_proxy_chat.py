@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
 import asyncpg
+import openai
+import pytest
 
-from tests.conftest import PROVIDER_KEY, USER_KEY, RunningGateway
+from tests.conftest import PROVIDER_KEY, USER_KEY, ConfigWriter, RunningGateway, StartGateway
 from tests.fakes.openai_upstream import FakeUpstream
 
 MESSAGES = [
@@ -165,3 +168,80 @@ async def test_model_alias_is_renamed_for_the_provider(
     )
     assert fake_upstream.requests[0]["model"] == "gpt-4o-mini"
     assert completion.choices[0].message.content == "Hello from"
+
+
+async def test_slow_provider_times_out_with_504(
+    start_gateway: StartGateway,
+    config_writer: ConfigWriter,
+    fake_upstream: FakeUpstream,
+    pg: asyncpg.Connection,
+) -> None:
+    config_writer.timeouts = "{connect_seconds: 1, read_seconds: 5, total_seconds: 0.3}"
+    fake_upstream.delay_seconds = 2
+    gateway = await start_gateway()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
+    assert caught.value.status_code == 504
+    assert caught.value.response.json()["error"]["code"] == "upstream_timeout"
+    await gateway.settle()
+    (row,) = await ledger_rows(pg)
+    assert (row["status"], row["error_code"], row["usage_source"]) == (504, "upstream_timeout", "none")
+
+
+async def test_stalled_stream_ends_with_a_timeout_event(
+    start_gateway: StartGateway,
+    config_writer: ConfigWriter,
+    fake_upstream: FakeUpstream,
+    pg: asyncpg.Connection,
+) -> None:
+    config_writer.timeouts = "{connect_seconds: 1, read_seconds: 0.3, total_seconds: 10}"
+    fake_upstream.mode = "stall_stream"
+    gateway = await start_gateway()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{gateway.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 8, "stream": True},
+        ) as response,
+    ):
+        body = await response.read()
+    last_event = body.strip().split(b"\n\n")[-1]
+    assert json.loads(last_event[6:])["error"]["code"] == "upstream_timeout"
+    await gateway.settle()
+    (row,) = await ledger_rows(pg)
+    # One token ("Hello") was relayed before the stall.
+    assert (row["error_code"], row["usage_source"], row["completion_tokens"]) == (
+        "upstream_timeout",
+        "counted",
+        1,
+    )
+
+
+async def test_client_leaving_mid_stream_is_settled_and_recorded(
+    gateway: RunningGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    fake_upstream.reply = " ".join(["word"] * 200)
+    fake_upstream.chunk_delay_seconds = 0.01
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            f"{gateway.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 200, "stream": True},
+        )
+        for _ in range(3):
+            await response.content.readline()
+        response.close()
+    # The gateway notices on its next write, stops reading upstream and settles.
+    for _ in range(100):
+        await gateway.settle()
+        rows = await ledger_rows(pg)
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    (row,) = rows
+    assert row["error_code"] == "client_disconnected"
+    assert row["usage_source"] == "counted"
+    assert 1 <= row["completion_tokens"] < 200
+    # The provider was not left streaming all 200 tokens.
+    assert row["upstream_latency_ms"] < 200 * 10

@@ -41,8 +41,10 @@ class FakeUpstream:
     completion_tokens: int | None = None
     # Report completion_tokens = max_tokens, whatever was sent (to fill reservations).
     bill_max_tokens: bool = False
-    mode: str = "ok"  # ok | error_500 | error_429 | garbage | cut_stream | no_usage
+    mode: str = "ok"  # ok | error_500 | error_429 | garbage | cut_stream | stall_stream | no_usage
     delay_seconds: float = 0.0
+    # Pause between stream chunks (and, in stall_stream mode, the stall after the first).
+    chunk_delay_seconds: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
 
@@ -134,6 +136,10 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.close()
                 return response
+            if self.mode == "stall_stream" and position == 1:
+                await asyncio.sleep(3600)
+            if self.chunk_delay_seconds:
+                await asyncio.sleep(self.chunk_delay_seconds)
             piece = encoding.decode([token])
             await response.write(event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
         await response.write(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
