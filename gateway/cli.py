@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -44,36 +45,27 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(
-        name: str, run: Callable[[argparse.Namespace], int], help_text: str
+        group: Any, name: str, run: Callable[[argparse.Namespace], int], help_text: str
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help_text)
         sub.add_argument("--config", default="gateway.yaml", help="path to gateway.yaml")
         sub.set_defaults(run=run)
         return sub
 
-    serve = command("serve", _serve, "run the gateway")
+    serve = command(commands, "serve", _serve, "run the gateway")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
-    command("migrate", _migrate, "apply database migrations")
-    command("check", _check, "validate gateway.yaml and the policy files, then exit")
+    command(commands, "migrate", _migrate, "apply database migrations")
+    command(commands, "check", _check, "validate gateway.yaml and the policy files, then exit")
 
     keys = commands.add_parser("keys", help="manage gateway API keys").add_subparsers(
         dest="keys_command", required=True
     )
-
-    def key_command(
-        name: str, run: Callable[[argparse.Namespace], int], help_text: str
-    ) -> argparse.ArgumentParser:
-        sub = keys.add_parser(name, help=help_text)
-        sub.add_argument("--config", default="gateway.yaml", help="path to gateway.yaml")
-        sub.set_defaults(run=run)
-        return sub
-
-    create = key_command("create", _keys_create, "create a key (printed once)")
+    create = command(keys, "create", _keys_create, "create a key (printed once)")
     create.add_argument("--user", required=True)
     create.add_argument("--team")
-    key_command("list", _keys_list, "list keys (ids and owners, never the keys)")
-    revoke = key_command("revoke", _keys_revoke, "revoke a key by id")
+    command(keys, "list", _keys_list, "list keys (ids and owners, never the keys)")
+    revoke = command(keys, "revoke", _keys_revoke, "revoke a key by id")
     revoke.add_argument("key_id")
     hasher = keys.add_parser("hash", help="print the SHA-256 of a key, for static keys in gateway.yaml")
     hasher.add_argument("key", help="the key; '-' reads it from standard input")

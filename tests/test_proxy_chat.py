@@ -27,6 +27,25 @@ async def ledger_rows(pg: asyncpg.Connection) -> list[asyncpg.Record]:
     return await pg.fetch("SELECT * FROM usage_events ORDER BY created_at")
 
 
+async def raw_stream(gateway: RunningGateway, max_tokens: int) -> bytes:
+    """A streamed completion read as raw SSE bytes, as it arrives on the wire."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{gateway.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": max_tokens, "stream": True},
+        ) as response,
+    ):
+        return await response.read()
+
+
+def last_error_code(stream_body: bytes) -> str:
+    last_event = stream_body.strip().split(b"\n\n")[-1]
+    assert last_event.startswith(b'data: {"error"')
+    return str(json.loads(last_event[6:])["error"]["code"])
+
+
 async def test_completion_through_the_sdk_is_forwarded_and_recorded(
     gateway: RunningGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
 ) -> None:
@@ -140,18 +159,7 @@ async def test_stream_cut_by_the_provider_ends_with_an_error_event_and_is_settle
     gateway: RunningGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
 ) -> None:
     fake_upstream.mode = "cut_stream"
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{gateway.url}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {USER_KEY}"},
-            json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 8, "stream": True},
-        ) as response,
-    ):
-        body = await response.read()
-    last_event = body.strip().split(b"\n\n")[-1]
-    assert last_event.startswith(b'data: {"error"')
-    assert json.loads(last_event[6:])["error"]["code"] == "upstream_stream_cut"
+    assert last_error_code(await raw_stream(gateway, max_tokens=8)) == "upstream_stream_cut"
     await gateway.settle()
     (row,) = await ledger_rows(pg)
     # Half of the 8 tokens were relayed; the provider's usage never came, so they are counted.
@@ -197,17 +205,7 @@ async def test_stalled_stream_ends_with_a_timeout_event(
     config_writer.timeouts = "{connect_seconds: 1, read_seconds: 0.3, total_seconds: 10}"
     fake_upstream.mode = "stall_stream"
     gateway = await start_gateway()
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{gateway.url}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {USER_KEY}"},
-            json={"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 8, "stream": True},
-        ) as response,
-    ):
-        body = await response.read()
-    last_event = body.strip().split(b"\n\n")[-1]
-    assert json.loads(last_event[6:])["error"]["code"] == "upstream_timeout"
+    assert last_error_code(await raw_stream(gateway, max_tokens=8)) == "upstream_timeout"
     await gateway.settle()
     (row,) = await ledger_rows(pg)
     # One token ("Hello") was relayed before the stall.
