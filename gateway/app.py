@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from gateway import health, proxy, state
+from gateway import count_routes, health, proxy, state
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.ledger import LedgerWriter, open_store
@@ -25,7 +25,7 @@ from gateway.providers import build_provider
 from gateway.quota import QuotaLimiter
 from gateway.quota.store import open_redis
 from gateway.settlement import Settlement
-from gateway.tokens import TokenizerRegistry
+from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry
 
 log = logging.getLogger("gateway")
 
@@ -40,7 +40,8 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     )
     app[state.CONFIG] = config
     app[state.METRICS] = Metrics()
-    app[state.TOKENIZERS] = TokenizerRegistry()
+    registry = TokenizerRegistry(config.tokens)
+    app[state.COUNTER] = PromptCounter(registry, Calibration(config.tokens, app[state.METRICS]))
     app[state.POLICIES] = PolicyHolder(config.base_dir, config.quota.policy_glob)
 
     app.cleanup_ctx.append(_store)
@@ -51,6 +52,8 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app.cleanup_ctx.append(_policy_watch)
 
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
+    app.router.add_post("/v1/tokens/count", count_routes.count_openai_request)
+    app.router.add_post("/v1/messages/count_tokens", count_routes.count_anthropic_request)
     app.router.add_get("/health", health.liveness)
     app.router.add_get("/health/ready", health.readiness)
     app.router.add_get("/metrics", _metrics)
@@ -103,7 +106,8 @@ def _limiter(clock_ms: Callable[[], int] | None) -> Callable[[web.Application], 
 async def _providers(app: web.Application) -> AsyncIterator[None]:
     config = app[state.CONFIG]
     providers = {
-        name: build_provider(provider, app[state.TOKENIZERS]) for name, provider in config.providers.items()
+        name: build_provider(provider, app[state.COUNTER].registry)
+        for name, provider in config.providers.items()
     }
     app[state.PROVIDERS] = providers
     yield
@@ -112,7 +116,9 @@ async def _providers(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _settlement(app: web.Application) -> AsyncIterator[None]:
-    settlement = Settlement(app[state.LIMITER], app[state.LEDGER], app[state.METRICS])
+    settlement = Settlement(
+        app[state.LIMITER], app[state.LEDGER], app[state.METRICS], app[state.COUNTER].calibration
+    )
     app[state.SETTLEMENT] = settlement
     yield
     await settlement.drain()

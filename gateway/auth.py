@@ -58,9 +58,14 @@ def generate_key_id() -> str:
     return "key_" + secrets.token_hex(6)
 
 
-def bearer_token(authorization: str | None) -> str:
+def presented_key(authorization: str | None, x_api_key: str | None) -> str:
+    """The caller's key: `Authorization: Bearer` (OpenAI's SDKs) or `x-api-key` (Anthropic's)."""
+    if not authorization and x_api_key and x_api_key.strip():
+        return x_api_key.strip()
     if not authorization:
-        raise InvalidApiKey("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+        raise InvalidApiKey(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+        )
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from gateway import __version__
 from gateway.auth import KeyRecord, generate_key, generate_key_id, hash_key
-from gateway.config import IDENTIFIER, GatewayConfig, load_config
+from gateway.config import IDENTIFIER, GatewayConfig, TokensConfig, load_config
 from gateway.ledger import LedgerStore, open_store
 from gateway.ledger.schema import SchemaTooNew
+from gateway.tokens import ROUTES
 from gateway.yamlnode import ConfigError
 
 EXIT_CONFIG = 2
@@ -61,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage gateway API keys").add_subparsers(
         dest="keys_command", required=True
     )
+    tokens = commands.add_parser("tokens", help="token counting tools").add_subparsers(
+        dest="tokens_command", required=True
+    )
+    count = command(tokens, "count", _tokens_count, "count the prompt tokens of a request body")
+    count.add_argument("file", nargs="?", default="-", help="the JSON body; '-' (default) reads stdin")
+    count.add_argument("--model", help="model name (default: the body's 'model')")
+    count.add_argument("--route", choices=ROUTES, help="default: from the body's fields")
+    count.add_argument("--json", action="store_true", help="machine-readable output")
+
     create = command(keys, "create", _keys_create, "create a key (printed once)")
     create.add_argument("--user", required=True)
     create.add_argument("--team")
@@ -192,6 +204,64 @@ def _keys_revoke(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
     return _with_store(args, revoke)
+
+
+def _tokens_count(args: argparse.Namespace) -> int:
+    from gateway.count_routes import route_of
+    from gateway.errors import GatewayError
+    from gateway.metrics import Metrics
+    from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry
+
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        print(f"gateway: the body is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not isinstance(body, dict):
+        print("gateway: the body must be a JSON object", file=sys.stderr)
+        return EXIT_CONFIG
+    config_path = Path(args.config)
+    config = load_config(config_path) if config_path.exists() else None
+    tokens_config = config.tokens if config is not None else TokensConfig()
+    name = args.model or body.get("model")
+    if not isinstance(name, str) or not name:
+        print("gateway: give --model or a 'model' in the body", file=sys.stderr)
+        return EXIT_CONFIG
+    alias = config.models.get(name) if config is not None else None
+    upstream = alias.upstream_model if alias is not None else name
+    counter = PromptCounter(TokenizerRegistry(tokens_config), Calibration(tokens_config, Metrics()))
+    profile = counter.registry.profile(upstream, alias.tokenizer if alias is not None else None)
+    try:
+        route = args.route or route_of(body)
+        count = counter.finish(counter.count_raw(route, body, profile), profile, route)
+    except (GatewayError, KeyError, TypeError) as exc:
+        message = exc.message if isinstance(exc, GatewayError) else f"malformed body ({exc})"
+        print(f"gateway: {message}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": name,
+                    "upstream_model": upstream,
+                    "route": route,
+                    "prompt_tokens": count.tokens,
+                    "raw_tokens": count.raw_tokens,
+                    "exact": count.exact,
+                    "tokenizer": count.tokenizer,
+                    "factor": count.factor,
+                    "method": count.method,
+                }
+            )
+        )
+        return 0
+    how = "exact" if count.exact else f"estimate: {count.raw_tokens} counted x {count.factor:g}"
+    print(f"prompt tokens: {count.tokens} ({how})")
+    print(f"tokenizer:     {count.tokenizer}")
+    print(f"method:        {count.method}")
+    print(f"model:         {name}" + (f" (upstream {upstream})" if upstream != name else ""))
+    return 0
 
 
 def _keys_hash(args: argparse.Namespace) -> int:

@@ -103,6 +103,46 @@ class LedgerConfig:
 
 
 @dataclass(frozen=True)
+class BpeFileConfig:
+    """A BPE file in tiktoken's format (rank per base64 token), e.g. Llama 3's tokenizer.model."""
+
+    name: str
+    path: Path | None
+    # "package/relative/path" inside an installed Python package, when path is None.
+    package_resource: str | None
+    pattern: str
+    special_tokens: tuple[str, ...]
+    # Pads the special tokens with <|reserved_special_token_N|> up to this many.
+    reserved_special_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TokenRuleConfig:
+    """Model name patterns → how their prompts are counted."""
+
+    models: tuple[str, ...]
+    tokenizer: str
+    chat_format: str = "openai"
+    exact: bool = False
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    fallback: str = "o200k_base"
+    rules: tuple[TokenRuleConfig, ...] = ()
+    bpe_files: tuple[BpeFileConfig, ...] = ()
+    learn_calibration: bool = True
+    apply_calibration: bool = False
+    calibration_min_samples: int = 20
+    # Bodies above this many bytes are counted in a worker thread.
+    thread_threshold_bytes: int = 64 * 1024
+    cache_entries: int = 20_000
+    remote_image_width: int = 1024
+    remote_image_height: int = 1024
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: Path
     server: ServerConfig
@@ -112,6 +152,7 @@ class GatewayConfig:
     keys: tuple[StaticKeyConfig, ...]
     quota: QuotaConfig
     ledger: LedgerConfig
+    tokens: TokensConfig = field(default_factory=TokensConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -122,7 +163,7 @@ def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate gateway.yaml; raises ConfigError naming file and key path."""
     config_path = Path(path).resolve()
     root = load_yaml_file(config_path)
-    root.mapping({"server", "backends", "providers", "models", "keys", "quota", "ledger"})
+    root.mapping({"server", "backends", "providers", "models", "keys", "quota", "ledger", "tokens"})
     base_dir = config_path.parent
     providers = _providers(root.require("providers"))
     return GatewayConfig(
@@ -134,6 +175,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         keys=_static_keys(root.get("keys")),
         quota=_quota(root.get("quota")),
         ledger=_ledger(root.get("ledger")),
+        tokens=_tokens(root.get("tokens"), base_dir),
     )
 
 
@@ -288,6 +330,95 @@ def _ledger(node: Node | None) -> LedgerConfig:
         if interval
         else default.flush_interval_seconds,
         queue_size=queue.as_int(minimum=1) if queue else default.queue_size,
+    )
+
+
+CHAT_FORMATS = {"openai", "llama3", "anthropic"}
+
+
+def _tokens(node: Node | None, base_dir: Path) -> TokensConfig:
+    if node is None:
+        return TokensConfig()
+    node.mapping(
+        {
+            "fallback",
+            "rules",
+            "bpe_files",
+            "learn_calibration",
+            "apply_calibration",
+            "calibration_min_samples",
+            "thread_threshold_bytes",
+            "cache_entries",
+            "remote_image",
+        }
+    )
+    default = TokensConfig()
+    fallback = node.get("fallback")
+    rules_node = node.get("rules")
+    rules = tuple(_token_rule(entry) for entry in rules_node.elements()) if rules_node else ()
+    files_node = node.get("bpe_files")
+    bpe_files = (
+        tuple(_bpe_file(name, entry, base_dir) for name, entry in files_node.items()) if files_node else ()
+    )
+    width, height = default.remote_image_width, default.remote_image_height
+    if (image := node.get("remote_image")) is not None:
+        image.mapping({"width", "height"})
+        width = image.require("width").as_int(minimum=1)
+        height = image.require("height").as_int(minimum=1)
+
+    def flag(key: str, value: bool) -> bool:
+        child = node.get(key)
+        return child.as_bool() if child else value
+
+    def number(key: str, value: int, minimum: int) -> int:
+        child = node.get(key)
+        return child.as_int(minimum=minimum) if child else value
+
+    return TokensConfig(
+        fallback=fallback.as_str() if fallback else default.fallback,
+        rules=rules,
+        bpe_files=bpe_files,
+        learn_calibration=flag("learn_calibration", default.learn_calibration),
+        apply_calibration=flag("apply_calibration", default.apply_calibration),
+        calibration_min_samples=number("calibration_min_samples", default.calibration_min_samples, 1),
+        thread_threshold_bytes=number("thread_threshold_bytes", default.thread_threshold_bytes, 0),
+        cache_entries=number("cache_entries", default.cache_entries, 0),
+        remote_image_width=width,
+        remote_image_height=height,
+    )
+
+
+def _token_rule(node: Node) -> TokenRuleConfig:
+    node.mapping({"models", "tokenizer", "chat_format", "exact", "factor"})
+    models_node = node.require("models")
+    if isinstance(models_node.value, list):
+        models = tuple(element.as_str() for element in models_node.elements())
+    else:
+        models = (models_node.as_str(),)
+    chat_format, exact, factor = (node.get(key) for key in ("chat_format", "exact", "factor"))
+    return TokenRuleConfig(
+        models=models,
+        tokenizer=node.require("tokenizer").as_str(),
+        chat_format=chat_format.as_choice(CHAT_FORMATS) if chat_format else "openai",
+        exact=exact.as_bool() if exact else False,
+        factor=factor.as_float(minimum=0.01) if factor else 1.0,
+    )
+
+
+def _bpe_file(name: str, node: Node, base_dir: Path) -> BpeFileConfig:
+    node.mapping({"path", "package_resource", "pattern", "special_tokens", "reserved_special_tokens"})
+    path, resource = node.get("path"), node.get("package_resource")
+    if (path is None) == (resource is None):
+        node.fail("give exactly one of path or package_resource")
+    specials = node.get("special_tokens")
+    reserved = node.get("reserved_special_tokens")
+    return BpeFileConfig(
+        name=name,
+        path=base_dir / path.as_str() if path else None,
+        package_resource=resource.as_str() if resource else None,
+        pattern=node.require("pattern").as_str(),
+        special_tokens=tuple(element.as_str() for element in specials.elements()) if specials else (),
+        reserved_special_tokens=reserved.as_int(minimum=0) if reserved else 0,
     )
 
 

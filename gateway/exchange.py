@@ -9,7 +9,7 @@ from gateway.auth import Principal
 from gateway.config import ModelConfig
 from gateway.providers import Usage
 from gateway.quota import Reservation
-from gateway.tokens import Tokenizer
+from gateway.tokens import ModelProfile, PromptCount
 
 
 @dataclass
@@ -20,9 +20,9 @@ class Exchange:
     route: str
     principal: Principal
     model: ModelConfig
-    tokenizer: Tokenizer
+    profile: ModelProfile
     stream: bool
-    prompt_tokens_estimated: int
+    prompt: PromptCount
     reserved_tokens: int
     reservation: Reservation
     client_request_id: str | None = None

@@ -47,9 +47,9 @@ async def readiness(request: web.Request) -> web.Response:
         return {"pending_records": app[state.LEDGER].pending}
 
     async def tokenizer_check() -> None:
-        registry = app[state.TOKENIZERS]
+        registry = app[state.COUNTER].registry
         encodings = {
-            registry.for_model(model.upstream_model, model.tokenizer).encoding_name
+            registry.profile(model.upstream_model, model.tokenizer).tokenizer.name
             for model in app[state.CONFIG].models.values()
         }
         for name in sorted(encodings):

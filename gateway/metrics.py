@@ -15,6 +15,8 @@ from gateway import __version__
 # Seconds; spans a cached tiny completion to a long generation.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 UNKNOWN_MODEL = "unknown"
+# Relative error of pre-flight prompt counts; 0 is exact, negative under-reserves.
+ESTIMATE_ERROR_BUCKETS = (-0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass
@@ -48,6 +50,19 @@ class Metrics:
         self.estimated_prompt_tokens = Counter(
             "gateway_prompt_tokens_estimated_total",
             "Prompt tokens counted by the gateway before forwarding.",
+            ["model"],
+            registry=r,
+        )
+        self.estimate_error = Histogram(
+            "gateway_prompt_estimate_error_ratio",
+            "(reserved prompt tokens - billed prompt tokens) / billed, per request.",
+            ["model"],
+            buckets=ESTIMATE_ERROR_BUCKETS,
+            registry=r,
+        )
+        self.calibration_ratio = Gauge(
+            "gateway_prompt_calibration_ratio",
+            "Learned ratio of billed to counted prompt tokens, for models counted by estimate.",
             ["model"],
             registry=r,
         )

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway import state
-from gateway.auth import bearer_token
+from gateway.auth import presented_key
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -28,10 +28,29 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 API_PREFIX = "/v1/"
 
 
-def error_response(error: GatewayError, request_id: str) -> web.Response:
+# Anthropic's error types by status; its routes answer errors in its own shape.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def error_response(error: GatewayError, request_id: str, anthropic: bool = False) -> web.Response:
+    body = error.body()
+    if anthropic:
+        kind = ANTHROPIC_ERROR_TYPES.get(
+            error.status, "api_error" if error.status >= 500 else "invalid_request_error"
+        )
+        body = {"type": "error", "error": {"type": kind, "message": error.message}}
     return web.Response(
         status=error.status,
-        body=json.dumps(error.body()).encode(),
+        body=json.dumps(body).encode(),
         content_type="application/json",
         headers={**error.headers, "x-request-id": request_id},
     )
@@ -67,13 +86,14 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         return response
     except GatewayError as exc:
         status = exc.status
-        return error_response(exc, request_id)
+        return error_response(exc, request_id, request.path.startswith(ANTHROPIC_PREFIX))
     except asyncio.CancelledError:
         status = CLIENT_CLOSED_REQUEST
         raise
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
-        return error_response(ServerError("The gateway had an internal error."), request_id)
+        error = ServerError("The gateway had an internal error.")
+        return error_response(error, request_id, request.path.startswith(ANTHROPIC_PREFIX))
     finally:
         if request.path.startswith(API_PREFIX):
             route = request.match_info.route.resource
@@ -87,7 +107,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Resolve the caller's gateway key on API routes; health and metrics are open."""
     if request.path.startswith(API_PREFIX):
-        token = bearer_token(request.headers.get("Authorization"))
+        token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
         request[PRINCIPAL] = await request.app[state.AUTH].authenticate(token)
     return await handler(request)
 

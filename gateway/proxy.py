@@ -22,7 +22,6 @@ from gateway.exchange import Exchange
 from gateway.providers import UpstreamRequest
 from gateway.quota import Charge, ratelimit_headers, rejection_error
 from gateway.relay import relay_body, relay_stream
-from gateway.tokens import count_chat_prompt
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -32,8 +31,8 @@ MAX_CLIENT_REQUEST_ID = 128
 CLIENT_CLOSED_REQUEST = 499
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 400/413 that says what is wrong with it."""
+async def read_json_object(request: web.Request) -> tuple[dict[str, Any], int]:
+    """The body as a JSON object and its size, or a 400/413 that says what is wrong."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -49,7 +48,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         ) from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    return body
+    return body, len(raw)
 
 
 def resolve_model(request: web.Request, body: Mapping[str, Any]) -> ModelConfig:
@@ -116,15 +115,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     config = app[state.CONFIG]
     principal = request[PRINCIPAL]
-    body = await read_json_object(request)
+    body, body_bytes = await read_json_object(request)
     model = resolve_model(request, body)
-    messages = validate_messages(body)
+    validate_messages(body)
     stream = wants_stream(body)
     max_completion = completion_budget(body, config.quota.default_max_completion_tokens)
 
-    tokenizer = app[state.TOKENIZERS].for_model(model.upstream_model, model.tokenizer)
-    prompt_tokens = count_chat_prompt(messages, tokenizer)
-    reserved_tokens = prompt_tokens + max_completion
+    counter = app[state.COUNTER]
+    profile = counter.registry.profile(model.upstream_model, model.tokenizer)
+    prompt = await counter.count("chat", body, profile, body_bytes)
+    reserved_tokens = prompt.tokens + max_completion
     admission = await app[state.LIMITER].reserve(charges_for(request, principal, reserved_tokens))
     if not admission.admitted:
         assert admission.rejected_by is not None
@@ -137,9 +137,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         route="chat/completions",
         principal=principal,
         model=model,
-        tokenizer=tokenizer,
+        profile=profile,
         stream=stream,
-        prompt_tokens_estimated=prompt_tokens,
+        prompt=prompt,
         reserved_tokens=reserved_tokens,
         reservation=admission.reservation,
         client_request_id=client_request_id(request),

@@ -19,6 +19,7 @@ from gateway.ledger import LedgerWriter, UsageRecord
 from gateway.metrics import Metrics
 from gateway.providers import Usage
 from gateway.quota import QuotaLimiter
+from gateway.tokens import Calibration
 
 log = logging.getLogger("gateway.settlement")
 
@@ -34,18 +35,21 @@ def final_usage(exchange: Exchange) -> FinalUsage:
     if exchange.usage is not None:
         return FinalUsage(exchange.usage, "provider")
     if exchange.relayed_text:
-        completion = exchange.tokenizer.count("".join(exchange.relayed_text))
-        return FinalUsage(Usage(exchange.prompt_tokens_estimated, completion), "counted")
+        completion = exchange.profile.tokenizer.count("".join(exchange.relayed_text))
+        return FinalUsage(Usage(exchange.prompt.tokens, completion), "counted")
     return FinalUsage(None, "none")
 
 
 class Settlement:
     """Settles exchanges in background tasks and waits for them at shutdown."""
 
-    def __init__(self, limiter: QuotaLimiter, ledger: LedgerWriter, metrics: Metrics) -> None:
+    def __init__(
+        self, limiter: QuotaLimiter, ledger: LedgerWriter, metrics: Metrics, calibration: Calibration
+    ) -> None:
         self._limiter = limiter
         self._ledger = ledger
         self._metrics = metrics
+        self._calibration = calibration
         self._tasks: set[asyncio.Task[None]] = set()
 
     def settle_later(self, exchange: Exchange) -> None:
@@ -74,12 +78,19 @@ class Settlement:
             # The reservation stays charged: conservative, and it ages out of its window.
             self._metrics.quota_errors.labels("settle").inc()
             log.exception("quota settlement failed for request %s", exchange.request_id)
-        self._count_tokens(exchange, final)
+        self._observe(exchange, final)
         await self._ledger.record(_record(exchange, final))
 
-    def _count_tokens(self, exchange: Exchange, final: FinalUsage) -> None:
+    def _observe(self, exchange: Exchange, final: FinalUsage) -> None:
         model = exchange.model.name
-        self._metrics.estimated_prompt_tokens.labels(model).inc(exchange.prompt_tokens_estimated)
+        self._metrics.estimated_prompt_tokens.labels(model).inc(exchange.prompt.tokens)
+        if final.source == "provider" and final.usage is not None:
+            self._calibration.observe(
+                exchange.profile,
+                exchange.prompt.tokens,
+                exchange.prompt.raw_tokens,
+                final.usage.prompt_tokens,
+            )
         if final.usage is not None:
             self._metrics.prompt_tokens.labels(model).inc(final.usage.prompt_tokens)
             self._metrics.completion_tokens.labels(model).inc(final.usage.completion_tokens)
@@ -103,8 +114,8 @@ def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
         stream=exchange.stream,
         status=exchange.status,
         error_code=exchange.error_code,
-        prompt_tokens_estimated=exchange.prompt_tokens_estimated,
-        prompt_estimate_exact=exchange.tokenizer.exact,
+        prompt_tokens_estimated=exchange.prompt.tokens,
+        prompt_estimate_exact=exchange.prompt.exact,
         reserved_tokens=exchange.reserved_tokens,
         prompt_tokens=final.usage.prompt_tokens if final.usage else None,
         completion_tokens=final.usage.completion_tokens if final.usage else None,

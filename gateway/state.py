@@ -12,11 +12,11 @@ from gateway.policies import PolicyHolder
 from gateway.providers import Provider
 from gateway.quota import QuotaLimiter
 from gateway.settlement import Settlement
-from gateway.tokens import TokenizerRegistry
+from gateway.tokens import PromptCounter
 
 CONFIG = web.AppKey("config", GatewayConfig)
 METRICS = web.AppKey("metrics", Metrics)
-TOKENIZERS = web.AppKey("tokenizers", TokenizerRegistry)
+COUNTER = web.AppKey("counter", PromptCounter)
 POLICIES = web.AppKey("policies", PolicyHolder)
 LIMITER = web.AppKey("limiter", QuotaLimiter)
 STORE = web.AppKey("store", LedgerStore)

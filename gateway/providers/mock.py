@@ -15,7 +15,8 @@ from typing import Any
 from gateway.errors import InvalidRequest
 from gateway.providers.base import UpstreamReply, UpstreamRequest, Usage
 from gateway.providers.openai_wire import DONE_EVENT
-from gateway.tokens import TokenizerRegistry, count_chat_prompt
+from gateway.tokens import TokenizerRegistry
+from gateway.tokens.chat import count_chat
 
 REPLY_TEXT = (
     "This is a mock completion from the gateway's built-in provider. "
@@ -36,12 +37,15 @@ class MockProvider:
             raise InvalidRequest(f"The mock provider does not serve /v1/{request.path}.")
         body = request.body
         model = str(body["model"])
-        tokenizer = self._tokenizers.for_model(model)
-        text_tokens = tokenizer.encoding.encode_ordinary(REPLY_TEXT)
+        profile = self._tokenizers.profile(model)
+        tokenizer = profile.tokenizer
+        text_tokens = tokenizer.encode(REPLY_TEXT)
         limit = _max_tokens(body)
         finish_reason = "length" if limit is not None and limit < len(text_tokens) else "stop"
         tokens = text_tokens[:limit] if limit is not None else text_tokens
-        usage = Usage(count_chat_prompt(body["messages"], tokenizer), len(tokens))
+        # Bills the prompt as an OpenAI model would, by the same published rules.
+        prompt_tokens = count_chat(body, profile, (1024, 1024)).tokens
+        usage = Usage(prompt_tokens, len(tokens))
         completion_id = "chatcmpl-mock" + uuid.uuid4().hex[:20]
         created = int(time.time())
         if not request.stream:

@@ -1,6 +1,18 @@
-"""Pre-flight token counting: which tokenizer a model uses, and how requests are counted."""
+"""Pre-flight token counting: tokenizers per model, counting rules per request shape."""
 
-from gateway.tokens.chat import count_chat_prompt
-from gateway.tokens.registry import Tokenizer, TokenizerRegistry
+from gateway.tokens.calibration import Calibration
+from gateway.tokens.counter import ROUTES, PromptCounter
+from gateway.tokens.counts import PromptCount, RawCount
+from gateway.tokens.registry import ModelProfile, Tokenizer, TokenizerRegistry, TokenizerUnavailable
 
-__all__ = ["Tokenizer", "TokenizerRegistry", "count_chat_prompt"]
+__all__ = [
+    "ROUTES",
+    "Calibration",
+    "ModelProfile",
+    "PromptCount",
+    "PromptCounter",
+    "RawCount",
+    "Tokenizer",
+    "TokenizerRegistry",
+    "TokenizerUnavailable",
+]

@@ -1,58 +1,288 @@
-"""Model name → tokenizer, loaded once per encoding and shared by every request."""
+"""Model name → how its prompts are counted: tokenizer, chat format, and whether exact.
+
+Rules from gateway.yaml (`tokens.rules`) are tried first, then the built-in rules
+below, then the configured fallback (always marked as an estimate). Encodings are
+tiktoken's by name, or BPE files in tiktoken's format (`tokens.bpe_files`).
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from functools import cache
+import fnmatch
+import threading
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import tiktoken
+from tiktoken.load import load_tiktoken_bpe
 
-# OpenAI publishes which encoding each family uses; counts for these are exact.
-_EXACT_FAMILIES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^(gpt-4o|chatgpt-4o|gpt-4\.1|gpt-4\.5|gpt-5|o1|o3|o4|gpt-oss)"), "o200k_base"),
-    (re.compile(r"^(gpt-4|gpt-3\.5|text-embedding-3|text-embedding-ada-002)"), "cl100k_base"),
+from gateway.config import BpeFileConfig, TokenRuleConfig, TokensConfig
+from gateway.tokens.images import ImageCostRule
+
+
+@dataclass(frozen=True)
+class FunctionCost:
+    """The constants of OpenAI's published rule for counting function definitions."""
+
+    function_start: int
+    properties_start: int
+    per_property: int
+    enum_start: int
+    per_enum_item: int
+    end: int
+
+
+GPT4O_FUNCTIONS = FunctionCost(7, 3, 3, -3, 3, 12)
+GPT4_FUNCTIONS = FunctionCost(10, 3, 3, -3, 3, 12)
+GPT4O_IMAGES = ImageCostRule(base_tokens=85, tile_tokens=170)
+GPT4O_MINI_IMAGES = ImageCostRule(base_tokens=2833, tile_tokens=5667)
+
+
+@dataclass(frozen=True)
+class BuiltinRule:
+    models: tuple[str, ...]
+    encoding: str
+    chat_format: str
+    exact: bool
+    factor: float = 1.0
+    functions: FunctionCost | None = None
+    # Only where OpenAI published the constants for that family.
+    functions_exact: bool = False
+    images: ImageCostRule | None = None
+    images_exact: bool = False
+
+
+# Facts from OpenAI's and Meta's published material; see docs/token-counting.md.
+BUILTIN_RULES: tuple[BuiltinRule, ...] = (
+    BuiltinRule(
+        ("gpt-4o-mini*",), "o200k_base", "openai", True, 1.0, GPT4O_FUNCTIONS, True, GPT4O_MINI_IMAGES, True
+    ),
+    BuiltinRule(
+        ("gpt-4o*", "chatgpt-4o*"),
+        "o200k_base",
+        "openai",
+        True,
+        1.0,
+        GPT4O_FUNCTIONS,
+        True,
+        GPT4O_IMAGES,
+        True,
+    ),
+    BuiltinRule(
+        ("gpt-4.1*", "gpt-4.5*", "gpt-5*", "o1*", "o3*", "o4*", "gpt-oss*"),
+        "o200k_base",
+        "openai",
+        True,
+        1.0,
+        GPT4O_FUNCTIONS,
+        False,
+        GPT4O_IMAGES,
+        False,
+    ),
+    BuiltinRule(
+        ("gpt-4-turbo*", "gpt-4-1106*", "gpt-4-0125*", "gpt-4-vision*"),
+        "cl100k_base",
+        "openai",
+        True,
+        1.0,
+        GPT4_FUNCTIONS,
+        True,
+        GPT4O_IMAGES,
+        True,
+    ),
+    BuiltinRule(("gpt-4*", "gpt-3.5*"), "cl100k_base", "openai", True, 1.0, GPT4_FUNCTIONS, True),
+    BuiltinRule(("text-embedding-3*", "text-embedding-ada-002*"), "cl100k_base", "openai", True),
+    # Claude's tokenizer is not public: counted with o200k_base and calibrated.
+    BuiltinRule(("claude*", "anthropic/*", "anthropic.claude*"), "o200k_base", "anthropic", False, 1.15),
+    BuiltinRule(
+        ("llama-3*", "llama3*", "meta-llama/Llama-3*", "meta-llama/Meta-Llama-3*"), "llama3", "llama3", True
+    ),
 )
-FALLBACK_ENCODING = "o200k_base"
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Meta's Llama 3 tokenizer, as shipped in the llama-models package.
+LLAMA3_FILE = BpeFileConfig(
+    name="llama3",
+    path=None,
+    package_resource="llama_models/llama3/tokenizer.model",
+    pattern=LLAMA3_PATTERN,
+    special_tokens=(
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|step_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+        "<|image|>",
+    ),
+    reserved_special_tokens=256,
+)
+
+
+class TokenizerUnavailable(Exception):
+    """A configured tokenizer could not be loaded (file missing, unknown name)."""
 
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """An encoding and whether counts made with it equal what the provider bills."""
+    """A loaded encoding and its name."""
 
-    encoding_name: str
-    exact: bool
-
-    @property
-    def encoding(self) -> Any:
-        return _load_encoding(self.encoding_name)
+    name: str
+    encoding: Any = field(repr=False, compare=False)
 
     def count(self, text: str) -> int:
         # Special-token strings in user text are billed as plain text.
         return len(self.encoding.encode_ordinary(text))
 
+    def encode(self, text: str) -> list[int]:
+        return list(self.encoding.encode_ordinary(text))
 
-@cache
-def _load_encoding(name: str) -> Any:
-    return tiktoken.get_encoding(name)
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything needed to count one model's prompts, resolved once per model name."""
+
+    model: str
+    tokenizer: Tokenizer
+    chat_format: str
+    exact: bool
+    factor: float = 1.0
+    functions: FunctionCost | None = None
+    functions_exact: bool = False
+    images: ImageCostRule | None = None
+    images_exact: bool = False
 
 
 class TokenizerRegistry:
-    """Chooses the tokenizer for an upstream model name."""
+    """Loads encodings once and resolves model names to profiles (both cached)."""
 
-    def for_model(self, upstream_model: str, configured_encoding: str | None = None) -> Tokenizer:
-        for pattern, encoding_name in _EXACT_FAMILIES:
-            if pattern.match(upstream_model):
-                return Tokenizer(configured_encoding or encoding_name, exact=True)
-        return Tokenizer(configured_encoding or FALLBACK_ENCODING, exact=False)
+    def __init__(self, config: TokensConfig | None = None) -> None:
+        self.config = config or TokensConfig()
+        self._files = {LLAMA3_FILE.name: LLAMA3_FILE} | {f.name: f for f in self.config.bpe_files}
+        self._encodings: dict[str, Tokenizer] = {}
+        self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
+        self._lock = threading.Lock()
 
-    @staticmethod
-    def known_encoding(name: str) -> bool:
-        return name in tiktoken.list_encoding_names()
+    def tokenizer(self, name: str) -> Tokenizer:
+        """The named encoding: tiktoken's own, or a configured BPE file."""
+        with self._lock:
+            loaded = self._encodings.get(name)
+            if loaded is None:
+                loaded = Tokenizer(name, self._load(name))
+                self._encodings[name] = loaded
+            return loaded
 
-    def self_test(self, encoding_name: str) -> bool:
+    def _load(self, name: str) -> Any:
+        spec = self._files.get(name)
+        if spec is None:
+            try:
+                return tiktoken.get_encoding(name)
+            except ValueError as exc:
+                raise TokenizerUnavailable(f"unknown tokenizer {name!r}") from exc
+        return _load_bpe_file(spec)
+
+    def profile(self, upstream_model: str, configured_tokenizer: str | None = None) -> ModelProfile:
+        key = (upstream_model, configured_tokenizer)
+        profile = self._profiles.get(key)
+        if profile is None:
+            profile = self._resolve(upstream_model, configured_tokenizer)
+            self._profiles[key] = profile
+        return profile
+
+    def _resolve(self, model: str, configured_tokenizer: str | None) -> ModelProfile:
+        for rule in self.config.rules:
+            if _matches(model, rule.models):
+                return self._from_user_rule(model, rule, configured_tokenizer)
+        for builtin in BUILTIN_RULES:
+            if _matches(model, builtin.models):
+                try:
+                    tokenizer = self.tokenizer(configured_tokenizer or builtin.encoding)
+                except TokenizerUnavailable:
+                    break  # e.g. llama-models not installed: count as an estimate
+                return ModelProfile(
+                    model=model,
+                    tokenizer=tokenizer,
+                    chat_format=builtin.chat_format,
+                    exact=builtin.exact and configured_tokenizer in (None, builtin.encoding),
+                    factor=builtin.factor,
+                    functions=builtin.functions,
+                    functions_exact=builtin.functions_exact,
+                    images=builtin.images,
+                    images_exact=builtin.images_exact,
+                )
+        return ModelProfile(
+            model=model,
+            tokenizer=self.tokenizer(configured_tokenizer or self.config.fallback),
+            chat_format="openai",
+            exact=False,
+            functions=GPT4O_FUNCTIONS,
+            images=GPT4O_IMAGES,
+        )
+
+    def _from_user_rule(
+        self, model: str, rule: TokenRuleConfig, configured_tokenizer: str | None
+    ) -> ModelProfile:
+        return ModelProfile(
+            model=model,
+            tokenizer=self.tokenizer(configured_tokenizer or rule.tokenizer),
+            chat_format=rule.chat_format,
+            exact=rule.exact,
+            factor=rule.factor,
+            functions=GPT4O_FUNCTIONS,
+            images=GPT4O_IMAGES,
+        )
+
+    def self_test(self, name: str) -> bool:
         """True when the encoding loads and round-trips a known string."""
-        tokenizer = Tokenizer(encoding_name, exact=True)
-        sample = "hello world"
-        return bool(tokenizer.encoding.decode(tokenizer.encoding.encode(sample)) == sample)
+        tokenizer = self.tokenizer(name)
+        sample = "hello world, 日本語 🙂"
+        return bool(tokenizer.encoding.decode(tokenizer.encode(sample)) == sample)
+
+
+def _matches(model: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
+
+def _load_bpe_file(spec: BpeFileConfig) -> Any:
+    path = _bpe_path(spec)
+    try:
+        ranks = load_tiktoken_bpe(str(path))
+    except (OSError, ValueError) as exc:
+        raise TokenizerUnavailable(f"cannot load BPE file {path} for tokenizer {spec.name!r}") from exc
+    # Reserved names continue after the ones listed by hand (Llama 3 lists 0 and 1).
+    specials = _renumber_reserved(spec.special_tokens, spec.reserved_special_tokens)
+    base = len(ranks)
+    return tiktoken.Encoding(
+        name=spec.name,
+        pat_str=spec.pattern,
+        mergeable_ranks=ranks,
+        special_tokens={token: base + index for index, token in enumerate(specials)},
+    )
+
+
+def _renumber_reserved(listed: tuple[str, ...], total: int) -> list[str]:
+    reserved_listed = sum(1 for token in listed if token.startswith("<|reserved_special_token_"))
+    extra = [f"<|reserved_special_token_{reserved_listed + i}|>" for i in range(max(0, total - len(listed)))]
+    return [*listed, *extra]
+
+
+def _bpe_path(spec: BpeFileConfig) -> Path:
+    if spec.path is not None:
+        return spec.path
+    assert spec.package_resource is not None
+    package, _, relative = spec.package_resource.partition("/")
+    try:
+        return Path(str(resources.files(package).joinpath(relative)))
+    except ModuleNotFoundError as exc:
+        raise TokenizerUnavailable(
+            f"tokenizer {spec.name!r} needs the Python package {package!r} (pip install it)"
+        ) from exc
