@@ -179,6 +179,9 @@ class ConfigWriter:
                   mock-model:
                     provider: mock
                     upstream_model: gpt-4o
+                  claude-sonnet:
+                    provider: fake
+                    upstream_model: claude-sonnet-4-5
                 keys:
                   - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice, team: research}}
                   - {{id: bob-key, sha256: {_sha256(OTHER_KEY)}, user: bob}}
