@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway import count_routes, health, proxy, state
 from gateway.auth import Authenticator
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig
 from gateway.ledger import LedgerWriter, open_store
 from gateway.metrics import Metrics
 from gateway.middlewares import authenticate, errors_and_metrics, in_flight
@@ -25,7 +25,7 @@ from gateway.providers import build_provider
 from gateway.quota import QuotaLimiter
 from gateway.quota.store import open_redis
 from gateway.settlement import Settlement
-from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry
+from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry, TokenizerUnavailable
 
 log = logging.getLogger("gateway")
 
@@ -41,6 +41,7 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app[state.CONFIG] = config
     app[state.METRICS] = Metrics()
     registry = TokenizerRegistry(config.tokens)
+    _load_tokenizers(config, registry)
     app[state.COUNTER] = PromptCounter(registry, Calibration(config.tokens, app[state.METRICS]))
     app[state.POLICIES] = PolicyHolder(config.base_dir, config.quota.policy_glob)
 
@@ -58,6 +59,17 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app.router.add_get("/health/ready", health.readiness)
     app.router.add_get("/metrics", _metrics)
     return app
+
+
+def _load_tokenizers(config: GatewayConfig, registry: TokenizerRegistry) -> None:
+    """Load every model's tokenizer now: a missing BPE file must stop start-up, not a request."""
+    for name, model in config.models.items():
+        try:
+            profile = registry.profile(model.upstream_model, model.tokenizer)
+        except TokenizerUnavailable as exc:
+            raise ConfigError(str(config.path), f"models.{name}", str(exc)) from exc
+        if not profile.exact:
+            log.info("model %s: prompts are estimated with %s", name, profile.tokenizer.name)
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -210,7 +210,7 @@ def _tokens_count(args: argparse.Namespace) -> int:
     from gateway.count_routes import route_of
     from gateway.errors import GatewayError
     from gateway.metrics import Metrics
-    from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry
+    from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry, TokenizerUnavailable
 
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     try:
@@ -231,12 +231,12 @@ def _tokens_count(args: argparse.Namespace) -> int:
     alias = config.models.get(name) if config is not None else None
     upstream = alias.upstream_model if alias is not None else name
     counter = PromptCounter(TokenizerRegistry(tokens_config), Calibration(tokens_config, Metrics()))
-    profile = counter.registry.profile(upstream, alias.tokenizer if alias is not None else None)
     try:
+        profile = counter.registry.profile(upstream, alias.tokenizer if alias is not None else None)
         route = args.route or route_of(body)
         count = counter.finish(counter.count_raw(route, body, profile), profile, route)
-    except (GatewayError, KeyError, TypeError) as exc:
-        message = exc.message if isinstance(exc, GatewayError) else f"malformed body ({exc})"
+    except (GatewayError, KeyError, TypeError, TokenizerUnavailable) as exc:
+        message = exc.message if isinstance(exc, GatewayError) else f"cannot count: {exc}"
         print(f"gateway: {message}", file=sys.stderr)
         return EXIT_CONFIG
     if args.json:

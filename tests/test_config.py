@@ -138,3 +138,62 @@ def test_production_example_config_loads(tmp_path: Path, monkeypatch: pytest.Mon
     assert config.backends.redis is not None and config.backends.postgres is not None
     assert config.providers["openai"].api_key_env == "OPENAI_API_KEY"
     assert {model.provider for model in config.models.values()} == {"openai"}
+
+
+LLAMA_FILE = "llama_models/llama3/tokenizer.model"
+
+
+def test_tokenizer_rules_and_bpe_files_from_config(tmp_path: Path) -> None:
+    from importlib import resources
+
+    from gateway.tokens import TokenizerRegistry
+    from gateway.tokens.chat import count_chat
+    from gateway.tokens.registry import LLAMA3_PATTERN
+
+    model_file = Path(str(resources.files("llama_models").joinpath("llama3/tokenizer.model")))
+    (tmp_path / "house.model").write_bytes(model_file.read_bytes())
+    text = MINIMAL + (
+        "tokens:\n"
+        "  fallback: cl100k_base\n"
+        "  bpe_files:\n"
+        "    house:\n"
+        "      path: house.model\n"
+        f"      pattern: {LLAMA3_PATTERN!r}\n"
+        "      special_tokens: ['<|begin_of_text|>', '<|end_of_text|>', '<|reserved_special_token_0|>',\n"
+        "        '<|reserved_special_token_1|>', '<|finetune_right_pad_id|>', '<|step_id|>',\n"
+        "        '<|start_header_id|>', '<|end_header_id|>', '<|eom_id|>', '<|eot_id|>', '<|python_tag|>',\n"
+        "        '<|image|>']\n"
+        "      reserved_special_tokens: 256\n"
+        "  rules:\n"
+        "    - {models: 'house-*', tokenizer: house, chat_format: llama3, exact: true}\n"
+        "    - {models: [gpt-4o*], tokenizer: cl100k_base, factor: 1.5}\n"
+    )
+    config = load_config(write(tmp_path, text))
+    registry = TokenizerRegistry(config.tokens)
+    house, builtin = registry.profile("house-7b"), registry.profile("llama-3-8b")
+    assert (house.tokenizer.name, house.chat_format, house.exact) == ("house", "llama3", True)
+    body = {"messages": [{"role": "user", "content": "Bonjour, 世界"}]}
+    assert count_chat(body, house, (1, 1)) == count_chat(body, builtin, (1, 1))
+    # A user rule comes before the built-in ones; unknown models take the fallback.
+    assert (registry.profile("gpt-4o").tokenizer.name, registry.profile("gpt-4o").factor) == (
+        "cl100k_base",
+        1.5,
+    )
+    assert (registry.profile("unknown-model").tokenizer.name, registry.profile("unknown-model").exact) == (
+        "cl100k_base",
+        False,
+    )
+
+
+def test_a_missing_tokenizer_stops_start_up(tmp_path: Path) -> None:
+    from gateway.app import create_app
+
+    text = (
+        "providers:\n  mock: {type: mock}\nmodels:\n  m: {provider: mock, upstream_model: house-1}\n"
+        "tokens:\n  bpe_files:\n    house: {path: missing.model, pattern: 'x'}\n"
+        "  rules:\n    - {models: 'house-*', tokenizer: house}\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        create_app(load_config(path))
+    assert str(caught.value).startswith(f"{path}: models.m: cannot load BPE file")
