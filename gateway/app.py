@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -22,7 +23,8 @@ from gateway.metrics import Metrics
 from gateway.middlewares import authenticate, errors_and_metrics, in_flight
 from gateway.policies import PolicyHolder
 from gateway.providers import build_provider
-from gateway.quota import QuotaLimiter
+from gateway.quota.limiter import QuotaLimiter
+from gateway.quota.service import QuotaService
 from gateway.quota.store import open_redis
 from gateway.settlement import Settlement
 from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry, TokenizerUnavailable
@@ -43,7 +45,7 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     registry = TokenizerRegistry(config.tokens)
     _load_tokenizers(config, registry)
     app[state.COUNTER] = PromptCounter(registry, Calibration(config.tokens, app[state.METRICS]))
-    app[state.POLICIES] = PolicyHolder(config.base_dir, config.quota.policy_glob)
+    app[state.POLICIES] = PolicyHolder(config.base_dir, config.quota.policy_glob, app[state.METRICS])
 
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_ledger)
@@ -108,7 +110,17 @@ def _limiter(clock_ms: Callable[[], int] | None) -> Callable[[web.Application], 
         redis, description = open_redis(config)
         log.info("quota store: %s", description)
         prefix = config.key_prefix if config is not None else "gw:"
-        app[state.LIMITER] = QuotaLimiter(redis, prefix, clock_ms=clock_ms)
+        quota_config = app[state.CONFIG].quota
+        limiter = QuotaLimiter(
+            redis,
+            prefix,
+            clock_ms=clock_ms,
+            time_zone=quota_config.time_zone,
+            reservation_ttl_ms=int(quota_config.reservation_ttl_seconds * 1000),
+        )
+        app[state.QUOTA] = QuotaService(
+            limiter, app[state.POLICIES], app[state.METRICS], quota_config, app[state.STORE]
+        )
         yield
         await redis.aclose()
 
@@ -129,7 +141,7 @@ async def _providers(app: web.Application) -> AsyncIterator[None]:
 
 async def _settlement(app: web.Application) -> AsyncIterator[None]:
     settlement = Settlement(
-        app[state.LIMITER], app[state.LEDGER], app[state.METRICS], app[state.COUNTER].calibration
+        app[state.QUOTA], app[state.LEDGER], app[state.METRICS], app[state.COUNTER].calibration
     )
     app[state.SETTLEMENT] = settlement
     yield
@@ -137,8 +149,15 @@ async def _settlement(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _policy_watch(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[state.POLICIES].watch(POLICY_RELOAD_SECONDS))
+    holder = app[state.POLICIES]
+    task = asyncio.create_task(holder.watch(POLICY_RELOAD_SECONDS))
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        # SIGHUP reloads at once (only where this process may own signal handlers).
+        loop.add_signal_handler(signal.SIGHUP, lambda: holder.reload_if_changed(force=True))
     yield
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.remove_signal_handler(signal.SIGHUP)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

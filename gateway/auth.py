@@ -23,6 +23,7 @@ class Principal:
     key_id: str
     user: str
     team: str | None
+    tags: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,11 @@ class KeyRecord:
     team: str | None
     created_at: datetime
     revoked_at: datetime | None
+    tags: tuple[str, ...] = ()
 
     @property
     def principal(self) -> Principal:
-        return Principal(key_id=self.key_id, user=self.user, team=self.team)
+        return Principal(key_id=self.key_id, user=self.user, team=self.team, tags=frozenset(self.tags))
 
 
 class KeyDatabase(Protocol):
@@ -88,7 +90,8 @@ class Authenticator:
         cache_size: int = 10_000,
     ) -> None:
         self._static = {
-            key.sha256: Principal(key_id=key.id, user=key.user, team=key.team) for key in static_keys
+            key.sha256: Principal(key_id=key.id, user=key.user, team=key.team, tags=frozenset(key.tags))
+            for key in static_keys
         }
         self._database = database
         self._cache_seconds = cache_seconds

@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage gateway API keys").add_subparsers(
         dest="keys_command", required=True
     )
+    policy = commands.add_parser("policy", help="policy tools").add_subparsers(
+        dest="policy_command", required=True
+    )
+    check_policies = command(policy, "check", _policy_check, "validate policy files offline")
+    check_policies.add_argument("directory", nargs="?", help="folder of *.yaml (default: the config's glob)")
+
     tokens = commands.add_parser("tokens", help="token counting tools").add_subparsers(
         dest="tokens_command", required=True
     )
@@ -122,6 +128,36 @@ def _check(args: argparse.Namespace) -> int:
         f"{len(holder.current.policies)} policies in {len(holder.current.files)} files)"
     )
     return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from gateway.quota.policy import load_policies
+
+    if args.directory is not None:
+        files = sorted(Path(args.directory).glob("*.yaml")) + sorted(Path(args.directory).glob("*.yml"))
+    else:
+        config = _load(args)
+        files = sorted(config.base_dir.glob(config.quota.policy_glob))
+    if not files:
+        print("gateway: no policy files found", file=sys.stderr)
+        return EXIT_CONFIG
+    failed = 0
+    names: set[str] = set()
+    for path in files:
+        try:
+            policies = load_policies((path,))
+        except ConfigError as exc:
+            failed += 1
+            print(f"error: {exc}")
+            continue
+        clashes = names & {policy.name for policy in policies.policies}
+        names |= {policy.name for policy in policies.policies}
+        if clashes:
+            failed += 1
+            print(f"error: {path}: policy names defined in another file too: {', '.join(sorted(clashes))}")
+            continue
+        print(f"ok:    {path} ({len(policies.policies)} policies)")
+    return EXIT_CONFIG if failed else 0
 
 
 def _with_store(args: argparse.Namespace, work: Callable[[LedgerStore], Awaitable[int]]) -> int:

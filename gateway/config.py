@@ -6,9 +6,11 @@ Values may reference the environment as `${VAR}` or `${VAR:-default}`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.yamlnode import ConfigError, Node, load_yaml_file
 
@@ -34,6 +36,8 @@ class RedisConfig:
     key_prefix: str = "gw:"
     max_connections: int = 64
     pool_timeout_seconds: float = 5.0
+    # A Redis Cluster: `url` names any one node; the others are discovered.
+    cluster: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,11 +78,33 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True)
+class PriceConfig:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+
+    def cost_micro_usd(
+        self, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0
+    ) -> int:
+        """Cost in millionths of a dollar (a price per million tokens is micro-USD per token)."""
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        cost = (
+            (prompt_tokens - cached_prompt_tokens) * self.input
+            + cached_prompt_tokens * cached_price
+            + completion_tokens * self.output
+        )
+        return math.ceil(cost - 1e-9)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     provider: str
     upstream_model: str
     tokenizer: str | None = None
+    price: PriceConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -87,12 +113,19 @@ class StaticKeyConfig:
     sha256: str
     user: str
     team: str | None
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class QuotaConfig:
     policy_glob: str = "policies/*.yaml"
     default_max_completion_tokens: int = 4096
+    # Calendar windows (day, month) begin at midnight in this zone.
+    time_zone: str = "UTC"
+    # A reservation never settled (its gateway died) is refunded after this long.
+    reservation_ttl_seconds: float = 600.0
+    # After Redis fails, requests skip it for this long before trying again.
+    redis_retry_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -200,7 +233,8 @@ def _backends(node: Node | None, base_dir: Path) -> BackendsConfig:
     if node is not None:
         node.mapping({"redis", "postgres", "sqlite"})
         if (redis_node := node.get("redis")) is not None:
-            redis_node.mapping({"url", "key_prefix", "max_connections", "pool_timeout_seconds"})
+            redis_node.mapping({"url", "key_prefix", "max_connections", "pool_timeout_seconds", "cluster"})
+            cluster = redis_node.get("cluster")
             prefix, pool_size, pool_wait = (
                 redis_node.get(key) for key in ("key_prefix", "max_connections", "pool_timeout_seconds")
             )
@@ -209,6 +243,7 @@ def _backends(node: Node | None, base_dir: Path) -> BackendsConfig:
                 key_prefix=prefix.as_str() if prefix else "gw:",
                 max_connections=pool_size.as_int(minimum=1) if pool_size else 64,
                 pool_timeout_seconds=pool_wait.as_float(minimum=0.001) if pool_wait else 5.0,
+                cluster=cluster.as_bool() if cluster else False,
             )
         if (pg_node := node.get("postgres")) is not None:
             pg_node.mapping({"dsn", "min_connections", "max_connections"})
@@ -262,7 +297,7 @@ def _timeouts(node: Node | None) -> TimeoutsConfig:
 def _models(node: Node, providers: dict[str, ProviderConfig]) -> dict[str, ModelConfig]:
     models: dict[str, ModelConfig] = {}
     for name, entry in node.items():
-        entry.mapping({"provider", "upstream_model", "tokenizer"})
+        entry.mapping({"provider", "upstream_model", "tokenizer", "price"})
         provider_node = entry.require("provider")
         provider = provider_node.as_str()
         if provider not in providers:
@@ -273,10 +308,23 @@ def _models(node: Node, providers: dict[str, ProviderConfig]) -> dict[str, Model
             provider=provider,
             upstream_model=upstream.as_str() if upstream else name,
             tokenizer=tokenizer.as_str() if tokenizer else None,
+            price=_price(entry.get("price")),
         )
     if not models:
         node.fail("at least one model is required")
     return models
+
+
+def _price(node: Node | None) -> PriceConfig | None:
+    if node is None:
+        return None
+    node.mapping({"input", "output", "cached_input"})
+    cached = node.get("cached_input")
+    return PriceConfig(
+        input=node.require("input").as_float(minimum=0),
+        output=node.require("output").as_float(minimum=0),
+        cached_input=cached.as_float(minimum=0) if cached else None,
+    )
 
 
 def _static_keys(node: Node | None) -> tuple[StaticKeyConfig, ...]:
@@ -285,7 +333,7 @@ def _static_keys(node: Node | None) -> tuple[StaticKeyConfig, ...]:
     keys: list[StaticKeyConfig] = []
     seen: set[str] = set()
     for entry in node.elements():
-        entry.mapping({"id", "sha256", "user", "team"})
+        entry.mapping({"id", "sha256", "user", "team", "tags"})
         key_id = _identifier(entry.require("id"))
         digest_node = entry.require("sha256")
         digest = digest_node.as_str().lower()
@@ -294,28 +342,57 @@ def _static_keys(node: Node | None) -> tuple[StaticKeyConfig, ...]:
         if key_id in seen:
             entry.child("id", None).fail(f"duplicate key id {key_id!r}")
         seen.add(key_id)
-        team = entry.get("team")
+        team, tags = entry.get("team"), entry.get("tags")
         keys.append(
             StaticKeyConfig(
                 id=key_id,
                 sha256=digest,
                 user=_identifier(entry.require("user")),
                 team=_identifier(team) if team else None,
+                tags=tuple(_identifier(tag) for tag in tags.elements()) if tags else (),
             )
         )
     return tuple(keys)
 
 
 def _quota(node: Node | None) -> QuotaConfig:
-    glob = "policies/*.yaml"
-    default_max = QuotaConfig().default_max_completion_tokens
-    if node is not None:
-        node.mapping({"policies", "default_max_completion_tokens"})
-        if (glob_node := node.get("policies")) is not None:
-            glob = glob_node.as_str()
-        if (max_node := node.get("default_max_completion_tokens")) is not None:
-            default_max = max_node.as_int(minimum=1)
-    return QuotaConfig(policy_glob=glob, default_max_completion_tokens=default_max)
+    default = QuotaConfig()
+    if node is None:
+        return default
+    node.mapping(
+        {
+            "policies",
+            "default_max_completion_tokens",
+            "time_zone",
+            "reservation_ttl_seconds",
+            "redis_retry_seconds",
+        }
+    )
+    glob, default_max, zone, ttl, retry = (
+        node.get(key)
+        for key in (
+            "policies",
+            "default_max_completion_tokens",
+            "time_zone",
+            "reservation_ttl_seconds",
+            "redis_retry_seconds",
+        )
+    )
+    time_zone = zone.as_str() if zone else default.time_zone
+    try:
+        ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        assert zone is not None
+        zone.fail(f"unknown time zone {time_zone!r} (use an IANA name such as Europe/Berlin)")
+    return QuotaConfig(
+        policy_glob=glob.as_str() if glob else default.policy_glob,
+        default_max_completion_tokens=default_max.as_int(minimum=1)
+        if default_max
+        else default.default_max_completion_tokens,
+        time_zone=time_zone,
+        reservation_ttl_seconds=ttl.as_float(minimum=1) if ttl else default.reservation_ttl_seconds,
+        redis_retry_seconds=retry.as_float(minimum=0) if retry else default.redis_retry_seconds,
+    )
 
 
 def _ledger(node: Node | None) -> LedgerConfig:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from gateway.auth import Principal
 from gateway.config import ModelConfig
 from gateway.providers import Usage
-from gateway.quota import Reservation
+from gateway.quota.service import Ticket
 from gateway.tokens import ModelProfile, PromptCount
 
 
@@ -24,7 +24,7 @@ class Exchange:
     stream: bool
     prompt: PromptCount
     reserved_tokens: int
-    reservation: Reservation
+    ticket: Ticket
     client_request_id: str | None = None
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)

@@ -40,7 +40,7 @@ async def readiness(request: web.Request) -> web.Response:
     app = request.app
 
     async def redis_check() -> None:
-        await app[state.LIMITER].redis.ping()
+        await app[state.QUOTA].limiter.redis.ping()
 
     async def database_check() -> dict[str, Any]:
         await app[state.STORE].ping()

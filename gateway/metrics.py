@@ -72,6 +72,33 @@ class Metrics:
             ["limit", "scope"],
             registry=r,
         )
+        self.quota_shadow_rejections = Counter(
+            "gateway_quota_shadow_rejections_total",
+            "Requests a shadow-mode policy would have rejected (they were admitted).",
+            ["limit", "scope"],
+            registry=r,
+        )
+        self.quota_fail_open = Counter(
+            "gateway_quota_fail_open_admissions_total",
+            "Requests admitted without Redis by fail-open policies (counted per process only).",
+            registry=r,
+        )
+        self.quota_overshoot_tokens = Counter(
+            "gateway_quota_overshoot_tokens_total",
+            "Completion tokens billed beyond what was reserved for them.",
+            registry=r,
+        )
+        self.quota_rebuilds = Counter(
+            "gateway_quota_rebuilds_total",
+            "Subjects whose day and month counters were rebuilt from the ledger.",
+            registry=r,
+        )
+        self.policy_reloads = Counter(
+            "gateway_policy_reloads_total",
+            "Policy reloads, by result (ok, failed).",
+            ["result"],
+            registry=r,
+        )
         self.quota_errors = Counter(
             "gateway_quota_errors_total",
             "Quota store calls that failed, by operation.",

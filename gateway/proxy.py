@@ -20,7 +20,8 @@ from gateway.config import ModelConfig
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, RequestTooLarge
 from gateway.exchange import Exchange
 from gateway.providers import UpstreamRequest
-from gateway.quota import Charge, ratelimit_headers, rejection_error
+from gateway.quota import ratelimit_headers
+from gateway.quota.service import amounts_for
 from gateway.relay import relay_body, relay_stream
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -78,16 +79,19 @@ def validate_messages(body: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
     return messages
 
 
-def completion_budget(body: Mapping[str, Any], default: int) -> int:
-    """Completion tokens to reserve: the request's own cap, else the configured default."""
-    for field in ("max_completion_tokens", "max_tokens"):
+MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+def requested_max_tokens(body: Mapping[str, Any]) -> int | None:
+    """The request's own completion cap, if it gives one."""
+    for field in MAX_TOKENS_FIELDS:
         value = body.get(field)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
         return value
-    return default
+    return None
 
 
 def wants_stream(body: Mapping[str, Any]) -> bool:
@@ -106,11 +110,6 @@ def client_request_id(request: web.Request) -> str | None:
     return None
 
 
-def charges_for(request: web.Request, principal: Principal, reserved_tokens: int) -> list[Charge]:
-    limits = request.app[state.POLICIES].current.limits_for(principal)
-    return [Charge(limit, 1 if limit.rule.kind == "requests" else reserved_tokens) for limit in limits]
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     config = app[state.CONFIG]
@@ -119,18 +118,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = resolve_model(request, body)
     validate_messages(body)
     stream = wants_stream(body)
-    max_completion = completion_budget(body, config.quota.default_max_completion_tokens)
+    quota = app[state.QUOTA]
+    decision = quota.request_policy(principal, model)
+    requested = requested_max_tokens(body)
+    max_completion = quota.completion_budget(decision, requested, config.quota.default_max_completion_tokens)
+    if decision.max_tokens_cap is not None and (requested is None or requested > max_completion):
+        # The policy's cap goes upstream too, so the provider cannot bill past it.
+        field = next((f for f in MAX_TOKENS_FIELDS if f in body), "max_tokens")
+        body = {**body, field: max_completion}
 
     counter = app[state.COUNTER]
     profile = counter.registry.profile(model.upstream_model, model.tokenizer)
     prompt = await counter.count("chat", body, profile, body_bytes)
     reserved_tokens = prompt.tokens + max_completion
-    admission = await app[state.LIMITER].reserve(charges_for(request, principal, reserved_tokens))
-    if not admission.admitted:
-        assert admission.rejected_by is not None
-        limit = admission.rejected_by.limit
-        app[state.METRICS].quota_rejections.labels(limit.rule.label, limit.scope).inc()
-        raise rejection_error(admission)
+    ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, max_completion))
+    admission = ticket.admission
 
     exchange = Exchange(
         request_id=request[REQUEST_ID],
@@ -141,7 +143,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stream=stream,
         prompt=prompt,
         reserved_tokens=reserved_tokens,
-        reservation=admission.reservation,
+        ticket=ticket,
         client_request_id=client_request_id(request),
     )
     headers = {**ratelimit_headers(admission), "x-request-id": exchange.request_id}

@@ -18,7 +18,8 @@ from gateway.exchange import Exchange
 from gateway.ledger import LedgerWriter, UsageRecord
 from gateway.metrics import Metrics
 from gateway.providers import Usage
-from gateway.quota import QuotaLimiter
+from gateway.quota.policy import MICRO_USD
+from gateway.quota.service import QuotaService, actual_amounts
 from gateway.tokens import Calibration
 
 log = logging.getLogger("gateway.settlement")
@@ -44,9 +45,9 @@ class Settlement:
     """Settles exchanges in background tasks and waits for them at shutdown."""
 
     def __init__(
-        self, limiter: QuotaLimiter, ledger: LedgerWriter, metrics: Metrics, calibration: Calibration
+        self, quota: QuotaService, ledger: LedgerWriter, metrics: Metrics, calibration: Calibration
     ) -> None:
-        self._limiter = limiter
+        self._quota = quota
         self._ledger = ledger
         self._metrics = metrics
         self._calibration = calibration
@@ -67,19 +68,15 @@ class Settlement:
 
     async def _settle(self, exchange: Exchange) -> None:
         final = final_usage(exchange)
-        tokens_used = final.usage.total_tokens if final.usage is not None else 0
-        actual = [
-            charge.amount if charge.limit.rule.kind == "requests" else tokens_used
-            for charge in exchange.reservation.charges
-        ]
+        actual = actual_amounts(exchange.model, final.usage)
         try:
-            await self._limiter.settle(exchange.reservation, actual)
+            await self._quota.settle(exchange.ticket, actual)
         except Exception:
-            # The reservation stays charged: conservative, and it ages out of its window.
+            # The reservation stays charged until it expires and is refunded.
             self._metrics.quota_errors.labels("settle").inc()
             log.exception("quota settlement failed for request %s", exchange.request_id)
         self._observe(exchange, final)
-        await self._ledger.record(_record(exchange, final))
+        await self._ledger.record(_record(exchange, final, actual.cost_micro_usd if final.usage else None))
 
     def _observe(self, exchange: Exchange, final: FinalUsage) -> None:
         model = exchange.model.name
@@ -99,7 +96,7 @@ class Settlement:
             self._metrics.upstream_duration.labels(exchange.model.provider, model).observe(upstream_seconds)
 
 
-def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
+def _record(exchange: Exchange, final: FinalUsage, cost_micro_usd: int | None) -> UsageRecord:
     upstream_seconds = exchange.upstream_seconds
     return UsageRecord(
         request_id=exchange.request_id,
@@ -123,4 +120,5 @@ def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
         latency_ms=(time.monotonic() - exchange.started_at) * 1000,
         upstream_latency_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
         client_request_id=exchange.client_request_id,
+        cost_usd=cost_micro_usd / MICRO_USD if cost_micro_usd is not None and exchange.model.price else None,
     )

@@ -10,7 +10,7 @@ from gateway.ledger import LedgerStore, LedgerWriter
 from gateway.metrics import Metrics
 from gateway.policies import PolicyHolder
 from gateway.providers import Provider
-from gateway.quota import QuotaLimiter
+from gateway.quota.service import QuotaService
 from gateway.settlement import Settlement
 from gateway.tokens import PromptCounter
 
@@ -18,7 +18,7 @@ CONFIG = web.AppKey("config", GatewayConfig)
 METRICS = web.AppKey("metrics", Metrics)
 COUNTER = web.AppKey("counter", PromptCounter)
 POLICIES = web.AppKey("policies", PolicyHolder)
-LIMITER = web.AppKey("limiter", QuotaLimiter)
+QUOTA = web.AppKey("quota", QuotaService)
 STORE = web.AppKey("store", LedgerStore)
 LEDGER = web.AppKey("ledger", LedgerWriter)
 AUTH = web.AppKey("auth", Authenticator)

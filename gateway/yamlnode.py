@@ -16,14 +16,16 @@ import yaml
 
 
 class ConfigError(Exception):
-    """A configuration or policy file is invalid; the message names file and key path."""
+    """A configuration or policy file is invalid; the message names file, line and key path."""
 
-    def __init__(self, file: str, key_path: str, problem: str) -> None:
-        where = f"{file}: {key_path}" if key_path else file
+    def __init__(self, file: str, key_path: str, problem: str, line: int | None = None) -> None:
+        place = f"{file}:{line}" if line is not None else file
+        where = f"{place}: {key_path}" if key_path else place
         super().__init__(f"{where}: {problem}")
         self.file = file
         self.key_path = key_path
         self.problem = problem
+        self.line = line
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -40,29 +42,66 @@ def load_yaml_file(path: Path) -> Node:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(str(path), "", f"invalid YAML{line}") from exc
+        raise ConfigError(str(path), "", f"invalid YAML{line}: {getattr(exc, 'problem', exc)}") from exc
     if document is None:
         document = {}
-    return Node(str(path), "", document)
+    return Node(str(path), "", document, _line_numbers(text))
+
+
+def _line_numbers(text: str) -> dict[str, int]:
+    """Key path → 1-based line where its value starts, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, path: str) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                child = f"{path}.{key}" if path else key
+                walk(value_node, child)
+                lines[child] = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, f"{path}[{index}]")
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
 
 
 class Node:
     """One value of a YAML document together with where it came from."""
 
-    def __init__(self, file: str, key_path: str, value: Any) -> None:
+    def __init__(self, file: str, key_path: str, value: Any, lines: dict[str, int] | None = None) -> None:
         self.file = file
         self.key_path = key_path
         self.value = value
+        self._lines = lines if lines is not None else {}
 
     def fail(self, problem: str) -> NoReturn:
-        raise ConfigError(self.file, self.key_path, problem)
+        raise ConfigError(self.file, self.key_path, problem, self._line())
+
+    def _line(self) -> int | None:
+        """The line of this key, or of the nearest enclosing key that has one."""
+        path = self.key_path
+        while True:
+            if path in self._lines:
+                return self._lines[path]
+            if not path:
+                return None
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
 
     def child(self, key: str | int, value: Any) -> Node:
         if isinstance(key, int):
             path = f"{self.key_path}[{key}]"
         else:
             path = f"{self.key_path}.{key}" if self.key_path else key
-        return Node(self.file, path, value)
+        return Node(self.file, path, value, self._lines)
 
     # Mappings -----------------------------------------------------------------
 

@@ -41,7 +41,7 @@ def test_invalid_config_stops_start_up_naming_file_and_key(tmp_path: Path) -> No
     config.write_text("providers:\n  up:\n    type: openai\nmodels:\n  m: {provider: up}\n")
     result = gateway_command("serve", "--config", str(config))
     assert result.returncode == 2
-    assert f"{config}: providers.up.base_url: is required for providers of type openai" in result.stderr
+    assert f"{config}:2: providers.up.base_url: is required for providers of type openai" in result.stderr
 
 
 def test_missing_config_file_is_reported(tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_invalid_policy_stops_start_up(tmp_path: Path) -> None:
     )
     result = gateway_command("serve", "--config", str(tmp_path / "gateway.yaml"))
     assert result.returncode == 2
-    assert f"{bad}: policies[0].limits[0].per: must be one of day, hour, minute, second" in result.stderr
+    assert f"{bad}:5: policies[0].limits[0].per: must be one of day, hour, minute, month, second" in result.stderr
 
 
 def test_keys_create_list_revoke_against_postgres(
@@ -112,7 +112,7 @@ async def test_created_key_authenticates_until_revoked(
 def test_migrate_reports_the_schema_version(config_writer: ConfigWriter, pg: asyncpg.Connection) -> None:
     result = gateway_command("migrate", "--config", str(config_writer.write()))
     assert result.returncode == 0, result.stderr
-    assert "schema version 1" in result.stdout
+    assert "schema version 2" in result.stdout
 
 
 def test_keys_hash_is_the_sha256_the_config_expects() -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 from gateway.auth import KeyRecord
 from gateway.config import PostgresConfig
-from gateway.ledger.records import USAGE_COLUMNS, UsageRecord
+from gateway.ledger.records import SCOPE_COLUMNS, USAGE_COLUMNS, ModelUsage, UsageRecord
 from gateway.ledger.schema import check_not_newer, migrations
 
 _COLUMN_LIST = ", ".join(USAGE_COLUMNS)
@@ -87,7 +88,7 @@ class PostgresStore:
 
     async def find_key(self, sha256: str) -> KeyRecord | None:
         row = await self._pool.fetchrow(
-            "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at "
+            "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags "
             "FROM api_keys WHERE key_sha256 = $1",
             sha256,
         )
@@ -95,18 +96,19 @@ class PostgresStore:
 
     async def insert_key(self, record: KeyRecord) -> None:
         await self._pool.execute(
-            "INSERT INTO api_keys (key_id, key_sha256, user_id, team_id, created_at) "
-            "VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO api_keys (key_id, key_sha256, user_id, team_id, created_at, tags) "
+            "VALUES ($1, $2, $3, $4, $5, $6)",
             record.key_id,
             record.sha256,
             record.user,
             record.team,
             record.created_at,
+            list(record.tags),
         )
 
     async def list_keys(self) -> list[KeyRecord]:
         rows = await self._pool.fetch(
-            "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at "
+            "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags "
             "FROM api_keys ORDER BY created_at, key_id"
         )
         return [_key_record(row) for row in rows]
@@ -121,6 +123,22 @@ class PostgresStore:
     async def ping(self) -> None:
         await self._pool.fetchval("SELECT 1")
 
+    async def usage_by_model(self, scope: str, subject: str, since: datetime) -> list[ModelUsage]:
+        column = SCOPE_COLUMNS[scope]
+        rows = await self._pool.fetch(
+            "SELECT model, count(*) AS requests, coalesce(sum(prompt_tokens), 0) AS prompt, "
+            "coalesce(sum(completion_tokens), 0) AS completion, coalesce(sum(cost_usd), 0) AS cost "
+            f"FROM usage_events WHERE {column} = $1 AND created_at >= $2 GROUP BY model",
+            subject,
+            since,
+        )
+        return [
+            ModelUsage(
+                row["model"], row["requests"], int(row["prompt"]), int(row["completion"]), float(row["cost"])
+            )
+            for row in rows
+        ]
+
 
 def _key_record(row: Any) -> KeyRecord:
     return KeyRecord(
@@ -130,6 +148,7 @@ def _key_record(row: Any) -> KeyRecord:
         team=row["team_id"],
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
+        tags=tuple(row["tags"]),
     )
 
 

@@ -34,9 +34,25 @@ class UsageRecord:
     latency_ms: float
     upstream_latency_ms: float | None
     client_request_id: str | None
+    cost_usd: float | None = None
 
     def row(self) -> tuple[object, ...]:
         return astuple(self)
 
 
 USAGE_COLUMNS: tuple[str, ...] = tuple(field.name for field in fields(UsageRecord))
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    """One model's recorded usage for one subject over a period (quota rebuilds read it)."""
+
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+# The ledger column that identifies each policy scope's subject.
+SCOPE_COLUMNS = {"key": "key_id", "user": "user_id", "team": "team_id"}

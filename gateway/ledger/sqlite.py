@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.auth import KeyRecord
-from gateway.ledger.records import USAGE_COLUMNS, UsageRecord
+from gateway.ledger.records import SCOPE_COLUMNS, USAGE_COLUMNS, ModelUsage, UsageRecord
 from gateway.ledger.schema import check_not_newer, migrations
 
 T = TypeVar("T")
@@ -110,7 +111,7 @@ class SqliteStore:
     async def find_key(self, sha256: str) -> KeyRecord | None:
         def find(connection: sqlite3.Connection) -> KeyRecord | None:
             row = connection.execute(
-                "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at "
+                "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags "
                 "FROM api_keys WHERE key_sha256 = ?",
                 (sha256,),
             ).fetchone()
@@ -119,11 +120,18 @@ class SqliteStore:
         return await self._run(find)
 
     async def insert_key(self, record: KeyRecord) -> None:
-        values = (record.key_id, record.sha256, record.user, record.team, _text(record.created_at))
+        values = (
+            record.key_id,
+            record.sha256,
+            record.user,
+            record.team,
+            _text(record.created_at),
+            json.dumps(list(record.tags)),
+        )
         await self._run(
             lambda connection: connection.execute(
-                "INSERT INTO api_keys (key_id, key_sha256, user_id, team_id, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO api_keys (key_id, key_sha256, user_id, team_id, created_at, tags) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 values,
             )
         )
@@ -131,7 +139,7 @@ class SqliteStore:
     async def list_keys(self) -> list[KeyRecord]:
         def read(connection: sqlite3.Connection) -> list[KeyRecord]:
             rows = connection.execute(
-                "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at "
+                "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags "
                 "FROM api_keys ORDER BY created_at, key_id"
             ).fetchall()
             return [_key_record(row) for row in rows]
@@ -149,6 +157,21 @@ class SqliteStore:
             return cursor.rowcount == 1
 
         return await self._run(revoke)
+
+    async def usage_by_model(self, scope: str, subject: str, since: datetime) -> list[ModelUsage]:
+        column = SCOPE_COLUMNS[scope]
+        since_text = _text(since)
+
+        def read(connection: sqlite3.Connection) -> list[ModelUsage]:
+            rows = connection.execute(
+                "SELECT model, count(*), coalesce(sum(prompt_tokens), 0), "
+                "coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0) FROM usage_events "
+                f"WHERE {column} = ? AND created_at >= ? GROUP BY model",
+                (subject, since_text),
+            ).fetchall()
+            return [ModelUsage(row[0], row[1], int(row[2]), int(row[3]), float(row[4])) for row in rows]
+
+        return await self._run(read)
 
     async def ping(self) -> None:
         await self._run(lambda connection: connection.execute("SELECT 1").fetchone())
@@ -177,7 +200,7 @@ def _value(value: object) -> object:
     return value
 
 
-def _key_record(row: tuple[str, str, str, str | None, str, str | None]) -> KeyRecord:
+def _key_record(row: tuple[str, str, str, str | None, str, str | None, str]) -> KeyRecord:
     return KeyRecord(
         key_id=row[0],
         sha256=row[1],
@@ -185,4 +208,5 @@ def _key_record(row: tuple[str, str, str, str | None, str, str | None]) -> KeyRe
         team=row[3],
         created_at=datetime.fromisoformat(row[4]),
         revoked_at=datetime.fromisoformat(row[5]) if row[5] else None,
+        tags=tuple(json.loads(row[6])),
     )

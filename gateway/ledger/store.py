@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Protocol
 
 from gateway.auth import KeyRecord
-from gateway.ledger.records import UsageRecord
+from gateway.ledger.records import ModelUsage, UsageRecord
 
 
 class LedgerStore(Protocol):
@@ -37,3 +38,7 @@ class LedgerStore(Protocol):
     async def revoke_key(self, key_id: str) -> bool: ...
 
     async def ping(self) -> None: ...
+
+    async def usage_by_model(self, scope: str, subject: str, since: datetime) -> list[ModelUsage]:
+        """Recorded usage of a key, user or team since a moment, per model (read-only)."""
+        ...

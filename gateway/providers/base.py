@@ -13,6 +13,8 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    # Of the prompt tokens, those served from the provider's prompt cache (cheaper).
+    cached_prompt_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

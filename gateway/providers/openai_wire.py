@@ -23,7 +23,11 @@ def usage_from_object(obj: Any) -> Usage | None:
         return None
     if not isinstance(prompt, int) or not isinstance(completion, int) or min(prompt, completion) < 0:
         return None
-    return Usage(prompt_tokens=prompt, completion_tokens=completion)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    if not isinstance(cached, int) or isinstance(cached, bool) or not 0 <= cached <= prompt:
+        cached = 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached)
 
 
 class SseSplitter:

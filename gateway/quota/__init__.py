@@ -2,7 +2,7 @@
 
 from gateway.quota.headers import ratelimit_headers, rejection_error
 from gateway.quota.limiter import Admission, Charge, QuotaLimiter, Reservation
-from gateway.quota.policy import AppliedLimit, PolicySet, load_policies
+from gateway.quota.policy import AppliedLimit, PolicySet, RequestPolicy, load_policies
 
 __all__ = [
     "Admission",
@@ -10,6 +10,7 @@ __all__ = [
     "Charge",
     "PolicySet",
     "QuotaLimiter",
+    "RequestPolicy",
     "Reservation",
     "load_policies",
     "ratelimit_headers",

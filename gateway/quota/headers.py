@@ -27,8 +27,18 @@ def go_duration(milliseconds: int) -> str:
     return f"{seconds}s"
 
 
-def _tightest(states: tuple[LimitState, ...], kind: str) -> LimitState | None:
-    relevant = [state for state in states if state.limit.rule.kind == kind]
+# Which x-ratelimit-* trio each limit kind is reported in (cost has none).
+HEADER_FAMILY = {
+    "requests": "requests",
+    "concurrent": "requests",
+    "tokens": "tokens",
+    "input_tokens": "tokens",
+    "output_tokens": "tokens",
+}
+
+
+def _tightest(states: tuple[LimitState, ...], family: str) -> LimitState | None:
+    relevant = [state for state in states if HEADER_FAMILY.get(state.limit.rule.kind) == family]
     if not relevant:
         return None
     return min(relevant, key=lambda state: (state.remaining, -state.reset_ms))
@@ -53,21 +63,22 @@ def rejection_error(admission: Admission) -> RateLimited:
     rule = state.limit.rule
     headers = ratelimit_headers(admission)
     scope = f"{state.limit.scope} '{state.limit.subject}'"
+    what = f"{rule.label} of {scope} (policy '{state.limit.policy}', {rule.describe()})"
     if admission.retry_after_ms < 0:
         message = (
-            f"Request too large for {rule.kind} per {rule.window} of {scope} "
-            f"(policy '{state.limit.policy}'): limit {rule.capacity}, requested "
+            f"Request too large for {what}: limit {rule.capacity}, requested "
             f"{admission.requested}. Send a shorter prompt or a smaller max_tokens."
         )
         headers["x-should-retry"] = "false"
     else:
         wait_ms = max(admission.retry_after_ms, 1)
         message = (
-            f"Rate limit reached for {rule.kind} per {rule.window} of {scope} "
-            f"(policy '{state.limit.policy}'): limit {rule.capacity}, used {state.used}, "
+            f"Rate limit reached for {what}: limit {rule.capacity}, used {state.used}, "
             f"requested {admission.requested}. Please try again in {go_duration(wait_ms)}."
         )
         headers["retry-after"] = str(math.ceil(wait_ms / 1000))
         headers["retry-after-ms"] = str(wait_ms)
         headers["x-should-retry"] = "true" if wait_ms <= MAX_USEFUL_RETRY_MS else "false"
-    return RateLimited(message, headers=headers, error_type=rule.kind)
+    headers["x-ratelimit-limit-name"] = rule.label
+    error_type = HEADER_FAMILY.get(rule.kind, rule.kind)
+    return RateLimited(message, headers=headers, error_type=error_type)

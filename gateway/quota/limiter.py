@@ -1,24 +1,41 @@
-"""Reserve on admission, settle with actual usage: one Lua call each.
+"""Reserve on admission, settle with actual usage, release on failure: one Lua call each.
 
-The limiter only talks to Redis; it never writes the ledger (see STYLE.md).
+The limiter only talks to Redis; it never writes the ledger (see STYLE.md). On Redis
+Cluster a request's limits may live in several slots: it reserves slot by slot and
+rolls the earlier slots back when a later one rejects.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
 
-from gateway.errors import ServiceUnavailable
 from gateway.quota.policy import AppliedLimit
 
 
 def _lua(name: str) -> str:
     return resources.files("gateway.quota").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+class QuotaStoreUnavailable(Exception):
+    """Redis did not answer a quota call."""
+
+
+class CountersNotSynced(Exception):
+    """A subject's calendar counters must be rebuilt from the ledger before admission."""
+
+    def __init__(self, limit: AppliedLimit) -> None:
+        super().__init__(f"calendar counters of {limit.scope} {limit.subject} need a rebuild")
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,8 @@ class LimitState:
     limit: AppliedLimit
     used: int
     reset_ms: int
+    charged: bool = False
+    bucket: int = 0
 
     @property
     def capacity(self) -> int:
@@ -50,8 +69,12 @@ class LimitState:
 class Reservation:
     """What was charged at admission, so it can be settled later."""
 
+    id: str
     charges: tuple[Charge, ...]
+    states: tuple[LimitState, ...]
     reserved_at_ms: int
+    # Per charge: what the scripts need to find its counter again (kind, window, spans).
+    spans: tuple[tuple[str, str, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,66 +86,206 @@ class Admission:
     # -1: the request can never fit this limit, whatever the wait.
     retry_after_ms: int = 0
     requested: int = 0
+    # Shadow limits that would have rejected this request.
+    shadow_rejections: tuple[LimitState, ...] = ()
+    # True when admitted without Redis (fail-open policies during an outage).
+    degraded: bool = False
+
+
+def period_bounds(rule_window: str, now_ms: int, zone: ZoneInfo) -> tuple[int, int]:
+    """Start and end (ms) of the calendar day or month containing now, in `zone`."""
+    local = datetime.fromtimestamp(now_ms / 1000, zone)
+    start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if rule_window == "month":
+        start = start.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    else:
+        end = start + timedelta(days=1)
+    # Arithmetic on aware datetimes keeps wall time: re-resolve for DST changes.
+    end = end.replace(tzinfo=zone)
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
 
 
 @dataclass
 class QuotaLimiter:
-    """Runs reserve_quota.lua and settle_quota.lua against one Redis."""
+    """Runs reserve_quota.lua and settle_quota.lua against Redis (single node or cluster)."""
 
-    redis: Redis
+    redis: Redis | RedisCluster
     key_prefix: str
     # Tests pin the clock; production reads Redis's TIME so replicas share one clock.
     clock_ms: Callable[[], int] | None = None
+    time_zone: str = "UTC"
+    reservation_ttl_ms: int = 600_000
     _reserve: Any = field(init=False, repr=False)
     _settle: Any = field(init=False, repr=False)
+    _sync: Any = field(init=False, repr=False)
+    _zone: ZoneInfo = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._reserve = self.redis.register_script(_lua("reserve_quota.lua"))
         self._settle = self.redis.register_script(_lua("settle_quota.lua"))
+        self._sync = self.redis.register_script(_lua("sync_calendar.lua"))
+        self._zone = ZoneInfo(self.time_zone)
+
+    @property
+    def clustered(self) -> bool:
+        return isinstance(self.redis, RedisCluster)
 
     def _now_arg(self) -> str:
         return "" if self.clock_ms is None else str(self.clock_ms())
 
+    def _now_ms(self) -> int:
+        return self.clock_ms() if self.clock_ms is not None else int(time.time() * 1000)
+
+    def _spans(self, limit: AppliedLimit, now_ms: int) -> tuple[str, str, int, int]:
+        rule = limit.rule
+        kind = "concurrent" if rule.kind == "concurrent" else "amount"
+        if rule.window is None:
+            return kind, "rolling", 1, 1
+        if rule.calendar:
+            start, end = period_bounds(rule.window, now_ms, self._zone)
+            return kind, "calendar", start, end
+        return kind, "rolling", rule.window_ms, rule.bucket_ms
+
+    def _groups(self, count: int, charges: Sequence[Charge]) -> list[list[int]]:
+        """Indexes of charges per Redis call: one call, or one per cluster slot."""
+        if not self.clustered:
+            return [list(range(count))]
+        groups: dict[str, list[int]] = {}
+        for index, charge in enumerate(charges):
+            groups.setdefault(charge.limit.hash_tag, []).append(index)
+        return list(groups.values())
+
     async def reserve(self, charges: Sequence[Charge]) -> Admission:
-        """Admit against every charge or none; raises ServiceUnavailable if Redis fails."""
+        """Admit against every charge or none; raises QuotaStoreUnavailable if Redis fails."""
+        reservation_id = uuid.uuid4().hex
         if not charges:
-            return Admission(admitted=True, reservation=Reservation((), 0))
-        keys = [charge.limit.redis_key(self.key_prefix) for charge in charges]
-        args: list[str | int] = [self._now_arg()]
-        for charge in charges:
-            rule = charge.limit.rule
-            args += [rule.capacity, rule.window_ms, rule.bucket_ms, charge.amount]
-        try:
-            reply = await self._reserve(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise ServiceUnavailable(
-                "The quota store is unreachable; the request was not admitted.",
-                code="quota_store_unavailable",
-            ) from exc
-        admitted, now_ms, rejecting, retry_after_ms = (int(value) for value in reply[:4])
-        states = tuple(
-            LimitState(charge.limit, used=int(reply[4 + 2 * i]), reset_ms=int(reply[5 + 2 * i]))
-            for i, charge in enumerate(charges)
+            return Admission(admitted=True, reservation=Reservation(reservation_id, (), (), 0))
+        now_ms = self._now_ms()
+        spans = [self._spans(charge.limit, now_ms) for charge in charges]
+        states: list[LimitState | None] = [None] * len(charges)
+        done: list[list[int]] = []
+        reserved_at = now_ms
+        for group in self._groups(len(charges), charges):
+            reply = await self._call_reserve(
+                reservation_id, [charges[i] for i in group], [spans[i] for i in group]
+            )
+            admitted, reserved_at, rejecting, retry_after_ms, unsynced = (int(value) for value in reply[:5])
+            if unsynced:
+                await self._roll_back(reservation_id, charges, spans, states, done)
+                raise CountersNotSynced(charges[group[unsynced - 1]].limit)
+            for position, index in enumerate(group):
+                used, reset_ms, charged, bucket = (
+                    int(value) for value in reply[5 + 4 * position : 9 + 4 * position]
+                )
+                states[index] = LimitState(charges[index].limit, used, reset_ms, bool(charged), bucket)
+            if not admitted:
+                await self._roll_back(reservation_id, charges, spans, states, done)
+                rejected_index = group[rejecting - 1]
+                known = tuple(state for state in states if state is not None)
+                return Admission(
+                    admitted=False,
+                    reservation=Reservation(reservation_id, (), (), reserved_at),
+                    states=known,
+                    rejected_by=states[rejected_index],
+                    retry_after_ms=retry_after_ms,
+                    requested=charges[rejected_index].amount,
+                )
+            done.append(group)
+        final = tuple(state for state in states if state is not None)
+        shadow = tuple(
+            state
+            for state, charge in zip(final, charges, strict=True)
+            if not charge.limit.enforced and not state.charged
         )
         return Admission(
-            admitted=bool(admitted),
-            reservation=Reservation(tuple(charges), now_ms),
-            states=states,
-            rejected_by=states[rejecting - 1] if rejecting else None,
-            retry_after_ms=retry_after_ms,
-            requested=charges[rejecting - 1].amount if rejecting else 0,
+            admitted=True,
+            reservation=Reservation(reservation_id, tuple(charges), final, reserved_at, tuple(spans)),
+            states=final,
+            shadow_rejections=shadow,
         )
+
+    async def _call_reserve(
+        self, reservation_id: str, charges: Sequence[Charge], spans: Sequence[tuple[str, str, int, int]]
+    ) -> list[Any]:
+        keys: list[str] = []
+        args: list[str | int] = [self._now_arg(), reservation_id, self.reservation_ttl_ms]
+        for charge, (kind, window, span_a, span_b) in zip(charges, spans, strict=True):
+            keys.extend(charge.limit.redis_keys(self.key_prefix))
+            keys.append(charge.limit.sync_marker(self.key_prefix))
+            args += [kind, window, charge.limit.rule.capacity, span_a, span_b, charge.amount]
+            args.append(1 if charge.limit.enforced else 0)
+        try:
+            reply: list[Any] = await self._reserve(keys=keys, args=args)
+        except Exception as exc:
+            raise QuotaStoreUnavailable(str(exc)) from exc
+        return reply
+
+    async def _roll_back(
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        spans: Sequence[tuple[str, str, int, int]],
+        states: Sequence[LimitState | None],
+        groups: list[list[int]],
+    ) -> None:
+        for group in groups:
+            await self._call_settle(
+                reservation_id,
+                [(charges[i], spans[i], states[i], 0) for i in group],
+            )
 
     async def settle(self, reservation: Reservation, actual: Sequence[int]) -> None:
         """Replace each charge's reserved amount with `actual[i]` (same order as charges)."""
+        if not reservation.charges:
+            return
+        entries = [
+            (charge, spans, state, amount)
+            for charge, state, amount, spans in zip(
+                reservation.charges, reservation.states, actual, reservation.spans, strict=True
+            )
+            if state.charged
+        ]
+        for group in self._groups(len(entries), [entry[0] for entry in entries]):
+            await self._call_settle(reservation.id, [entries[i] for i in group])
+
+    async def _call_settle(
+        self,
+        reservation_id: str,
+        entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
+    ) -> None:
         keys: list[str] = []
-        args: list[str | int] = [self._now_arg(), reservation.reserved_at_ms]
-        for charge, amount in zip(reservation.charges, actual, strict=True):
-            delta = amount - charge.amount
-            if delta == 0:
+        args: list[str | int] = [self._now_arg(), reservation_id]
+        for charge, (kind, window, span_a, span_b), state, actual in entries:
+            if state is None or not state.charged:
                 continue
-            rule = charge.limit.rule
-            keys.append(charge.limit.redis_key(self.key_prefix))
-            args += [rule.window_ms, rule.bucket_ms, delta]
-        if keys:
+            keys.extend(charge.limit.redis_keys(self.key_prefix))
+            args += [kind, window, span_a, span_b, state.bucket, charge.amount, actual]
+        if not keys:
+            return
+        try:
             await self._settle(keys=keys, args=args)
+        except Exception as exc:
+            raise QuotaStoreUnavailable(str(exc)) from exc
+
+    async def sync_calendar(self, limits: Sequence[AppliedLimit], recorded: Sequence[int]) -> bool:
+        """Write a subject's calendar counters as the ledger recorded them, unless done already."""
+        assert limits, "nothing to sync"
+        now_ms = self._now_ms()
+        keys = [limits[0].sync_marker(self.key_prefix)]
+        args: list[str | int] = []
+        keep_ms = 1000
+        for limit, amount in zip(limits, recorded, strict=True):
+            assert limit.rule.window is not None and limit.rule.calendar
+            start, end = period_bounds(limit.rule.window, now_ms, self._zone)
+            keys.append(limit.redis_keys(self.key_prefix)[0])
+            args += [start, amount]
+            keep_ms = max(keep_ms, end - now_ms + 1000)
+        args.append(keep_ms)
+        try:
+            return bool(await self._sync(keys=keys, args=args))
+        except Exception as exc:
+            raise QuotaStoreUnavailable(str(exc)) from exc
+
+    def period_start(self, window: str) -> int:
+        return period_bounds(window, self._now_ms(), self._zone)[0]

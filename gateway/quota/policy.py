@@ -1,11 +1,13 @@
-"""policies/*.yaml → typed policies, and which limits apply to a caller.
+"""policies/*.yaml → typed policies, and which limits apply to a request.
 
-A policy names whose counter it keeps (`scope`: key, user or team), which callers it
-matches, and its limits. Every limit of every matching policy applies to a request.
+A policy names whose counter it keeps (`scope`: key, user or team), which requests it
+matches (by key, user, team, key tags and model), its limits, and what it does with
+models and max_tokens. Every limit of every matching policy applies to a request.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,24 +15,36 @@ from gateway.auth import Principal
 from gateway.config import IDENTIFIER
 from gateway.yamlnode import ConfigError, Node, load_yaml_file
 
-WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
-LIMIT_KINDS = ("requests", "tokens")
+ROLLING_WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
+CALENDAR_WINDOWS = ("day", "month")
+WINDOWS = (*ROLLING_WINDOW_SECONDS, *CALENDAR_WINDOWS)
+# Kinds measured over a window; `concurrent` counts requests in flight instead.
+AMOUNT_KINDS = ("requests", "tokens", "input_tokens", "output_tokens", "cost_usd")
+LIMIT_KINDS = (*AMOUNT_KINDS, "concurrent")
 SCOPES = {"key", "user", "team"}
 # A rolling window is kept as this many buckets; the oldest is counted whole.
 BUCKETS_PER_WINDOW = 60
+# Cost limits are kept in millionths of a dollar, so the scripts add integers.
+MICRO_USD = 1_000_000
 
 
 @dataclass(frozen=True)
 class LimitRule:
-    """One limit of a policy, e.g. 40,000 tokens per minute."""
+    """One limit of a policy, e.g. 40,000 tokens per minute, or 5 requests in flight."""
 
     kind: str
-    window: str
+    window: str | None
+    # In the kind's unit: requests, tokens, micro-USD, or requests in flight.
     capacity: int
 
     @property
+    def calendar(self) -> bool:
+        return self.window in CALENDAR_WINDOWS
+
+    @property
     def window_ms(self) -> int:
-        return WINDOW_SECONDS[self.window] * 1000
+        assert self.window in ROLLING_WINDOW_SECONDS, "calendar and concurrent limits have no fixed length"
+        return ROLLING_WINDOW_SECONDS[self.window] * 1000
 
     @property
     def bucket_ms(self) -> int:
@@ -38,8 +52,15 @@ class LimitRule:
 
     @property
     def label(self) -> str:
-        """Bounded metric label, e.g. `tokens_per_minute`."""
-        return f"{self.kind}_per_{self.window}"
+        """Bounded metric label, e.g. `tokens_per_minute` or `concurrent`."""
+        return self.kind if self.window is None else f"{self.kind}_per_{self.window}"
+
+    def describe(self) -> str:
+        amount = f"${self.capacity / MICRO_USD:g}" if self.kind == "cost_usd" else str(self.capacity)
+        if self.kind == "concurrent":
+            return f"{amount} requests in flight"
+        unit = "" if self.kind == "cost_usd" else f" {self.kind.replace('_', ' ')}"
+        return f"{amount}{unit} per {self.window}"
 
 
 @dataclass(frozen=True)
@@ -49,10 +70,25 @@ class Policy:
     keys: frozenset[str] | None
     users: frozenset[str] | None
     teams: frozenset[str] | None
+    tags: frozenset[str] | None
+    # Model name patterns this policy applies to (None: every model).
+    models: tuple[str, ...] | None
     limits: tuple[LimitRule, ...]
+    # shadow: count and log what would be rejected, reject nothing.
+    mode: str = "enforce"
+    # What happens when Redis is unreachable: closed → 503, open → admit.
+    fail: str = "closed"
+    allow_models: tuple[str, ...] | None = None
+    deny_models: tuple[str, ...] = ()
+    max_tokens_cap: int | None = None
+    require_max_tokens: bool = False
 
-    def matches(self, principal: Principal) -> bool:
+    def matches(self, principal: Principal, model: str) -> bool:
         if self.scope == "team" and principal.team is None:
+            return False
+        if self.models is not None and not _any_match(model, self.models):
+            return False
+        if self.tags is not None and not (self.tags & principal.tags):
             return False
         return (
             _admits(self.keys, principal.key_id)
@@ -69,19 +105,47 @@ class Policy:
         assert principal.team is not None
         return principal.team
 
+    def allows_model(self, model: str) -> bool:
+        if _any_match(model, self.deny_models):
+            return False
+        return self.allow_models is None or _any_match(model, self.allow_models)
+
 
 @dataclass(frozen=True)
 class AppliedLimit:
-    """A limit rule bound to one counter (a Redis key) for one request."""
+    """A limit rule bound to one counter (a pair of Redis keys) for one request."""
 
     policy: str
     scope: str
     subject: str
     rule: LimitRule
+    enforced: bool = True
+    fail_open: bool = False
 
-    def redis_key(self, prefix: str) -> str:
-        # The hash tag keeps every counter of one subject in one Redis Cluster slot.
-        return f"{prefix}{{{self.scope}:{self.subject}}}:{self.policy}:{self.rule.kind}:{self.rule.window}"
+    @property
+    def hash_tag(self) -> str:
+        # Every counter of one subject lives in one Redis Cluster slot.
+        return f"{{{self.scope}:{self.subject}}}"
+
+    def redis_keys(self, prefix: str) -> tuple[str, str]:
+        """The usage buckets and the pending reservations of this counter."""
+        window = self.rule.window or "inflight"
+        base = f"{prefix}{self.hash_tag}:{self.policy}:{self.rule.kind}:{window}"
+        return f"{base}:b", f"{base}:p"
+
+    def sync_marker(self, prefix: str) -> str:
+        """Set once this subject's calendar counters were rebuilt from the ledger."""
+        return f"{prefix}{self.hash_tag}:synced"
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """What the matching policies say about one request."""
+
+    limits: tuple[AppliedLimit, ...]
+    denied_by: str | None = None
+    max_tokens_cap: int | None = None
+    requires_max_tokens: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,19 +153,49 @@ class PolicySet:
     policies: tuple[Policy, ...]
     files: tuple[Path, ...]
 
-    def limits_for(self, principal: Principal) -> list[AppliedLimit]:
-        applied: list[AppliedLimit] = []
+    def for_request(self, principal: Principal, model: str) -> RequestPolicy:
+        limits: list[AppliedLimit] = []
+        denied_by: str | None = None
+        cap: int | None = None
+        requires: str | None = None
         for policy in self.policies:
-            if policy.matches(principal):
-                subject = policy.subject(principal)
-                applied.extend(
-                    AppliedLimit(policy.name, policy.scope, subject, rule) for rule in policy.limits
+            if not policy.matches(principal, model):
+                continue
+            if not policy.allows_model(model) and denied_by is None and policy.mode == "enforce":
+                denied_by = policy.name
+            if policy.max_tokens_cap is not None:
+                cap = policy.max_tokens_cap if cap is None else min(cap, policy.max_tokens_cap)
+            if policy.require_max_tokens and requires is None:
+                requires = policy.name
+            subject = policy.subject(principal)
+            limits.extend(
+                AppliedLimit(
+                    policy.name,
+                    policy.scope,
+                    subject,
+                    rule,
+                    enforced=policy.mode == "enforce",
+                    fail_open=policy.fail == "open",
                 )
-        return applied
+                for rule in policy.limits
+            )
+        return RequestPolicy(tuple(limits), denied_by, cap, requires)
+
+    def limits_for(self, principal: Principal, model: str = "") -> list[AppliedLimit]:
+        return list(self.for_request(principal, model).limits)
+
+    def limits_of_subject(self, scope: str, subject: str) -> list[AppliedLimit]:
+        """Every counter a subject may have (for quota show and reset)."""
+        return [
+            AppliedLimit(policy.name, scope, subject, rule, enforced=policy.mode == "enforce")
+            for policy in self.policies
+            if policy.scope == scope
+            for rule in policy.limits
+        ]
 
 
 def load_policies(files: tuple[Path, ...]) -> PolicySet:
-    """Read every policy file; raises ConfigError naming the file and key path."""
+    """Read every policy file; raises ConfigError naming the file, line and key path."""
     policies: list[Policy] = []
     seen: dict[str, str] = {}
     for path in files:
@@ -122,21 +216,51 @@ def load_policies(files: tuple[Path, ...]) -> PolicySet:
 
 
 def _policy(node: Node) -> Policy:
-    node.mapping({"name", "scope", "match", "limits"})
+    node.mapping(
+        {"name", "scope", "match", "limits", "mode", "fail", "models", "max_tokens_cap", "require_max_tokens"}
+    )
     name_node = node.require("name")
     name = name_node.as_str()
     if not IDENTIFIER.match(name) or ":" in name:
         name_node.fail("may use letters, digits and . _ @ + - (at most 128 characters)")
     scope = node.require("scope").as_choice(SCOPES)
-    keys = users = teams = None
+    keys = users = teams = tags = None
+    models: tuple[str, ...] | None = None
     if (match := node.get("match")) is not None:
-        match.mapping({"keys", "users", "teams"})
-        keys, users, teams = (_names(match.get(field)) for field in ("keys", "users", "teams"))
-    limits_node = node.require("limits")
-    limits = tuple(_limit(entry) for entry in limits_node.elements())
-    if not limits:
-        limits_node.fail("a policy needs at least one limit")
-    return Policy(name=name, scope=scope, keys=keys, users=users, teams=teams, limits=limits)
+        match.mapping({"keys", "users", "teams", "tags", "models"})
+        keys, users, teams, tags = (_names(match.get(field)) for field in ("keys", "users", "teams", "tags"))
+        model_names = _names(match.get("models"))
+        models = tuple(sorted(model_names)) if model_names is not None else None
+    limits_node = node.get("limits")
+    limits = tuple(_limit(entry) for entry in limits_node.elements()) if limits_node is not None else ()
+    if limits_node is not None and not limits:
+        limits_node.fail("a policy needs at least one limit (or leave `limits` out)")
+    allow_models: tuple[str, ...] | None = None
+    deny_models: tuple[str, ...] = ()
+    if (models_node := node.get("models")) is not None:
+        models_node.mapping({"allow", "deny"})
+        allowed = _names(models_node.get("allow"))
+        allow_models = tuple(sorted(allowed)) if allowed is not None else None
+        denied = models_node.get("deny")
+        deny_models = tuple(element.as_str() for element in denied.elements()) if denied else ()
+    mode, fail = node.get("mode"), node.get("fail")
+    cap, require = node.get("max_tokens_cap"), node.get("require_max_tokens")
+    return Policy(
+        name=name,
+        scope=scope,
+        keys=keys,
+        users=users,
+        teams=teams,
+        tags=tags,
+        models=models,
+        limits=limits,
+        mode=mode.as_choice({"enforce", "shadow"}) if mode else "enforce",
+        fail=fail.as_choice({"open", "closed"}) if fail else "closed",
+        allow_models=allow_models,
+        deny_models=deny_models,
+        max_tokens_cap=cap.as_int(minimum=1) if cap else None,
+        require_max_tokens=require.as_bool() if require else False,
+    )
 
 
 def _limit(node: Node) -> LimitRule:
@@ -147,8 +271,15 @@ def _limit(node: Node) -> LimitRule:
             f"a limit names exactly one of {', '.join(LIMIT_KINDS)}, e.g. {{tokens: 40000, per: minute}}"
         )
     kind = kinds[0]
-    capacity = node.require(kind).as_int(minimum=1)
-    window = node.require("per").as_choice(set(WINDOW_SECONDS))
+    if kind == "concurrent":
+        if node.get("per") is not None:
+            node.child("per", None).fail("concurrent limits count requests in flight and take no window")
+        return LimitRule(kind=kind, window=None, capacity=node.require(kind).as_int(minimum=1))
+    if kind == "cost_usd":
+        capacity = round(node.require(kind).as_float(minimum=0.000001) * MICRO_USD)
+    else:
+        capacity = node.require(kind).as_int(minimum=1)
+    window = node.require("per").as_choice(set(WINDOWS))
     return LimitRule(kind=kind, window=window, capacity=capacity)
 
 
@@ -164,4 +295,16 @@ def _admits(allowed: frozenset[str] | None, value: str | None) -> bool:
     return allowed is None or (value is not None and value in allowed)
 
 
-__all__ = ["AppliedLimit", "ConfigError", "LimitRule", "Policy", "PolicySet", "load_policies"]
+def _any_match(model: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
+
+__all__ = [
+    "AppliedLimit",
+    "ConfigError",
+    "LimitRule",
+    "Policy",
+    "PolicySet",
+    "RequestPolicy",
+    "load_policies",
+]

@@ -46,7 +46,7 @@ def limit(
 
 
 async def used(limiter: QuotaLimiter, applied: AppliedLimit) -> int:
-    buckets = await limiter.redis.hgetall(applied.redis_key(limiter.key_prefix))
+    buckets = await limiter.redis.hgetall(applied.redis_keys(limiter.key_prefix)[0])
     return sum(int(value) for value in buckets.values())
 
 
@@ -119,7 +119,7 @@ async def test_settle_refunds_and_overshoots_in_the_reserved_bucket(
     clock.now_ms = T0_MS + 20_000
     await limiter.settle(reservation, [20])
     assert await used(limiter, applied) == 20
-    buckets = await limiter.redis.hgetall(applied.redis_key(limiter.key_prefix))
+    buckets = await limiter.redis.hgetall(applied.redis_keys(limiter.key_prefix)[0])
     assert buckets == {str(T0_MS // 1000).encode(): b"20"}
 
     overshoot = (await limiter.reserve([Charge(applied, 30)])).reservation
@@ -138,7 +138,7 @@ async def test_settle_after_the_window_has_passed_changes_nothing(
     assert (await limiter.reserve([Charge(applied, 10)])).admitted
     clock.now_ms = T0_MS + 62_000
     await limiter.settle(reservation, [0])
-    buckets = await limiter.redis.hgetall(applied.redis_key(limiter.key_prefix))
+    buckets = await limiter.redis.hgetall(applied.redis_keys(limiter.key_prefix)[0])
     assert buckets[str(T0_MS // 1000).encode()] == b"50"
     # What the window still holds: the 10 of T0 + 30 s, plus this request's 1.
     assert (await limiter.reserve([Charge(applied, 1)])).states[0].used == 11
@@ -147,7 +147,7 @@ async def test_settle_after_the_window_has_passed_changes_nothing(
 async def test_keys_expire_after_their_window(limiter: QuotaLimiter) -> None:
     applied = limit(10, window="hour")
     await limiter.reserve([Charge(applied, 1)])
-    ttl_ms = await limiter.redis.pttl(applied.redis_key(limiter.key_prefix))
+    ttl_ms = await limiter.redis.pttl(applied.redis_keys(limiter.key_prefix)[0])
     assert 3_600_000 < ttl_ms <= 3_600_000 + 2 * 60_000
 
 
@@ -160,5 +160,5 @@ async def test_redis_clock_is_used_when_not_pinned(redis_client: redis_asyncio.R
 
 
 def test_keys_share_one_hash_tag_per_subject() -> None:
-    key = limit(10).redis_key("gw:")
-    assert key == "gw:{user:alice}:p:tokens:minute"
+    key, pending = limit(10).redis_keys("gw:")
+    assert (key, pending) == ("gw:{user:alice}:p:tokens:minute:b", "gw:{user:alice}:p:tokens:minute:p")

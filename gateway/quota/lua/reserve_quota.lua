@@ -1,72 +1,130 @@
--- Admit a request against every limit that applies to it, all or nothing.
+-- Admit a request against every limit that applies to it, all or nothing, and keep
+-- the reservation so it can be settled later, or refunded if it is never settled.
 --
--- Each limit is a rolling window kept as a hash of buckets: field = bucket index
--- (floor(ms / bucket_ms)), value = amount charged in that bucket. The bucket that the
--- window's start falls into is counted whole, so admitted amounts never exceed the
--- capacity in any rolling window (at worst one bucket of capacity is left unused).
+-- Amount limits (requests, tokens, cost) keep usage in a hash B: bucket → amount.
+-- Rolling windows index buckets by floor(ms / bucket_ms) and count the partly expired
+-- oldest bucket whole, so admitted amounts never exceed the capacity over any rolling
+-- window. Calendar windows (day, month) have one bucket, keyed by the period's start.
+-- Concurrent limits count the reservations in flight.
+-- Every reservation is a member of the limit's sorted set P, scored by its expiry; a
+-- member that expires (its gateway died before settling) is refunded the next time
+-- the limit is touched, so no quota leaks.
 --
--- KEYS[i]   the bucket hash of limit i
--- ARGV[1]   now in milliseconds, or "" to take Redis's clock (tests override it)
--- ARGV[2+4(i-1) .. 5+4(i-1)]   capacity, window_ms, bucket_ms, amount of limit i
--- Returns   {admitted (1|0), now_ms, rejecting limit index (0 if admitted),
---            retry_after_ms (-1: can never fit), used_1, reset_ms_1, used_2, ...}
---           used_i is after the reservation when admitted, before it when rejected;
---           reset_ms_i is how long until limit i is whole again.
+-- Calendar counters must hold what the ledger recorded before this Redis started:
+-- each subject has a marker S set once its counters were rebuilt (sync_calendar.lua).
+-- If a calendar limit's S is missing, nothing is charged and its index is returned,
+-- so the gateway can rebuild the counters and try again.
+--
+-- KEYS[3i-2], KEYS[3i-1], KEYS[3i]  B, P and S of limit i
+-- ARGV[1]  now in ms, or "" to take Redis's clock (tests pin it)
+-- ARGV[2]  reservation id
+-- ARGV[3]  reservation lifetime in ms
+-- ARGV[4 + 7(i-1) ...]  limit i: kind ("amount" | "concurrent"), window ("rolling" |
+--          "calendar"), capacity, span_a, span_b, amount, enforced (1 | 0);
+--          rolling: span_a = window_ms, span_b = bucket_ms;
+--          calendar: span_a = period start ms, span_b = period end ms
+-- Returns  {admitted (1|0), now_ms, rejecting limit (0 if none), retry_after_ms
+--          (-1: can never fit), unsynced limit (0 if none), then per limit: used,
+--          reset_ms, charged (1|0), bucket}
+--          used is after this reservation when charged, before it otherwise.
 
 local now_ms = tonumber(ARGV[1])
 if not now_ms then
   local clock = redis.call('TIME')
   now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 end
+local reservation, lifetime_ms = ARGV[2], tonumber(ARGV[3])
 
-local limits = {}
-for i = 1, #KEYS do
-  local base = 2 + 4 * (i - 1)
-  local limit = {
-    key = KEYS[i],
-    capacity = tonumber(ARGV[base]),
-    window_ms = tonumber(ARGV[base + 1]),
-    bucket_ms = tonumber(ARGV[base + 2]),
-    amount = tonumber(ARGV[base + 3]),
-  }
-  limit.span = math.floor(limit.window_ms / limit.bucket_ms)
-  limit.current = math.floor(now_ms / limit.bucket_ms)
-  local oldest = limit.current - limit.span
-  local flat = redis.call('HGETALL', limit.key)
-  local buckets, expired, used = {}, {}, 0
+local function refund_expired(limit)
+  local expired = redis.call('ZRANGEBYSCORE', limit.pending, '-inf', now_ms)
+  if #expired == 0 then return end
+  if limit.kind == 'amount' then
+    for _, member in ipairs(expired) do
+      local bucket, amount = string.match(member, '^(%d+):(%d+):')
+      if bucket and redis.call('HEXISTS', limit.buckets, bucket) == 1 then
+        if redis.call('HINCRBY', limit.buckets, bucket, -tonumber(amount)) <= 0 then
+          redis.call('HDEL', limit.buckets, bucket)
+        end
+      end
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', limit.pending, '-inf', now_ms)
+end
+
+local function load_usage(limit)
+  if limit.kind == 'concurrent' then
+    limit.used = redis.call('ZCARD', limit.pending)
+    limit.entries = {}
+    return
+  end
+  local oldest
+  if limit.window == 'rolling' then
+    limit.span = math.floor(limit.a / limit.b)
+    limit.current = math.floor(now_ms / limit.b)
+    oldest = limit.current - limit.span
+  else
+    limit.current = limit.a
+    oldest = limit.a
+  end
+  local flat = redis.call('HGETALL', limit.buckets)
+  local entries, stale, used = {}, {}, 0
   for j = 1, #flat, 2 do
     local index, amount = tonumber(flat[j]), tonumber(flat[j + 1])
     if index < oldest then
-      expired[#expired + 1] = flat[j]
+      stale[#stale + 1] = flat[j]
     else
-      buckets[#buckets + 1] = {index, amount}
+      entries[#entries + 1] = {index, amount}
       used = used + amount
     end
   end
-  if #expired > 0 then
-    redis.call('HDEL', limit.key, unpack(expired))
-  end
-  table.sort(buckets, function(a, b) return a[1] < b[1] end)
-  limit.buckets, limit.used = buckets, used
-  limits[i] = limit
+  if #stale > 0 then redis.call('HDEL', limit.buckets, unpack(stale)) end
+  table.sort(entries, function(x, y) return x[1] < y[1] end)
+  limit.entries, limit.used = entries, used
 end
 
--- Time until limit's oldest buckets have left the window far enough for `amount`.
+-- When the bucket at `index` stops counting.
+local function leaves_at(limit, index)
+  if limit.window == 'calendar' then return limit.b end
+  return (index + limit.span + 1) * limit.b
+end
+
 local function wait_ms(limit)
   if limit.amount > limit.capacity then return -1 end
+  if limit.kind == 'concurrent' then return 0 end
   local still_used = limit.used
-  for _, bucket in ipairs(limit.buckets) do
-    still_used = still_used - bucket[2]
+  for _, entry in ipairs(limit.entries) do
+    still_used = still_used - entry[2]
     if still_used + limit.amount <= limit.capacity then
-      return (bucket[1] + limit.span + 1) * limit.bucket_ms - now_ms
+      return leaves_at(limit, entry[1]) - now_ms
     end
   end
   return 0
 end
 
+local limits = {}
+for i = 1, #KEYS / 3 do
+  local base = 4 + 7 * (i - 1)
+  if ARGV[base + 1] == 'calendar' and redis.call('EXISTS', KEYS[3 * i]) == 0 then
+    return {0, now_ms, 0, 0, i}
+  end
+end
+for i = 1, #KEYS / 3 do
+  local base = 4 + 7 * (i - 1)
+  local limit = {
+    buckets = KEYS[3 * i - 2], pending = KEYS[3 * i - 1],
+    kind = ARGV[base], window = ARGV[base + 1], capacity = tonumber(ARGV[base + 2]),
+    a = tonumber(ARGV[base + 3]), b = tonumber(ARGV[base + 4]),
+    amount = tonumber(ARGV[base + 5]), enforced = ARGV[base + 6] == '1',
+  }
+  refund_expired(limit)
+  load_usage(limit)
+  limit.fits = limit.used + limit.amount <= limit.capacity
+  limits[i] = limit
+end
+
 local rejecting, retry_after = 0, 0
 for i, limit in ipairs(limits) do
-  if limit.used + limit.amount > limit.capacity then
+  if limit.enforced and not limit.fits then
     local wait = wait_ms(limit)
     if rejecting == 0 or retry_after ~= -1 and (wait == -1 or wait > retry_after) then
       rejecting, retry_after = i, wait
@@ -74,20 +132,40 @@ for i, limit in ipairs(limits) do
   end
 end
 
-local result = {rejecting == 0 and 1 or 0, now_ms, rejecting, retry_after}
+local result = {rejecting == 0 and 1 or 0, now_ms, rejecting, retry_after, 0}
 for _, limit in ipairs(limits) do
-  local newest = limit.buckets[#limit.buckets]
-  if rejecting == 0 and limit.amount > 0 then
-    redis.call('HINCRBY', limit.key, limit.current, limit.amount)
-    redis.call('PEXPIRE', limit.key, limit.window_ms + 2 * limit.bucket_ms)
+  -- A shadow limit that would reject is reported, and not charged.
+  local charged = rejecting == 0 and limit.fits and limit.amount > 0
+  local bucket = limit.current or 0
+  local expires_at = now_ms + lifetime_ms
+  if charged then
+    if limit.kind == 'concurrent' then
+      redis.call('ZADD', limit.pending, expires_at, reservation)
+      redis.call('PEXPIRE', limit.pending, lifetime_ms)
+    else
+      local keep_ms
+      if limit.window == 'rolling' then
+        keep_ms = limit.a + 2 * limit.b
+      else
+        keep_ms = limit.b - now_ms + 1000
+      end
+      redis.call('HINCRBY', limit.buckets, bucket, limit.amount)
+      redis.call('PEXPIRE', limit.buckets, keep_ms)
+      redis.call('ZADD', limit.pending, expires_at, bucket .. ':' .. limit.amount .. ':' .. reservation)
+      redis.call('PEXPIRE', limit.pending, math.max(keep_ms, lifetime_ms))
+      limit.entries[#limit.entries + 1] = {bucket, limit.amount}
+    end
     limit.used = limit.used + limit.amount
-    newest = {limit.current, limit.amount}
   end
   local reset = 0
-  if newest and limit.used > 0 then
-    reset = (newest[1] + limit.span + 1) * limit.bucket_ms - now_ms
+  if limit.kind == 'amount' and limit.used > 0 then
+    local newest = 0
+    for _, entry in ipairs(limit.entries) do newest = math.max(newest, entry[1]) end
+    reset = leaves_at(limit, newest) - now_ms
   end
   result[#result + 1] = limit.used
   result[#result + 1] = reset
+  result[#result + 1] = charged and 1 or 0
+  result[#result + 1] = bucket
 end
 return result

@@ -1,36 +1,51 @@
--- Replace a reservation with the actual usage: add (actual - reserved) to the bucket
--- the reservation was charged to. A bucket that has already left its window is left
--- alone: that usage no longer counts anywhere.
+-- Settle a reservation: replace what it charged with the actual usage, and forget it.
+-- Settling with actual 0 everywhere releases it (upstream failed, or a cluster
+-- rollback). If the reservation had already expired and been refunded, the actual
+-- usage is charged whole; usage whose bucket has left its window counts nowhere.
 --
--- KEYS[i]   the bucket hash of limit i (as given to reserve_quota.lua)
--- ARGV[1]   now in milliseconds, or "" to take Redis's clock
--- ARGV[2]   the reservation's time in milliseconds (reserve_quota.lua's now_ms)
--- ARGV[3+3(i-1) .. 5+3(i-1)]   window_ms, bucket_ms, delta of limit i
--- Returns   {applied_1, applied_2, ...}: 1 where the delta was applied, else 0.
+-- KEYS[2i-1], KEYS[2i]  B and P of limit i (as given to reserve_quota.lua)
+-- ARGV[1]  now in ms, or "" to take Redis's clock
+-- ARGV[2]  reservation id
+-- ARGV[3 + 7(i-1) ...]  limit i: kind, window, span_a, span_b (as at reservation),
+--          bucket (as reserve_quota.lua returned it), reserved amount, actual amount
+-- Returns  {applied_1, ...}: 1 where the limit's usage changed
 
 local now_ms = tonumber(ARGV[1])
 if not now_ms then
   local clock = redis.call('TIME')
   now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 end
-local reserved_at_ms = tonumber(ARGV[2])
+local reservation = ARGV[2]
 
 local applied = {}
-for i = 1, #KEYS do
-  local base = 3 + 3 * (i - 1)
-  local window_ms, bucket_ms = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
-  local delta = tonumber(ARGV[base + 2])
-  local bucket = math.floor(reserved_at_ms / bucket_ms)
-  local oldest = math.floor(now_ms / bucket_ms) - math.floor(window_ms / bucket_ms)
+for i = 1, #KEYS / 2 do
+  local buckets, pending = KEYS[2 * i - 1], KEYS[2 * i]
+  local base = 3 + 7 * (i - 1)
+  local kind, window = ARGV[base], ARGV[base + 1]
+  local a, b = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local bucket, reserved, actual = ARGV[base + 4], tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
   applied[i] = 0
-  if delta ~= 0 and bucket >= oldest then
-    local amount = redis.call('HINCRBY', KEYS[i], bucket, delta)
-    if amount <= 0 then
-      redis.call('HDEL', KEYS[i], bucket)
-    elseif redis.call('PTTL', KEYS[i]) < 0 then
-      redis.call('PEXPIRE', KEYS[i], window_ms + 2 * bucket_ms)
+  if kind == 'concurrent' then
+    applied[i] = redis.call('ZREM', pending, reservation)
+  else
+    local still_pending = redis.call('ZREM', pending, bucket .. ':' .. reserved .. ':' .. reservation)
+    local delta = actual - (still_pending == 1 and reserved or 0)
+    local counts
+    if window == 'rolling' then
+      counts = tonumber(bucket) >= math.floor(now_ms / b) - math.floor(a / b)
+    else
+      counts = now_ms < b
     end
-    applied[i] = 1
+    if delta ~= 0 and counts then
+      local amount = redis.call('HINCRBY', buckets, bucket, delta)
+      if amount <= 0 then
+        redis.call('HDEL', buckets, bucket)
+      elseif redis.call('PTTL', buckets) < 0 then
+        local keep_ms = window == 'rolling' and a + 2 * b or b - now_ms + 1000
+        redis.call('PEXPIRE', buckets, keep_ms)
+      end
+      applied[i] = 1
+    end
   end
 end
 return applied

@@ -1,0 +1,4 @@
+-- Keys carry tags (policies match on them); usage rows carry their cost.
+ALTER TABLE api_keys ADD COLUMN tags text[] NOT NULL DEFAULT '{}';
+ALTER TABLE usage_events ADD COLUMN cost_usd double precision;
+CREATE INDEX usage_events_key_created_at_idx ON usage_events (key_id, created_at);

@@ -1,0 +1,267 @@
+"""Admission as the request path sees it: what each limit is charged, what happens when
+Redis is away, and rebuilding calendar counters from the ledger.
+
+The quota code reads the ledger (through `UsageSource`) but never writes it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from gateway.auth import Principal
+from gateway.config import ModelConfig, QuotaConfig
+from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable
+from gateway.ledger.records import ModelUsage
+from gateway.metrics import Metrics
+from gateway.policies import PolicyHolder
+from gateway.providers.base import Usage
+from gateway.quota.headers import rejection_error
+from gateway.quota.limiter import (
+    Admission,
+    Charge,
+    CountersNotSynced,
+    LimitState,
+    QuotaLimiter,
+    QuotaStoreUnavailable,
+    Reservation,
+)
+from gateway.quota.local import LocalLimiter
+from gateway.quota.policy import MICRO_USD, AppliedLimit, Policy, RequestPolicy
+
+log = logging.getLogger("gateway.quota")
+
+SYNC_ATTEMPTS = 3
+
+
+class UsageSource(Protocol):
+    async def usage_by_model(self, scope: str, subject: str, since: datetime) -> list[ModelUsage]: ...
+
+
+class ModelNotAllowed(GatewayError):
+    """A policy denies this model to the caller (403)."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+@dataclass(frozen=True)
+class Amounts:
+    """One request's figures in every unit a limit can count."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micro_usd: int
+
+    def of(self, kind: str) -> int:
+        if kind in ("requests", "concurrent"):
+            return 1
+        if kind == "tokens":
+            return self.prompt_tokens + self.completion_tokens
+        if kind == "input_tokens":
+            return self.prompt_tokens
+        if kind == "output_tokens":
+            return self.completion_tokens
+        return self.cost_micro_usd
+
+
+def amounts_for(model: ModelConfig, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> Amounts:
+    cost = model.price.cost_micro_usd(prompt_tokens, completion_tokens, cached) if model.price else 0
+    return Amounts(prompt_tokens, completion_tokens, cost)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted request's reservation, in Redis or (degraded) in this process."""
+
+    admission: Admission
+    reserved: Amounts
+    local: bool = False
+
+
+class QuotaService:
+    def __init__(
+        self,
+        limiter: QuotaLimiter,
+        policies: PolicyHolder,
+        metrics: Metrics,
+        config: QuotaConfig,
+        usage: UsageSource,
+    ) -> None:
+        self.limiter = limiter
+        self._policies = policies
+        self._metrics = metrics
+        self._config = config
+        self._usage = usage
+        self._local = LocalLimiter(config.time_zone)
+        self._redis_down_until = 0.0
+
+    def request_policy(self, principal: Principal, model: ModelConfig) -> RequestPolicy:
+        decision = self._policies.current.for_request(principal, model.name)
+        if decision.denied_by is not None:
+            raise ModelNotAllowed(
+                f"Policy '{decision.denied_by}' does not allow model `{model.name}` for this key.",
+                param="model",
+            )
+        return decision
+
+    @staticmethod
+    def completion_budget(decision: RequestPolicy, requested: int | None, default: int) -> int:
+        """Completion tokens to reserve (and to forward as the cap), after the policies' say."""
+        if requested is None and decision.requires_max_tokens is not None:
+            raise InvalidRequest(
+                f"Policy '{decision.requires_max_tokens}' requires max_tokens (or max_completion_tokens).",
+                param="max_tokens",
+                code="max_tokens_required",
+            )
+        budget = requested if requested is not None else default
+        if decision.max_tokens_cap is not None:
+            budget = min(budget, decision.max_tokens_cap)
+        return budget
+
+    async def admit(self, decision: RequestPolicy, reserved: Amounts) -> Ticket:
+        """Reserve for every limit or raise the 429 (or 503) that says why not."""
+        charges = [Charge(limit, reserved.of(limit.rule.kind)) for limit in decision.limits]
+        if not charges:
+            return Ticket(Admission(True, Reservation("", (), (), 0)), reserved)
+        try:
+            admission = await self._reserve(charges)
+        except QuotaStoreUnavailable as exc:
+            return self._admit_without_redis(charges, reserved, exc)
+        for state in admission.shadow_rejections:
+            self._metrics.quota_shadow_rejections.labels(state.limit.rule.label, state.limit.scope).inc()
+            log.info(
+                "shadow policy %s would have rejected: %s of %s %s",
+                state.limit.policy,
+                state.limit.rule.describe(),
+                state.limit.scope,
+                state.limit.subject,
+            )
+        if not admission.admitted:
+            assert admission.rejected_by is not None
+            limit = admission.rejected_by.limit
+            self._metrics.quota_rejections.labels(limit.rule.label, limit.scope).inc()
+            raise rejection_error(admission)
+        return Ticket(admission, reserved)
+
+    async def _reserve(self, charges: list[Charge]) -> Admission:
+        if time.monotonic() < self._redis_down_until:
+            raise QuotaStoreUnavailable("Redis failed recently; not retried yet")
+        for _ in range(SYNC_ATTEMPTS):
+            try:
+                return await self.limiter.reserve(charges)
+            except CountersNotSynced as missing:
+                await self.rebuild_calendar_counters(missing.limit.scope, missing.limit.subject)
+            except QuotaStoreUnavailable:
+                self._metrics.quota_errors.labels("reserve").inc()
+                self._redis_down_until = time.monotonic() + self._config.redis_retry_seconds
+                raise
+        raise QuotaStoreUnavailable("calendar counters could not be rebuilt")
+
+    def _admit_without_redis(self, charges: list[Charge], reserved: Amounts, error: Exception) -> Ticket:
+        if not all(charge.limit.fail_open for charge in charges):
+            closed = next(charge.limit.policy for charge in charges if not charge.limit.fail_open)
+            raise ServiceUnavailable(
+                f"The quota backend is unreachable and policy '{closed}' fails closed; "
+                "the request was not admitted.",
+                code="quota_backend_unavailable",
+                headers={"retry-after": "1"},
+            ) from error
+        self._metrics.quota_fail_open.inc()
+        admission = self._local.reserve(charges)
+        if not admission.admitted:
+            assert admission.rejected_by is not None
+            raise rejection_error(admission)
+        return Ticket(admission, reserved, local=True)
+
+    async def settle(self, ticket: Ticket, actual: Amounts) -> None:
+        """Replace the reservation with what was used (zeros: release it)."""
+        reservation = ticket.admission.reservation
+        if not reservation.charges:
+            return
+        figures = [actual.of(charge.limit.rule.kind) for charge in reservation.charges]
+        overshoot = actual.completion_tokens - ticket.reserved.completion_tokens
+        if overshoot > 0:
+            self._metrics.quota_overshoot_tokens.inc(overshoot)
+        if ticket.local:
+            self._local.settle(reservation, figures)
+            return
+        try:
+            await self.limiter.settle(reservation, figures)
+        except QuotaStoreUnavailable:
+            # The reservation stays until it expires; then it is refunded.
+            self._metrics.quota_errors.labels("settle").inc()
+            log.warning("quota settlement failed for reservation %s", reservation.id)
+
+    async def rebuild_calendar_counters(self, scope: str, subject: str) -> None:
+        """Counters of day and month limits as the ledger recorded them this period."""
+        limits = [
+            limit
+            for limit in self._policies.current.limits_of_subject(scope, subject)
+            if limit.rule.calendar and limit.rule.kind != "concurrent"
+        ]
+        recorded: list[int] = []
+        by_period: dict[int, list[ModelUsage]] = {}
+        for limit in limits:
+            assert limit.rule.window is not None
+            start = self.limiter.period_start(limit.rule.window)
+            if start not in by_period:
+                since = datetime.fromtimestamp(start / 1000, UTC)
+                by_period[start] = await self._usage.usage_by_model(scope, subject, since)
+            recorded.append(_recorded(limit, self._policy(limit.policy), by_period[start]))
+        if not limits:
+            # No calendar limits any more: mark synced so admission stops asking.
+            return
+        rebuilt = await self.limiter.sync_calendar(limits, recorded)
+        if rebuilt:
+            self._metrics.quota_rebuilds.inc()
+            log.info("rebuilt calendar counters of %s %s from the ledger: %s", scope, subject, recorded)
+
+    def _policy(self, name: str) -> Policy | None:
+        return next((policy for policy in self._policies.current.policies if policy.name == name), None)
+
+    def states_of_subject(self, scope: str, subject: str) -> list[AppliedLimit]:
+        return self._policies.current.limits_of_subject(scope, subject)
+
+
+def _recorded(limit: AppliedLimit, policy: Policy | None, usage: Sequence[ModelUsage]) -> int:
+    patterns = policy.models if policy is not None else None
+    total = 0
+    for row in usage:
+        if patterns is not None and not any(fnmatch.fnmatchcase(row.model, p) for p in patterns):
+            continue
+        kind = limit.rule.kind
+        if kind == "requests":
+            total += row.requests
+        elif kind == "tokens":
+            total += row.prompt_tokens + row.completion_tokens
+        elif kind == "input_tokens":
+            total += row.prompt_tokens
+        elif kind == "output_tokens":
+            total += row.completion_tokens
+        elif kind == "cost_usd":
+            total += round(row.cost_usd * MICRO_USD)
+    return total
+
+
+def actual_amounts(model: ModelConfig, usage: Usage | None) -> Amounts:
+    if usage is None:
+        return Amounts(0, 0, 0)
+    return amounts_for(model, usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens)
+
+
+__all__ = [
+    "Amounts",
+    "LimitState",
+    "ModelNotAllowed",
+    "QuotaService",
+    "Ticket",
+    "UsageSource",
+    "actual_amounts",
+]
