@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from gateway import count_routes, health, proxy, state
+from gateway import count_routes, health, proxy, quota_routes, state
 from gateway.auth import Authenticator
 from gateway.config import ConfigError, GatewayConfig
 from gateway.ledger import LedgerWriter, open_store
 from gateway.metrics import Metrics
-from gateway.middlewares import authenticate, errors_and_metrics, in_flight
+from gateway.middlewares import authenticate, authenticate_admin, errors_and_metrics, in_flight
 from gateway.policies import PolicyHolder
 from gateway.providers import build_provider
 from gateway.quota.limiter import QuotaLimiter
@@ -37,7 +37,7 @@ POLICY_RELOAD_SECONDS = 2.0
 def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = None) -> web.Application:
     """The gateway application; `clock_ms` pins the quota clock (tests only)."""
     app = web.Application(
-        middlewares=[errors_and_metrics, in_flight, authenticate],
+        middlewares=[errors_and_metrics, in_flight, authenticate, authenticate_admin],
         client_max_size=config.server.max_body_bytes,
     )
     app[state.CONFIG] = config
@@ -57,6 +57,9 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/tokens/count", count_routes.count_openai_request)
     app.router.add_post("/v1/messages/count_tokens", count_routes.count_anthropic_request)
+    app.router.add_get("/v1/quota", quota_routes.own_quota)
+    app.router.add_get("/admin/quota/{scope}/{subject}", quota_routes.admin_show_quota)
+    app.router.add_delete("/admin/quota/{scope}/{subject}", quota_routes.admin_reset_quota)
     app.router.add_get("/health", health.liveness)
     app.router.add_get("/health/ready", health.readiness)
     app.router.add_get("/metrics", _metrics)

@@ -64,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage gateway API keys").add_subparsers(
         dest="keys_command", required=True
     )
+    quota = commands.add_parser("quota", help="inspect and reset quota counters").add_subparsers(
+        dest="quota_command", required=True
+    )
+    for name, run, text in (
+        ("show", _quota_show, "limits, used, reserved, remaining and reset of a key, user or team"),
+        ("reset", _quota_reset, "zero the counters of a key, user or team"),
+    ):
+        sub = command(quota, name, run, text)
+        sub.add_argument("scope", choices=["key", "user", "team"])
+        sub.add_argument("subject", help="the key id, user or team")
+        if name == "show":
+            sub.add_argument("--json", action="store_true")
+
     policy = commands.add_parser("policy", help="policy tools").add_subparsers(
         dest="policy_command", required=True
     )
@@ -128,6 +141,65 @@ def _check(args: argparse.Namespace) -> int:
         f"{len(holder.current.policies)} policies in {len(holder.current.files)} files)"
     )
     return 0
+
+
+def _quota_command(args: argparse.Namespace, reset: bool) -> int:
+    from gateway.policies import PolicyHolder
+    from gateway.quota.limiter import QuotaLimiter, QuotaStoreUnavailable
+    from gateway.quota.report import reading_json, readings_table
+    from gateway.quota.store import open_redis
+
+    config = _load(args)
+    if config.backends.redis is None:
+        print(
+            "gateway: the embedded quota store lives inside the serving process; nothing to show",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    limits = PolicyHolder(config.base_dir, config.quota.policy_glob).current.limits_of_subject(
+        args.scope, args.subject
+    )
+
+    async def run() -> int:
+        redis, _ = open_redis(config.backends.redis)
+        assert config.backends.redis is not None
+        limiter = QuotaLimiter(redis, config.backends.redis.key_prefix, time_zone=config.quota.time_zone)
+        try:
+            if reset:
+                deleted = await limiter.reset(limits)
+                print(f"reset {len(limits)} limits of {args.scope} {args.subject} ({deleted} keys deleted)")
+                return 0
+            readings = await limiter.read(limits)
+        except QuotaStoreUnavailable as exc:
+            print(f"gateway: Redis is unreachable: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            await redis.aclose()
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "scope": args.scope,
+                        "subject": args.subject,
+                        "limits": [reading_json(r) for r in readings],
+                    }
+                )
+            )
+        elif not readings:
+            print(f"no policy limits {args.scope} {args.subject}")
+        else:
+            print(readings_table(readings))
+        return 0
+
+    return asyncio.run(run())
+
+
+def _quota_show(args: argparse.Namespace) -> int:
+    return _quota_command(args, reset=False)
+
+
+def _quota_reset(args: argparse.Namespace) -> int:
+    return _quota_command(args, reset=True)
 
 
 def _policy_check(args: argparse.Namespace) -> int:

@@ -85,17 +85,22 @@ class PriceConfig:
     output: float
     cached_input: float | None = None
 
-    def cost_micro_usd(
-        self, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0
-    ) -> int:
-        """Cost in millionths of a dollar (a price per million tokens is micro-USD per token)."""
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0) -> float:
         cached_price = self.input if self.cached_input is None else self.cached_input
-        cost = (
+        micro = (
             (prompt_tokens - cached_prompt_tokens) * self.input
             + cached_prompt_tokens * cached_price
             + completion_tokens * self.output
         )
-        return math.ceil(cost - 1e-9)
+        return micro / 1_000_000
+
+    def cost_micro_usd(
+        self, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0
+    ) -> int:
+        """Whole millionths of a dollar, rounded up: what quota counters count."""
+        return math.ceil(
+            self.cost_usd(prompt_tokens, completion_tokens, cached_prompt_tokens) * 1_000_000 - 1e-9
+        )
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,8 @@ class GatewayConfig:
     quota: QuotaConfig
     ledger: LedgerConfig
     tokens: TokensConfig = field(default_factory=TokensConfig)
+    # SHA-256 of the admin API's key; None turns the admin API off.
+    admin_key_sha256: str | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -196,7 +203,7 @@ def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate gateway.yaml; raises ConfigError naming file and key path."""
     config_path = Path(path).resolve()
     root = load_yaml_file(config_path)
-    root.mapping({"server", "backends", "providers", "models", "keys", "quota", "ledger", "tokens"})
+    root.mapping({"server", "backends", "providers", "models", "keys", "quota", "ledger", "tokens", "admin"})
     base_dir = config_path.parent
     providers = _providers(root.require("providers"))
     return GatewayConfig(
@@ -209,6 +216,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         quota=_quota(root.get("quota")),
         ledger=_ledger(root.get("ledger")),
         tokens=_tokens(root.get("tokens"), base_dir),
+        admin_key_sha256=_admin(root.get("admin")),
     )
 
 
@@ -497,6 +505,17 @@ def _bpe_file(name: str, node: Node, base_dir: Path) -> BpeFileConfig:
         special_tokens=tuple(element.as_str() for element in specials.elements()) if specials else (),
         reserved_special_tokens=reserved.as_int(minimum=0) if reserved else 0,
     )
+
+
+def _admin(node: Node | None) -> str | None:
+    if node is None:
+        return None
+    node.mapping({"key_sha256"})
+    digest_node = node.require("key_sha256")
+    digest = digest_node.as_str().lower()
+    if not SHA256_HEX.match(digest):
+        digest_node.fail("must be the 64-hex-digit SHA-256 of the admin key (`gateway keys hash`)")
+    return digest
 
 
 def _nonempty(node: Node) -> str:

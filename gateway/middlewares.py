@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -11,9 +12,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway import state
-from gateway.auth import presented_key
+from gateway.auth import hash_key, presented_key
 from gateway.errors import (
     GatewayError,
+    InvalidApiKey,
     MethodNotAllowed,
     RequestTooLarge,
     RouteNotFound,
@@ -109,6 +111,22 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if request.path.startswith(API_PREFIX):
         token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
         request[PRINCIPAL] = await request.app[state.AUTH].authenticate(token)
+    return await handler(request)
+
+
+ADMIN_PREFIX = "/admin/"
+
+
+@web.middleware
+async def authenticate_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The admin API needs the admin key (never a caller's key); without one it is off."""
+    if request.path.startswith(ADMIN_PREFIX):
+        expected = request.app[state.CONFIG].admin_key_sha256
+        if expected is None:
+            raise RouteNotFound("The admin API is disabled: set admin.key_sha256 in gateway.yaml.")
+        token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+        if not hmac.compare_digest(hash_key(token), expected):
+            raise InvalidApiKey("Incorrect admin key.")
     return await handler(request)
 
 

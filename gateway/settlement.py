@@ -18,7 +18,6 @@ from gateway.exchange import Exchange
 from gateway.ledger import LedgerWriter, UsageRecord
 from gateway.metrics import Metrics
 from gateway.providers import Usage
-from gateway.quota.policy import MICRO_USD
 from gateway.quota.service import QuotaService, actual_amounts
 from gateway.tokens import Calibration
 
@@ -67,16 +66,17 @@ class Settlement:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _settle(self, exchange: Exchange) -> None:
-        final = final_usage(exchange)
-        actual = actual_amounts(exchange.model, final.usage)
+        """Settle quota, then record; a failure in either must not stop the other."""
+        final = FinalUsage(exchange.usage, "provider" if exchange.usage else "none")
         try:
-            await self._quota.settle(exchange.ticket, actual)
+            final = final_usage(exchange)
+            await self._quota.settle(exchange.ticket, actual_amounts(exchange.model, final.usage))
+            self._observe(exchange, final)
         except Exception:
             # The reservation stays charged until it expires and is refunded.
             self._metrics.quota_errors.labels("settle").inc()
             log.exception("quota settlement failed for request %s", exchange.request_id)
-        self._observe(exchange, final)
-        await self._ledger.record(_record(exchange, final, actual.cost_micro_usd if final.usage else None))
+        await self._ledger.record(_record(exchange, final))
 
     def _observe(self, exchange: Exchange, final: FinalUsage) -> None:
         model = exchange.model.name
@@ -96,7 +96,8 @@ class Settlement:
             self._metrics.upstream_duration.labels(exchange.model.provider, model).observe(upstream_seconds)
 
 
-def _record(exchange: Exchange, final: FinalUsage, cost_micro_usd: int | None) -> UsageRecord:
+def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
+    price, usage = exchange.model.price, final.usage
     upstream_seconds = exchange.upstream_seconds
     return UsageRecord(
         request_id=exchange.request_id,
@@ -120,5 +121,9 @@ def _record(exchange: Exchange, final: FinalUsage, cost_micro_usd: int | None) -
         latency_ms=(time.monotonic() - exchange.started_at) * 1000,
         upstream_latency_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
         client_request_id=exchange.client_request_id,
-        cost_usd=cost_micro_usd / MICRO_USD if cost_micro_usd is not None and exchange.model.price else None,
+        cost_usd=(
+            price.cost_usd(usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens)
+            if price is not None and usage is not None
+            else None
+        ),
     )

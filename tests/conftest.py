@@ -38,6 +38,7 @@ DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5
 PROVIDER_KEY = "sk-fake-provider-key-for-tests"
 USER_KEY = "gw-test-key-alice"
 OTHER_KEY = "gw-test-key-bob"
+ADMIN_KEY = "gw-test-admin-key"
 # A fixed quota clock on a whole minute: reset and retry figures become exact.
 T0_MS = 1_800_000_000_000
 
@@ -128,6 +129,8 @@ class ConfigWriter:
     database_url: str
     upstream_url: str
     timeouts: str = "{connect_seconds: 2, read_seconds: 5, total_seconds: 10}"
+    # More keys under quota:, e.g. "time_zone: Europe/Berlin".
+    quota_extra: str = ""
 
     def write(
         self,
@@ -171,6 +174,7 @@ class ConfigWriter:
                 models:
                   gpt-4o-mini:
                     provider: fake
+                    price: {{input: 0.15, output: 0.6}}
                   team-model:
                     provider: fake
                     upstream_model: gpt-4o-mini
@@ -183,11 +187,14 @@ class ConfigWriter:
                     provider: fake
                     upstream_model: claude-sonnet-4-5
                 keys:
-                  - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice, team: research}}
-                  - {{id: bob-key, sha256: {_sha256(OTHER_KEY)}, user: bob}}
+                  - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice, team: research, tags: [interactive]}}
+                  - {{id: bob-key, sha256: {_sha256(OTHER_KEY)}, user: bob, tags: [batch]}}
+                admin:
+                  key_sha256: {_sha256(ADMIN_KEY)}
                 quota:
                   policies: policies/*.yaml
                   default_max_completion_tokens: 100
+                  {self.quota_extra}
                 ledger:
                   batch_size: 100
                   flush_interval_seconds: 0.02

@@ -59,7 +59,10 @@ def test_invalid_policy_stops_start_up(tmp_path: Path) -> None:
     )
     result = gateway_command("serve", "--config", str(tmp_path / "gateway.yaml"))
     assert result.returncode == 2
-    assert f"{bad}:5: policies[0].limits[0].per: must be one of day, hour, minute, month, second" in result.stderr
+    assert (
+        f"{bad}:5: policies[0].limits[0].per: must be one of day, hour, minute, month, second"
+        in result.stderr
+    )
 
 
 def test_keys_create_list_revoke_against_postgres(

@@ -106,6 +106,20 @@ def period_bounds(rule_window: str, now_ms: int, zone: ZoneInfo) -> tuple[int, i
     return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
 
 
+@dataclass(frozen=True)
+class LimitReading:
+    """A limit as it stands, read without changing it."""
+
+    limit: AppliedLimit
+    used: int
+    reserved: int
+    reset_ms: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit.rule.capacity - self.used)
+
+
 @dataclass
 class QuotaLimiter:
     """Runs reserve_quota.lua and settle_quota.lua against Redis (single node or cluster)."""
@@ -119,12 +133,14 @@ class QuotaLimiter:
     _reserve: Any = field(init=False, repr=False)
     _settle: Any = field(init=False, repr=False)
     _sync: Any = field(init=False, repr=False)
+    _read: Any = field(init=False, repr=False)
     _zone: ZoneInfo = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._reserve = self.redis.register_script(_lua("reserve_quota.lua"))
         self._settle = self.redis.register_script(_lua("settle_quota.lua"))
         self._sync = self.redis.register_script(_lua("sync_calendar.lua"))
+        self._read = self.redis.register_script(_lua("read_quota.lua"))
         self._zone = ZoneInfo(self.time_zone)
 
     @property
@@ -289,3 +305,38 @@ class QuotaLimiter:
 
     def period_start(self, window: str) -> int:
         return period_bounds(window, self._now_ms(), self._zone)[0]
+
+    async def read(self, limits: Sequence[AppliedLimit]) -> list[LimitReading]:
+        """Used, reserved and reset of each limit, as the scripts see them now."""
+        now_ms = self._now_ms()
+        readings: list[LimitReading] = []
+        charges = [Charge(limit, 0) for limit in limits]
+        for group in self._groups(len(limits), charges):
+            keys: list[str] = []
+            args: list[str | int] = [self._now_arg()]
+            for index in group:
+                kind, window, span_a, span_b = self._spans(limits[index], now_ms)
+                keys.extend(limits[index].redis_keys(self.key_prefix))
+                args += [kind, window, span_a, span_b]
+            try:
+                reply = await self._read(keys=keys, args=args)
+            except Exception as exc:
+                raise QuotaStoreUnavailable(str(exc)) from exc
+            for position, index in enumerate(group):
+                used, reserved, reset_ms = (int(v) for v in reply[1 + 3 * position : 4 + 3 * position])
+                readings.append(LimitReading(limits[index], used, reserved, reset_ms))
+        order = {id(limit): position for position, limit in enumerate(limits)}
+        return sorted(readings, key=lambda reading: order[id(reading.limit)])
+
+    async def reset(self, limits: Sequence[AppliedLimit]) -> int:
+        """Forget all usage and reservations of these limits; returns keys deleted."""
+        deleted = 0
+        for limit in limits:
+            try:
+                for key in limit.redis_keys(self.key_prefix):
+                    deleted += int(await self.redis.delete(key))
+                # Reset means zero: do not rebuild these counters from the ledger.
+                await self.redis.set(limit.sync_marker(self.key_prefix), "1")
+            except Exception as exc:
+                raise QuotaStoreUnavailable(str(exc)) from exc
+        return deleted

@@ -184,6 +184,15 @@ class PolicySet:
     def limits_for(self, principal: Principal, model: str = "") -> list[AppliedLimit]:
         return list(self.for_request(principal, model).limits)
 
+    def limits_of_principal(self, principal: Principal) -> list[AppliedLimit]:
+        """Every limit that can apply to this caller, whatever the model."""
+        return [
+            AppliedLimit(p.name, p.scope, p.subject(principal), rule, enforced=p.mode == "enforce")
+            for p in self.policies
+            if any(p.matches(principal, model) for model in (p.models or ("",)))
+            for rule in p.limits
+        ]
+
     def limits_of_subject(self, scope: str, subject: str) -> list[AppliedLimit]:
         """Every counter a subject may have (for quota show and reset)."""
         return [

@@ -1,0 +1,68 @@
+"""The caller's own quota (GET /v1/quota) and the admin API over anyone's."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import state
+from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.proxy import PRINCIPAL
+from gateway.quota.limiter import QuotaStoreUnavailable
+from gateway.quota.policy import SCOPES
+from gateway.quota.report import reading_json
+
+
+async def own_quota(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    quota = request.app[state.QUOTA]
+    limits = request.app[state.POLICIES].current.limits_of_principal(principal)
+    try:
+        readings = await quota.limiter.read(limits)
+    except QuotaStoreUnavailable as exc:
+        raise ServiceUnavailable(
+            "The quota backend is unreachable.", code="quota_backend_unavailable"
+        ) from exc
+    return web.json_response(
+        {
+            "object": "quota",
+            "key_id": principal.key_id,
+            "user": principal.user,
+            "team": principal.team,
+            "limits": [reading_json(reading) for reading in readings],
+        }
+    )
+
+
+def _subject(request: web.Request) -> tuple[str, str]:
+    scope, subject = request.match_info["scope"], request.match_info["subject"]
+    if scope not in SCOPES:
+        raise InvalidRequest(f"scope must be one of {', '.join(sorted(SCOPES))}", param="scope")
+    return scope, subject
+
+
+async def admin_show_quota(request: web.Request) -> web.Response:
+    scope, subject = _subject(request)
+    limits = request.app[state.POLICIES].current.limits_of_subject(scope, subject)
+    try:
+        readings = await request.app[state.QUOTA].limiter.read(limits)
+    except QuotaStoreUnavailable as exc:
+        raise ServiceUnavailable(
+            "The quota backend is unreachable.", code="quota_backend_unavailable"
+        ) from exc
+    return web.json_response(
+        {"object": "quota", "scope": scope, "subject": subject, "limits": [reading_json(r) for r in readings]}
+    )
+
+
+async def admin_reset_quota(request: web.Request) -> web.Response:
+    scope, subject = _subject(request)
+    limits = request.app[state.POLICIES].current.limits_of_subject(scope, subject)
+    try:
+        deleted = await request.app[state.QUOTA].limiter.reset(limits)
+    except QuotaStoreUnavailable as exc:
+        raise ServiceUnavailable(
+            "The quota backend is unreachable.", code="quota_backend_unavailable"
+        ) from exc
+    return web.json_response(
+        {"object": "quota.reset", "scope": scope, "subject": subject, "keys_deleted": deleted}
+    )
