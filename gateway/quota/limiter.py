@@ -7,10 +7,12 @@ rolls the earlier slots back when a later one rejects.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
@@ -135,6 +137,7 @@ class QuotaLimiter:
     _sync: Any = field(init=False, repr=False)
     _read: Any = field(init=False, repr=False)
     _zone: ZoneInfo = field(init=False, repr=False)
+    _calls: asyncio.Semaphore | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._reserve = self.redis.register_script(_lua("reserve_quota.lua"))
@@ -142,6 +145,20 @@ class QuotaLimiter:
         self._sync = self.redis.register_script(_lua("sync_calendar.lua"))
         self._read = self.redis.register_script(_lua("read_quota.lua"))
         self._zone = ZoneInfo(self.time_zone)
+        if isinstance(self.redis, RedisCluster):
+            # redis-py's cluster client has no blocking pool: past max_connections on a
+            # node it raises MaxConnectionsError at once, which would fail a burst closed.
+            # Each script call holds one connection on one node, so queue them here instead.
+            max_connections = int(self.redis.connection_kwargs.get("max_connections") or 64)
+            self._calls = asyncio.Semaphore(max_connections)
+
+    async def _run(self, script: Any, keys: list[str], args: list[str | int]) -> Any:
+        """One script call; raises QuotaStoreUnavailable if Redis fails."""
+        try:
+            async with self._calls or contextlib.nullcontext():
+                return await script(keys=keys, args=args)
+        except Exception as exc:
+            raise QuotaStoreUnavailable(str(exc)) from exc
 
     @property
     def clustered(self) -> bool:
@@ -197,6 +214,7 @@ class QuotaLimiter:
                 states[index] = LimitState(charges[index].limit, used, reset_ms, bool(charged), bucket)
             if not admitted:
                 await self._roll_back(reservation_id, charges, spans, states, done)
+                _report_rolled_back(states, charges, done)
                 rejected_index = group[rejecting - 1]
                 known = tuple(state for state in states if state is not None)
                 return Admission(
@@ -231,10 +249,7 @@ class QuotaLimiter:
             keys.append(charge.limit.sync_marker(self.key_prefix))
             args += [kind, window, charge.limit.rule.capacity, span_a, span_b, charge.amount]
             args.append(1 if charge.limit.enforced else 0)
-        try:
-            reply: list[Any] = await self._reserve(keys=keys, args=args)
-        except Exception as exc:
-            raise QuotaStoreUnavailable(str(exc)) from exc
+        reply: list[Any] = await self._run(self._reserve, keys, args)
         return reply
 
     async def _roll_back(
@@ -279,10 +294,7 @@ class QuotaLimiter:
             args += [kind, window, span_a, span_b, state.bucket, charge.amount, actual]
         if not keys:
             return
-        try:
-            await self._settle(keys=keys, args=args)
-        except Exception as exc:
-            raise QuotaStoreUnavailable(str(exc)) from exc
+        await self._run(self._settle, keys, args)
 
     async def sync_calendar(self, limits: Sequence[AppliedLimit], recorded: Sequence[int]) -> bool:
         """Write a subject's calendar counters as the ledger recorded them, unless done already."""
@@ -298,10 +310,7 @@ class QuotaLimiter:
             args += [start, amount]
             keep_ms = max(keep_ms, end - now_ms + 1000)
         args.append(keep_ms)
-        try:
-            return bool(await self._sync(keys=keys, args=args))
-        except Exception as exc:
-            raise QuotaStoreUnavailable(str(exc)) from exc
+        return bool(await self._run(self._sync, keys, args))
 
     def period_start(self, window: str) -> int:
         return period_bounds(window, self._now_ms(), self._zone)[0]
@@ -318,10 +327,7 @@ class QuotaLimiter:
                 kind, window, span_a, span_b = self._spans(limits[index], now_ms)
                 keys.extend(limits[index].redis_keys(self.key_prefix))
                 args += [kind, window, span_a, span_b]
-            try:
-                reply = await self._read(keys=keys, args=args)
-            except Exception as exc:
-                raise QuotaStoreUnavailable(str(exc)) from exc
+            reply = await self._run(self._read, keys, args)
             for position, index in enumerate(group):
                 used, reserved, reset_ms = (int(v) for v in reply[1 + 3 * position : 4 + 3 * position])
                 readings.append(LimitReading(limits[index], used, reserved, reset_ms))
@@ -340,3 +346,21 @@ class QuotaLimiter:
             except Exception as exc:
                 raise QuotaStoreUnavailable(str(exc)) from exc
         return deleted
+
+
+def _report_rolled_back(
+    states: list[LimitState | None], charges: Sequence[Charge], groups: list[list[int]]
+) -> None:
+    """Report rolled-back limits as uncharged, with their usage before this request.
+
+    That is what a single node reports for limits of a rejected request (the 429's
+    x-ratelimit-* headers come from it); reset_ms is left as the charge saw it.
+    """
+    for group in groups:
+        for index in group:
+            state = states[index]
+            if state is not None and state.charged:
+                used = state.used - charges[index].amount
+                states[index] = replace(
+                    state, used=used, charged=False, reset_ms=state.reset_ms if used else 0
+                )
