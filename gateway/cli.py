@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     create = command(keys, "create", _keys_create, "create a key (printed once)")
     create.add_argument("--user", required=True)
     create.add_argument("--team")
+    create.add_argument("--tag", action="append", default=[], help="a tag policies can match (repeatable)")
     command(keys, "list", _keys_list, "list keys (ids and owners, never the keys)")
     revoke = command(keys, "revoke", _keys_revoke, "revoke a key by id")
     revoke.add_argument("key_id")
@@ -266,7 +267,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    for flag, value in (("--user", args.user), ("--team", args.team)):
+    for flag, value in (("--user", args.user), ("--team", args.team), *(("--tag", tag) for tag in args.tag)):
         if value is not None and not IDENTIFIER.match(value):
             print(f"gateway: {flag} may use letters, digits and . _ @ + -", file=sys.stderr)
             return EXIT_CONFIG
@@ -278,6 +279,7 @@ def _keys_create(args: argparse.Namespace) -> int:
         team=args.team,
         created_at=datetime.now(UTC),
         revoked_at=None,
+        tags=tuple(args.tag),
     )
 
     async def create(store: LedgerStore) -> int:
@@ -286,6 +288,7 @@ def _keys_create(args: argparse.Namespace) -> int:
 
     status = _with_store(args, create)
     print(f"key id: {record.key_id}\nuser:   {record.user}\nteam:   {record.team or '-'}")
+    print(f"tags:   {', '.join(record.tags) or '-'}")
     print(f"key:    {key}\n(shown once: store it now; the gateway keeps only its hash)")
     return status
 

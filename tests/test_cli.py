@@ -69,12 +69,27 @@ def test_keys_create_list_revoke_against_postgres(
     config_writer: ConfigWriter, pg: asyncpg.Connection
 ) -> None:
     config = str(config_writer.write())
-    created = gateway_command("keys", "create", "--user", "carol", "--team", "ml", "--config", config)
+    created = gateway_command(
+        "keys",
+        "create",
+        "--user",
+        "carol",
+        "--team",
+        "ml",
+        "--tag",
+        "batch",
+        "--tag",
+        "eu",
+        "--config",
+        config,
+    )
     assert created.returncode == 0, created.stderr
     key = re.search(r"^key:\s+(gw-\S+)$", created.stdout, re.MULTILINE)
     key_id = re.search(r"^key id:\s+(key_[0-9a-f]{12})$", created.stdout, re.MULTILINE)
     assert key is not None and key_id is not None
 
+    stored_tags = await_tags(config_writer.database_url, key_id[1])
+    assert stored_tags == ["batch", "eu"]
     listed = gateway_command("keys", "list", "--config", config)
     assert listed.returncode == 0
     assert key_id[1] in listed.stdout and "carol" in listed.stdout and "active" in listed.stdout
@@ -84,6 +99,19 @@ def test_keys_create_list_revoke_against_postgres(
     assert revoked.returncode == 0 and f"revoked {key_id[1]}" in revoked.stdout
     again = gateway_command("keys", "revoke", key_id[1], "--config", config)
     assert again.returncode == 1
+
+
+def await_tags(database_url: str, key_id: str) -> list[str]:
+    import asyncio
+
+    async def read() -> list[str]:
+        connection = await asyncpg.connect(database_url)
+        try:
+            return list(await connection.fetchval("SELECT tags FROM api_keys WHERE key_id = $1", key_id))
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())
 
 
 async def test_created_key_authenticates_until_revoked(
