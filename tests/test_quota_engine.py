@@ -336,7 +336,9 @@ def test_quota_cli_show_and_reset(config_writer: ConfigWriter, pg: asyncpg.Conne
     shown = cli("show", "user", "zoe", "--json")
     assert shown.returncode == 0, shown.stderr
     limits = json.loads(shown.stdout)["limits"]
-    assert [(item["policy"], item["limit"], item["used"], item["remaining"]) for item in limits] == [("per-user", 9, 0, 9)]
+    assert [(item["policy"], item["limit"], item["used"], item["remaining"]) for item in limits] == [
+        ("per-user", 9, 0, 9)
+    ]
     table = cli("show", "user", "zoe")
     assert re.search(r"per-user\s+requests_per_hour\s+0\s+0\s+9", table.stdout)
     reset = cli("reset", "user", "zoe")

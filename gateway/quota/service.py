@@ -173,11 +173,14 @@ class QuotaService:
                 code="quota_backend_unavailable",
                 headers={"retry-after": "1"},
             ) from error
-        self._metrics.quota_fail_open.inc()
         admission = self._local.reserve(charges)
         if not admission.admitted:
             assert admission.rejected_by is not None
+            limit = admission.rejected_by.limit
+            self._metrics.quota_rejections.labels(limit.rule.label, limit.scope).inc()
             raise rejection_error(admission)
+        # Only what the local limiter admitted: its 429s are rejections, not admissions.
+        self._metrics.quota_fail_open.inc()
         return Ticket(admission, reserved, local=True)
 
     async def settle(self, ticket: Ticket, actual: Amounts) -> None:
