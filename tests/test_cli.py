@@ -194,3 +194,53 @@ def test_shipped_config_serves_on_the_embedded_default(tmp_path: Path) -> None:
             "SELECT user_id, model, prompt_tokens, completion_tokens, usage_source FROM usage_events"
         ).fetchall()
     assert rows == [("demo", "gpt-4o-mini", 8, 4, "provider")]
+
+
+def test_sighup_reloads_policies_at_once(tmp_path: Path) -> None:
+    """The new file keeps the old size and mtime, so only SIGHUP (not the poll) sees it."""
+    shutil.copy(REPO / "gateway.yaml", tmp_path / "gateway.yaml")
+    (tmp_path / "policies").mkdir()
+    policy = tmp_path / "policies" / "p.yaml"
+    policy.write_text("policies:\n  - {name: p, scope: user, limits: [{requests: 11, per: minute}]}\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="gw-demo-key-change-me", max_retries=0
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                first = client.chat.completions.with_raw_response.create(
+                    model="gpt-4o-mini", messages=HI, max_tokens=1
+                )
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.1)
+        assert first.headers["x-ratelimit-limit-requests"] == "11"
+        stat = policy.stat()
+        policy.write_text("policies:\n  - {name: p, scope: user, limits: [{requests: 22, per: minute}]}\n")
+        os.utime(policy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        time.sleep(2.5)  # longer than the poll interval: the poll must not have noticed
+        unchanged = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=HI, max_tokens=1
+        )
+        assert unchanged.headers["x-ratelimit-limit-requests"] == "11"
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        reloaded = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=HI, max_tokens=1
+        )
+        assert reloaded.headers["x-ratelimit-limit-requests"] == "22"
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert "policies reloaded: 1 policies from 1 files" in stderr
