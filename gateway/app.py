@@ -26,6 +26,7 @@ from gateway.providers import build_provider
 from gateway.quota.limiter import QuotaLimiter
 from gateway.quota.service import QuotaService
 from gateway.quota.store import open_redis
+from gateway.routing import Router
 from gateway.settlement import Settlement
 from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry, TokenizerUnavailable
 
@@ -54,7 +55,9 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app.cleanup_ctx.append(_settlement)
     app.cleanup_ctx.append(_policy_watch)
 
-    app.router.add_post("/v1/chat/completions", proxy.chat_completions)
+    for spec in proxy.ROUTES.values():
+        app.router.add_post(f"/v1/{spec.name}", proxy.handler(spec))
+    app.router.add_get("/v1/models", proxy.list_models)
     app.router.add_post("/v1/tokens/count", count_routes.count_openai_request)
     app.router.add_post("/v1/messages/count_tokens", count_routes.count_anthropic_request)
     app.router.add_get("/v1/quota", quota_routes.own_quota)
@@ -137,6 +140,7 @@ async def _providers(app: web.Application) -> AsyncIterator[None]:
         for name, provider in config.providers.items()
     }
     app[state.PROVIDERS] = providers
+    app[state.ROUTER] = Router(providers, config.routing, app[state.METRICS])
     yield
     for provider in providers.values():
         await provider.close()

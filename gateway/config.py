@@ -19,7 +19,7 @@ __all__ = ["ConfigError", "GatewayConfig", "load_config"]
 # Ids become part of Redis keys and ledger rows: keep them to a safe alphabet.
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-PROVIDER_TYPES = {"openai", "mock"}
+PROVIDER_TYPES = {"openai", "azure", "anthropic", "mock"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,11 @@ class BackendsConfig:
 @dataclass(frozen=True)
 class TimeoutsConfig:
     connect_seconds: float = 10.0
-    read_seconds: float = 300.0
+    # Until the provider's response headers arrive.
+    first_byte_seconds: float = 120.0
+    # Between two reads of a response (a stalled stream ends after this).
+    idle_seconds: float = 300.0
+    # A whole non-streamed request.
     total_seconds: float = 600.0
 
 
@@ -75,6 +79,11 @@ class ProviderConfig:
     base_url: str | None = None
     api_key_env: str | None = None
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    # Azure OpenAI's api-version query parameter.
+    api_version: str | None = None
+    # The mock provider's pace: seconds to the first token, then tokens per second (0: at once).
+    latency_seconds: float = 0.0
+    tokens_per_second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -104,12 +113,23 @@ class PriceConfig:
 
 
 @dataclass(frozen=True)
+class DeploymentConfig:
+    """One place a model is served: a provider, the model's name there, a routing weight."""
+
+    provider: str
+    upstream_model: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
+    # The first deployment's provider and model name: labels, counting, the ledger.
     provider: str
     upstream_model: str
     tokenizer: str | None = None
     price: PriceConfig | None = None
+    deployments: tuple[DeploymentConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +201,16 @@ class TokensConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """Retries before the first byte reaches the client, and the circuit breaker."""
+
+    attempts_per_deployment: int = 2
+    backoff_seconds: float = 0.2
+    breaker_failures: int = 3
+    breaker_cooldown_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: Path
     server: ServerConfig
@@ -193,6 +223,7 @@ class GatewayConfig:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     # SHA-256 of the admin API's key; None turns the admin API off.
     admin_key_sha256: str | None = None
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -203,7 +234,9 @@ def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate gateway.yaml; raises ConfigError naming file and key path."""
     config_path = Path(path).resolve()
     root = load_yaml_file(config_path)
-    root.mapping({"server", "backends", "providers", "models", "keys", "quota", "ledger", "tokens", "admin"})
+    root.mapping(
+        {"server", "backends", "providers", "models", "keys", "quota", "ledger", "tokens", "admin", "routing"}
+    )
     base_dir = config_path.parent
     providers = _providers(root.require("providers"))
     return GatewayConfig(
@@ -217,6 +250,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         ledger=_ledger(root.get("ledger")),
         tokens=_tokens(root.get("tokens"), base_dir),
         admin_key_sha256=_admin(root.get("admin")),
+        routing=_routing(root.get("routing")),
     )
 
 
@@ -272,18 +306,36 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
     for name, entry in node.items():
         if not IDENTIFIER.match(name):
             entry.fail("provider names may use letters, digits and . _ @ + -")
-        entry.mapping({"type", "base_url", "api_key_env", "timeouts"})
+        entry.mapping(
+            {
+                "type",
+                "base_url",
+                "api_key_env",
+                "timeouts",
+                "api_version",
+                "latency_seconds",
+                "tokens_per_second",
+            }
+        )
         kind = entry.require("type").as_choice(PROVIDER_TYPES)
         base_url = entry.get("base_url")
-        if kind == "openai" and base_url is None:
-            entry.child("base_url", None).fail("is required for providers of type openai")
-        key_env = entry.get("api_key_env")
+        if kind != "mock" and base_url is None:
+            entry.child("base_url", None).fail(f"is required for providers of type {kind}")
+        if base_url is not None and not base_url.as_str().startswith(("http://", "https://")):
+            base_url.fail("must be an http:// or https:// URL")
+        key_env, version = entry.get("api_key_env"), entry.get("api_version")
+        if kind == "azure" and version is None:
+            entry.child("api_version", None).fail("is required for providers of type azure (e.g. 2024-10-21)")
+        latency, rate = entry.get("latency_seconds"), entry.get("tokens_per_second")
         providers[name] = ProviderConfig(
             name=name,
             type=kind,
             base_url=base_url.as_str().rstrip("/") if base_url else None,
             api_key_env=key_env.as_str() if key_env else None,
             timeouts=_timeouts(entry.get("timeouts")),
+            api_version=version.as_str() if version else None,
+            latency_seconds=latency.as_float(minimum=0) if latency else 0.0,
+            tokens_per_second=rate.as_float(minimum=0) if rate else 0.0,
         )
     if not providers:
         node.fail("at least one provider is required")
@@ -293,11 +345,12 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
 def _timeouts(node: Node | None) -> TimeoutsConfig:
     if node is None:
         return TimeoutsConfig()
-    node.mapping({"connect_seconds", "read_seconds", "total_seconds"})
+    keys = ("connect_seconds", "first_byte_seconds", "idle_seconds", "total_seconds")
+    node.mapping(set(keys))
     default = TimeoutsConfig()
     values = {
         key: (child.as_float(minimum=0.001) if (child := node.get(key)) else getattr(default, key))
-        for key in ("connect_seconds", "read_seconds", "total_seconds")
+        for key in keys
     }
     return TimeoutsConfig(**values)
 
@@ -305,22 +358,51 @@ def _timeouts(node: Node | None) -> TimeoutsConfig:
 def _models(node: Node, providers: dict[str, ProviderConfig]) -> dict[str, ModelConfig]:
     models: dict[str, ModelConfig] = {}
     for name, entry in node.items():
-        entry.mapping({"provider", "upstream_model", "tokenizer", "price"})
-        provider_node = entry.require("provider")
-        provider = provider_node.as_str()
-        if provider not in providers:
-            provider_node.fail(f"no provider named {provider!r} under providers")
-        upstream, tokenizer = entry.get("upstream_model"), entry.get("tokenizer")
+        entry.mapping({"provider", "upstream_model", "tokenizer", "price", "deployments"})
+        deployments_node = entry.get("deployments")
+        if deployments_node is not None:
+            if entry.get("provider") is not None:
+                entry.child("provider", None).fail("give either provider or deployments, not both")
+            deployments = tuple(_deployment(item, name, providers) for item in deployments_node.elements())
+            if not deployments:
+                deployments_node.fail("needs at least one deployment")
+        else:
+            upstream = entry.get("upstream_model")
+            deployments = (
+                DeploymentConfig(
+                    provider=_provider_name(entry.require("provider"), providers),
+                    upstream_model=upstream.as_str() if upstream else name,
+                ),
+            )
+        tokenizer = entry.get("tokenizer")
         models[name] = ModelConfig(
             name=name,
-            provider=provider,
-            upstream_model=upstream.as_str() if upstream else name,
+            provider=deployments[0].provider,
+            upstream_model=deployments[0].upstream_model,
             tokenizer=tokenizer.as_str() if tokenizer else None,
             price=_price(entry.get("price")),
+            deployments=deployments,
         )
     if not models:
         node.fail("at least one model is required")
     return models
+
+
+def _deployment(node: Node, model: str, providers: dict[str, ProviderConfig]) -> DeploymentConfig:
+    node.mapping({"provider", "upstream_model", "weight"})
+    upstream, weight = node.get("upstream_model"), node.get("weight")
+    return DeploymentConfig(
+        provider=_provider_name(node.require("provider"), providers),
+        upstream_model=upstream.as_str() if upstream else model,
+        weight=weight.as_float(minimum=0.0) if weight else 1.0,
+    )
+
+
+def _provider_name(node: Node, providers: dict[str, ProviderConfig]) -> str:
+    provider = node.as_str()
+    if provider not in providers:
+        node.fail(f"no provider named {provider!r} under providers")
+    return provider
 
 
 def _price(node: Node | None) -> PriceConfig | None:
@@ -504,6 +586,23 @@ def _bpe_file(name: str, node: Node, base_dir: Path) -> BpeFileConfig:
         pattern=node.require("pattern").as_str(),
         special_tokens=tuple(element.as_str() for element in specials.elements()) if specials else (),
         reserved_special_tokens=reserved.as_int(minimum=0) if reserved else 0,
+    )
+
+
+def _routing(node: Node | None) -> RoutingConfig:
+    default = RoutingConfig()
+    if node is None:
+        return default
+    keys = ("attempts_per_deployment", "backoff_seconds", "breaker_failures", "breaker_cooldown_seconds")
+    node.mapping(set(keys))
+    attempts, backoff, failures, cooldown = (node.get(key) for key in keys)
+    return RoutingConfig(
+        attempts_per_deployment=attempts.as_int(minimum=1) if attempts else default.attempts_per_deployment,
+        backoff_seconds=backoff.as_float(minimum=0) if backoff else default.backoff_seconds,
+        breaker_failures=failures.as_int(minimum=1) if failures else default.breaker_failures,
+        breaker_cooldown_seconds=cooldown.as_float(minimum=0)
+        if cooldown
+        else default.breaker_cooldown_seconds,
     )
 
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway import state
 from gateway.errors import InvalidRequest
-from gateway.proxy import read_json_object, resolve_model, validate_messages
+from gateway.requests import read_json_object, resolve_model, validate_messages
 
 
 def route_of(body: Mapping[str, Any]) -> str:

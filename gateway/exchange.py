@@ -36,6 +36,14 @@ class Exchange:
     # Generated text relayed to the client, kept only to count it if usage never comes.
     relayed_text: list[str] = field(default_factory=list)
     client_disconnected: bool = False
+    # Which deployment served it (its provider name) and after how many attempts.
+    deployment: str = ""
+    upstream_model: str = ""
+    attempts: int = 0
+
+    def __post_init__(self) -> None:
+        self.deployment = self.deployment or self.model.provider
+        self.upstream_model = self.upstream_model or self.model.upstream_model
 
     def upstream_began(self) -> None:
         self.upstream_started_at = time.monotonic()

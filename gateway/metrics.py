@@ -119,6 +119,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_failures = Counter(
+            "gateway_upstream_failures_total",
+            "Upstream attempts that failed (connection, timeout, 429, 5xx), by provider.",
+            ["provider"],
+            registry=r,
+        )
+        self.breaker_openings = Counter(
+            "gateway_upstream_breaker_openings_total",
+            "Times a deployment was taken out for a cool-down.",
+            ["provider"],
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "gateway_upstream_breaker_open",
+            "1 while a deployment is taken out (circuit open).",
+            ["provider"],
+            registry=r,
+        )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served now.", registry=r)
         self.ledger_queue_depth = Gauge(
             "gateway_ledger_queue_depth", "Usage records waiting to be written.", registry=r

@@ -22,7 +22,9 @@ from gateway.errors import (
     ServerError,
 )
 from gateway.metrics import UNKNOWN_MODEL
-from gateway.proxy import CLIENT_CLOSED_REQUEST, MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
+from gateway.proxy import CLIENT_CLOSED_REQUEST
+from gateway.quota.headers import anthropic_ratelimit_headers
+from gateway.requests import MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
 
 log = logging.getLogger("gateway.http")
 
@@ -45,16 +47,19 @@ ANTHROPIC_PREFIX = "/v1/messages"
 
 def error_response(error: GatewayError, request_id: str, anthropic: bool = False) -> web.Response:
     body = error.body()
+    # A caller's own request id (already in the headers) wins over ours.
+    headers = {"x-request-id": request_id, "x-gateway-request-id": request_id, **error.headers}
     if anthropic:
         kind = ANTHROPIC_ERROR_TYPES.get(
             error.status, "api_error" if error.status >= 500 else "invalid_request_error"
         )
         body = {"type": "error", "error": {"type": kind, "message": error.message}}
+        headers = anthropic_ratelimit_headers(headers)
     return web.Response(
         status=error.status,
         body=json.dumps(body).encode(),
         content_type="application/json",
-        headers={**error.headers, "x-request-id": request_id},
+        headers=headers,
     )
 
 

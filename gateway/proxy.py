@@ -1,154 +1,168 @@
-"""The request path: parse → count → reserve → forward → relay → settle.
+"""The request path: parse → count → reserve → route → relay → settle.
 
-Provider details live in providers/, accounting in quota/ and ledger/; this module
-only puts them in order.
+One handler serves every proxied endpoint; a RouteSpec says what differs between them.
+Provider details live in providers/ and routing.py, accounting in quota/ and ledger/;
+this module only puts them in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from gateway import state
-from gateway.auth import Principal
-from gateway.config import ModelConfig
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, RequestTooLarge
+from gateway import requests, state
+from gateway.config import DeploymentConfig
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.exchange import Exchange
 from gateway.providers import UpstreamRequest
 from gateway.quota import ratelimit_headers
+from gateway.quota.headers import anthropic_ratelimit_headers
 from gateway.quota.service import amounts_for
-from gateway.relay import relay_body, relay_stream
+from gateway.relay import (
+    AnthropicStream,
+    OpenAIStream,
+    ResponsesStream,
+    StreamObserver,
+    relay_body,
+    relay_stream,
+)
+from gateway.requests import PRINCIPAL, REQUEST_ID, client_request_id, read_json_object, resolve_model
+from gateway.tokens.prompts import prompt_multiplicity
 
-PRINCIPAL = web.RequestKey("principal", Principal)
-REQUEST_ID = web.RequestKey("request_id", str)
-MODEL_LABEL = web.RequestKey("model_label", str)
-MAX_CLIENT_REQUEST_ID = 128
 # nginx's convention for "the client closed the connection before the answer".
 CLIENT_CLOSED_REQUEST = 499
+# Caller headers a provider may see; everything else (credentials, cookies, hop-by-hop) stays here.
+FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 
 
-async def read_json_object(request: web.Request) -> tuple[dict[str, Any], int]:
-    """The body as a JSON object and its size, or a 400/413 that says what is wrong."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        limit = request.app[state.CONFIG].server.max_body_bytes
-        raise RequestTooLarge(f"Request body exceeds the gateway's limit of {limit} bytes.") from exc
-    if not raw:
-        raise InvalidRequest("The request body is empty; expected a JSON object.")
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. Send valid JSON (UTF-8)."
-        ) from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return body, len(raw)
+@dataclass(frozen=True)
+class RouteSpec:
+    """What one proxied endpoint needs: its upstream path, counting rule and wire format."""
+
+    name: str
+    path: str
+    count_route: str
+    wire_format: str
+    validate: Callable[[Mapping[str, Any]], object]
+    max_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
+    # Completion tokens reserved when the request sets none (None: the configured default).
+    default_max: int | None = None
+    streams: bool = True
+    requires_max: bool = False
+    # Whether the upstream is asked for usage in streams (stream_options.include_usage).
+    injects_usage: bool = False
 
 
-def resolve_model(request: web.Request, body: Mapping[str, Any]) -> ModelConfig:
-    model_name = body.get("model")
-    if not isinstance(model_name, str) or not model_name:
-        raise InvalidRequest("You must provide a model parameter.", param="model")
-    model = request.app[state.CONFIG].models.get(model_name)
-    if model is None:
-        shown = model_name if len(model_name) <= 100 else model_name[:100] + "…"
-        raise ModelNotFound(
-            f"The model `{shown}` does not exist or you do not have access to it.", param="model"
-        )
-    request[MODEL_LABEL] = model.name
-    return model
+ROUTES = {
+    "chat": RouteSpec(
+        "chat/completions",
+        "chat/completions",
+        "chat",
+        "openai",
+        requests.validate_messages,
+        injects_usage=True,
+    ),
+    "completions": RouteSpec(
+        "completions",
+        "completions",
+        "completions",
+        "openai",
+        lambda body: requests.validate_input(body, "prompt"),
+        max_fields=("max_tokens",),
+        default_max=16,  # OpenAI's documented default for legacy completions
+        injects_usage=True,
+    ),
+    "embeddings": RouteSpec(
+        "embeddings",
+        "embeddings",
+        "embeddings",
+        "openai",
+        lambda body: requests.validate_input(body, "input"),
+        max_fields=(),
+        default_max=0,
+        streams=False,
+    ),
+    "responses": RouteSpec(
+        "responses",
+        "responses",
+        "responses",
+        "openai",
+        requests.validate_responses_input,
+        max_fields=("max_output_tokens",),
+    ),
+    "messages": RouteSpec(
+        "messages",
+        "messages",
+        "messages",
+        "anthropic",
+        requests.validate_anthropic_messages,
+        max_fields=("max_tokens",),
+        requires_max=True,
+    ),
+}
 
 
-def validate_messages(body: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty array of message objects.", param="messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequest(
-                f"messages[{index}] must be an object with a string 'role'.",
-                param=f"messages[{index}]",
-            )
-    return messages
+def handler(spec: RouteSpec) -> Callable[[web.Request], Any]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await proxy(request, spec)
+
+    return handle
 
 
-MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
-
-
-def requested_max_tokens(body: Mapping[str, Any]) -> int | None:
-    """The request's own completion cap, if it gives one."""
-    for field in MAX_TOKENS_FIELDS:
-        value = body.get(field)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
-        return value
-    return None
-
-
-def wants_stream(body: Mapping[str, Any]) -> bool:
-    stream = body.get("stream", False)
-    if stream is None:
-        return False
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    return stream
-
-
-def client_request_id(request: web.Request) -> str | None:
-    value = request.headers.get("X-Client-Request-Id") or request.headers.get("X-Request-Id")
-    if value and len(value) <= MAX_CLIENT_REQUEST_ID and value.isprintable():
-        return value
-    return None
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     app = request.app
     config = app[state.CONFIG]
     principal = request[PRINCIPAL]
     body, body_bytes = await read_json_object(request)
     model = resolve_model(request, body)
-    validate_messages(body)
-    stream = wants_stream(body)
+    spec.validate(body)
+    stream = requests.wants_stream(body) if spec.streams else False
+    if not spec.streams and body.get("stream"):
+        raise InvalidRequest(f"/v1/{spec.name} does not stream.", param="stream")
     quota = app[state.QUOTA]
     decision = quota.request_policy(principal, model)
-    requested = requested_max_tokens(body)
-    max_completion = quota.completion_budget(decision, requested, config.quota.default_max_completion_tokens)
-    if decision.max_tokens_cap is not None and (requested is None or requested > max_completion):
+    requested = requests.requested_max_tokens(body, spec.max_fields) if spec.max_fields else None
+    if spec.requires_max and requested is None:
+        raise InvalidRequest("max_tokens: Field required", param="max_tokens")
+    default = config.quota.default_max_completion_tokens if spec.default_max is None else spec.default_max
+    max_completion = quota.completion_budget(decision, requested, default) if spec.max_fields else 0
+    if (
+        decision.max_tokens_cap is not None
+        and spec.max_fields
+        and (requested is None or requested > max_completion)
+    ):
         # The policy's cap goes upstream too, so the provider cannot bill past it.
-        field = next((f for f in MAX_TOKENS_FIELDS if f in body), "max_tokens")
+        field = next((f for f in spec.max_fields if f in body), spec.max_fields[-1])
         body = {**body, field: max_completion}
 
     counter = app[state.COUNTER]
     profile = counter.registry.profile(model.upstream_model, model.tokenizer)
-    prompt = await counter.count("chat", body, profile, body_bytes)
-    reserved_tokens = prompt.tokens + max_completion
-    ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, max_completion))
+    prompt = await counter.count(spec.count_route, body, profile, body_bytes)
+    completions = max_completion * _choices(body, spec)
+    ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, completions))
     admission = ticket.admission
 
     exchange = Exchange(
         request_id=request[REQUEST_ID],
-        route="chat/completions",
+        route=spec.name,
         principal=principal,
         model=model,
         profile=profile,
         stream=stream,
         prompt=prompt,
-        reserved_tokens=reserved_tokens,
+        reserved_tokens=prompt.tokens + completions,
         ticket=ticket,
         client_request_id=client_request_id(request),
     )
-    headers = {**ratelimit_headers(admission), "x-request-id": exchange.request_id}
+    headers = {**ratelimit_headers(admission), **_ids(exchange)}
+    if spec.wire_format == "anthropic":
+        headers = anthropic_ratelimit_headers(headers)
     try:
-        return await _forward(request, body, exchange, headers)
+        return await _forward(request, body, spec, exchange, headers)
     except GatewayError as exc:
         exchange.status, exchange.error_code = exc.status, exc.code
         exc.headers = {**headers, **exc.headers}
@@ -167,30 +181,72 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         app[state.SETTLEMENT].settle_later(exchange)
 
 
+def _choices(body: Mapping[str, Any], spec: RouteSpec) -> int:
+    """How many completions the request asks for: prompts times n (legacy completions)."""
+    n = body.get("n", 1)
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+    if spec.count_route == "completions":
+        return n * prompt_multiplicity(body.get("prompt"))
+    return n if spec.count_route == "chat" else 1
+
+
+def _ids(exchange: Exchange) -> dict[str, str]:
+    # The caller's id comes back when given (and is in the ledger as client_request_id).
+    return {
+        "x-request-id": exchange.client_request_id or exchange.request_id,
+        "x-gateway-request-id": exchange.request_id,
+    }
+
+
 async def _forward(
-    request: web.Request, body: dict[str, Any], exchange: Exchange, headers: dict[str, str]
+    request: web.Request, body: dict[str, Any], spec: RouteSpec, exchange: Exchange, headers: dict[str, str]
 ) -> web.StreamResponse:
-    provider = request.app[state.PROVIDERS][exchange.model.provider]
-    upstream_body = {**body, "model": exchange.model.upstream_model}
     client_wants_usage = False
-    if exchange.stream:
-        options = body.get("stream_options")
+    options = body.get("stream_options")
+    if exchange.stream and spec.injects_usage:
         client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        # Always ask for usage: it is what the reservation is settled with.
-        upstream_body["stream_options"] = {
-            **(options if isinstance(options, dict) else {}),
-            "include_usage": True,
-        }
+    passed_headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
+
+    def upstream_request(deployment: DeploymentConfig) -> UpstreamRequest:
+        upstream_body = {**body, "model": deployment.upstream_model}
+        if exchange.stream and spec.injects_usage:
+            # Always ask for usage: it is what the reservation is settled with.
+            upstream_body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        return UpstreamRequest(
+            spec.path, upstream_body, exchange.stream, deployment.upstream_model, passed_headers
+        )
+
     exchange.upstream_began()
-    reply = await provider.send(UpstreamRequest("chat/completions", upstream_body, exchange.stream))
+    routed = await request.app[state.ROUTER].send(exchange.model, upstream_request, spec.wire_format)
+    exchange.deployment, exchange.attempts = routed.deployment.provider, routed.attempts
+    exchange.upstream_model = routed.deployment.upstream_model
+    reply = routed.reply
     if reply.chunks is None:
         exchange.upstream_finished()
-        response = relay_body(reply, exchange, headers)
+        response = relay_body(reply, exchange, headers, spec.wire_format)
         exchange.status = response.status
         return response
     exchange.status = 200
-    return await relay_stream(request, reply, exchange, headers, client_wants_usage)
+    observer: StreamObserver
+    if spec.wire_format == "anthropic":
+        observer = AnthropicStream()
+    elif spec.count_route == "responses":
+        observer = ResponsesStream()
+    else:
+        observer = OpenAIStream(withhold_usage_chunk=not client_wants_usage)
+    return await relay_stream(request, reply, exchange, headers, observer)
 
 
-def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the models this key may use, in OpenAI's list shape."""
+    principal = request[PRINCIPAL]
+    policies = request.app[state.POLICIES].current
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "gateway"}
+        for name in sorted(request.app[state.CONFIG].models)
+        if policies.for_request(principal, name).denied_by is None
+    ]
+    return web.json_response({"object": "list", "data": data})

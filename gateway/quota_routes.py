@@ -6,10 +6,10 @@ from aiohttp import web
 
 from gateway import state
 from gateway.errors import InvalidRequest, ServiceUnavailable
-from gateway.proxy import PRINCIPAL
 from gateway.quota.limiter import QuotaStoreUnavailable
 from gateway.quota.policy import SCOPES
 from gateway.quota.report import reading_json
+from gateway.requests import PRINCIPAL
 
 
 async def own_quota(request: web.Request) -> web.Response:

@@ -1,7 +1,8 @@
 """Relaying a provider's reply to the client: whole bodies, or SSE event by event.
 
 Streams are never buffered whole: each complete event is written as soon as it
-arrives, and `write()` waits for a slow client (backpressure) instead of queueing.
+arrives, and `write()` waits for a slow client (backpressure) instead of queueing, so
+memory per stream stays bounded by one read from the provider.
 """
 
 from __future__ import annotations
@@ -10,20 +11,14 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from typing import Protocol
 
 from aiohttp import web
 
 from gateway.errors import GatewayError, UpstreamError
 from gateway.exchange import Exchange
-from gateway.providers import UpstreamReply
-from gateway.providers.openai_wire import (
-    SseSplitter,
-    chunk_object,
-    chunk_text,
-    error_event,
-    event_data,
-    usage_from_object,
-)
+from gateway.providers import UpstreamReply, Usage, anthropic_wire, openai_wire
+from gateway.providers.openai_wire import SseSplitter, chunk_object, event_data, usage_from_object
 
 log = logging.getLogger("gateway.relay")
 
@@ -31,23 +26,113 @@ _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _DONE = b"[DONE]"
 
 
-def relay_body(reply: UpstreamReply, exchange: Exchange, headers: Mapping[str, str]) -> web.Response:
+class StreamObserver(Protocol):
+    """Reads each event of one wire format: usage, text, and whether to pass it on."""
+
+    usage: Usage | None
+    text: list[str]
+
+    def observe(self, event: bytes) -> bool: ...
+
+    def error_event(self, message: str, code: str) -> bytes: ...
+
+
+class OpenAIStream:
+    """Chat and completions chunks; the final usage chunk may be ours to withhold."""
+
+    def __init__(self, withhold_usage_chunk: bool) -> None:
+        self.usage: Usage | None = None
+        self.text: list[str] = []
+        self._withhold = withhold_usage_chunk
+
+    def observe(self, event: bytes) -> bool:
+        payload = event_data(event)
+        if payload is None or payload == _DONE:
+            return True
+        chunk = None
+        if _HAS_USAGE.search(payload):
+            chunk = chunk_object(payload)
+            usage = usage_from_object(chunk)
+            if usage is not None:
+                self.usage = usage
+                if self._withhold and chunk is not None and chunk.get("choices") == []:
+                    return False
+        if self.usage is None:
+            chunk = chunk if chunk is not None else chunk_object(payload)
+            if chunk is not None:
+                self.text.append(openai_wire.chunk_text(chunk))
+        return True
+
+    def error_event(self, message: str, code: str) -> bytes:
+        return openai_wire.error_event(message, code)
+
+
+class ResponsesStream(OpenAIStream):
+    """Responses API events: text deltas, and usage in `response.completed`."""
+
+    def __init__(self) -> None:
+        super().__init__(withhold_usage_chunk=False)
+
+
+class AnthropicStream:
+    """Messages events: input tokens in message_start, output tokens in message_delta."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.text: list[str] = []
+        self._input: Usage | None = None
+
+    def observe(self, event: bytes) -> bool:
+        payload = event_data(event)
+        data = chunk_object(payload) if payload is not None else None
+        if data is None:
+            return True
+        kind = data.get("type")
+        if kind == "message_start":
+            message = data.get("message")
+            self._input = anthropic_wire.message_usage(
+                message.get("usage") if isinstance(message, Mapping) else None
+            )
+        elif kind == "message_delta" and self._input is not None:
+            usage = data.get("usage")
+            output = usage.get("output_tokens") if isinstance(usage, Mapping) else None
+            if isinstance(output, int):
+                self.usage = Usage(self._input.prompt_tokens, output, self._input.cached_prompt_tokens)
+        elif kind == "content_block_delta":
+            delta = data.get("delta")
+            if isinstance(delta, Mapping):
+                piece = delta.get("text", delta.get("partial_json"))
+                if isinstance(piece, str):
+                    self.text.append(piece)
+        return True
+
+    def error_event(self, message: str, code: str) -> bytes:
+        return anthropic_wire.error_event(message)
+
+
+def relay_body(
+    reply: UpstreamReply, exchange: Exchange, headers: Mapping[str, str], wire_format: str
+) -> web.Response:
     """A whole (non-streamed) reply: the provider's bytes, untouched, plus our headers."""
     if reply.status != 200:
-        raise upstream_failure(reply, exchange.model.provider)
+        raise upstream_failure(reply, exchange.deployment)
     try:
-        completion = json.loads(reply.body)
+        body = json.loads(reply.body)
     except ValueError as exc:
         raise UpstreamError(
-            f"Provider '{exchange.model.provider}' answered with a body that is not JSON.",
+            f"Provider '{exchange.deployment}' answered with a body that is not JSON.",
             code="upstream_invalid_response",
         ) from exc
-    exchange.usage = usage_from_object(completion)
-    if exchange.usage is None and isinstance(completion, Mapping):
-        for choice in completion.get("choices") or []:
-            message = choice.get("message") if isinstance(choice, Mapping) else None
-            if isinstance(message, Mapping) and isinstance(message.get("content"), str):
-                exchange.relayed_text.append(message["content"])
+    if wire_format == "anthropic":
+        exchange.usage = anthropic_wire.message_usage(
+            body.get("usage") if isinstance(body, Mapping) else None
+        )
+        text = anthropic_wire.message_text(body)
+    else:
+        exchange.usage = usage_from_object(body)
+        text = openai_wire.body_text(body)
+    if exchange.usage is None and text:
+        exchange.relayed_text.append(text)
     return web.Response(status=200, body=reply.body, content_type="application/json", headers=headers)
 
 
@@ -56,7 +141,7 @@ async def relay_stream(
     reply: UpstreamReply,
     exchange: Exchange,
     headers: Mapping[str, str],
-    client_wants_usage: bool,
+    observer: StreamObserver,
 ) -> web.StreamResponse:
     """Pass SSE events through as they come; note usage; survive either side leaving."""
     assert reply.chunks is not None
@@ -74,45 +159,28 @@ async def relay_stream(
     try:
         async for data in reply.chunks:
             for event in splitter.feed(data):
-                if _note_event(event, exchange) or client_wants_usage:
+                if observer.observe(event):
                     await response.write(event)
         exchange.upstream_finished()
         if splitter.remainder().strip():
             await response.write(splitter.remainder() + b"\n\n")
     except GatewayError as exc:
-        # Headers are gone already: tell the client in-band, as OpenAI does.
+        # Headers are gone already: tell the client in-band, as the provider would.
         exchange.upstream_finished()
         exchange.error_code = exc.code
         log.warning("stream %s failed upstream: %s", exchange.request_id, exc.message)
-        await _write_quietly(response, error_event(exc.message, exc.code), exchange)
+        await _write_quietly(response, observer.error_event(exc.message, exc.code), exchange)
     except ConnectionError:
         exchange.upstream_finished()
         exchange.client_disconnected = True
         exchange.error_code = "client_disconnected"
     finally:
         await reply.close()
+        exchange.usage = observer.usage
+        exchange.relayed_text = observer.text
     if not exchange.client_disconnected:
         await _write_eof_quietly(response, exchange)
     return response
-
-
-def _note_event(event: bytes, exchange: Exchange) -> bool:
-    """Record what the event carries; False for the usage-only chunk we asked for ourselves."""
-    payload = event_data(event)
-    if payload is None or payload == _DONE:
-        return True
-    if _HAS_USAGE.search(payload):
-        chunk = chunk_object(payload)
-        usage = usage_from_object(chunk)
-        if usage is not None:
-            exchange.usage = usage
-            if chunk is not None and chunk.get("choices") == []:
-                return False
-    if exchange.usage is None:
-        chunk = chunk_object(payload)
-        if chunk is not None:
-            exchange.relayed_text.append(chunk_text(chunk))
-    return True
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes, exchange: Exchange) -> None:

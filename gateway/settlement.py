@@ -93,7 +93,7 @@ class Settlement:
             self._metrics.completion_tokens.labels(model).inc(final.usage.completion_tokens)
         upstream_seconds = exchange.upstream_seconds
         if upstream_seconds is not None:
-            self._metrics.upstream_duration.labels(exchange.model.provider, model).observe(upstream_seconds)
+            self._metrics.upstream_duration.labels(exchange.deployment, model).observe(upstream_seconds)
 
 
 def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
@@ -107,8 +107,8 @@ def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
         team_id=exchange.principal.team,
         route=exchange.route,
         model=exchange.model.name,
-        provider=exchange.model.provider,
-        upstream_model=exchange.model.upstream_model,
+        provider=exchange.deployment,
+        upstream_model=exchange.upstream_model,
         stream=exchange.stream,
         status=exchange.status,
         error_code=exchange.error_code,
@@ -121,6 +121,7 @@ def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
         latency_ms=(time.monotonic() - exchange.started_at) * 1000,
         upstream_latency_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
         client_request_id=exchange.client_request_id,
+        attempts=exchange.attempts,
         cost_usd=(
             price.cost_usd(usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens)
             if price is not None and usage is not None

@@ -11,6 +11,7 @@ from gateway.metrics import Metrics
 from gateway.policies import PolicyHolder
 from gateway.providers import Provider
 from gateway.quota.service import QuotaService
+from gateway.routing import Router
 from gateway.settlement import Settlement
 from gateway.tokens import PromptCounter
 
@@ -24,3 +25,4 @@ LEDGER = web.AppKey("ledger", LedgerWriter)
 AUTH = web.AppKey("auth", Authenticator)
 PROVIDERS = web.AppKey("providers", dict[str, Provider])
 SETTLEMENT = web.AppKey("settlement", Settlement)
+ROUTER = web.AppKey("router", Router)

@@ -128,7 +128,7 @@ class ConfigWriter:
     redis_url: str
     database_url: str
     upstream_url: str
-    timeouts: str = "{connect_seconds: 2, read_seconds: 5, total_seconds: 10}"
+    timeouts: str = "{connect_seconds: 2, idle_seconds: 5, total_seconds: 10}"
     # More keys under quota:, e.g. "time_zone: Europe/Berlin".
     quota_extra: str = ""
 

@@ -70,7 +70,7 @@ def test_environment_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ),
         (
             "providers:\n  x: {type: carrier-pigeon}\nmodels: {}\n",
-            "providers.x.type: must be one of mock, openai",
+            "providers.x.type: must be one of anthropic, azure, mock, openai",
         ),
         (
             MINIMAL + "keys:\n  - {id: k, sha256: abc, user: u}\n",

@@ -184,7 +184,7 @@ async def test_slow_provider_times_out_with_504(
     fake_upstream: FakeUpstream,
     pg: asyncpg.Connection,
 ) -> None:
-    config_writer.timeouts = "{connect_seconds: 1, read_seconds: 5, total_seconds: 0.3}"
+    config_writer.timeouts = "{connect_seconds: 1, idle_seconds: 5, total_seconds: 0.3}"
     fake_upstream.delay_seconds = 2
     gateway = await start_gateway()
     with pytest.raises(openai.APIStatusError) as caught:
@@ -202,7 +202,7 @@ async def test_stalled_stream_ends_with_a_timeout_event(
     fake_upstream: FakeUpstream,
     pg: asyncpg.Connection,
 ) -> None:
-    config_writer.timeouts = "{connect_seconds: 1, read_seconds: 0.3, total_seconds: 10}"
+    config_writer.timeouts = "{connect_seconds: 1, idle_seconds: 0.3, total_seconds: 10}"
     fake_upstream.mode = "stall_stream"
     gateway = await start_gateway()
     assert last_error_code(await raw_stream(gateway, max_tokens=8)) == "upstream_timeout"

@@ -35,6 +35,8 @@ class UsageRecord:
     upstream_latency_ms: float | None
     client_request_id: str | None
     cost_usd: float | None = None
+    # Upstream attempts it took (retries and failover); 0 when it never reached one.
+    attempts: int = 0
 
     def row(self) -> tuple[object, ...]:
         return astuple(self)

@@ -23,11 +23,18 @@ class Usage:
 
 @dataclass(frozen=True)
 class UpstreamRequest:
-    """A request ready for a provider: the body already names the upstream model."""
+    """A request ready for a provider: the body already names the upstream model.
+
+    `path` is the API path after the version: chat/completions, completions,
+    embeddings, responses (OpenAI's) or messages (Anthropic's).
+    """
 
     path: str
     body: Mapping[str, Any]
     stream: bool
+    upstream_model: str = ""
+    # Only headers on an allow-list (anthropic-version, anthropic-beta), never credentials.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 async def _nothing_to_close() -> None:
@@ -48,6 +55,8 @@ class UpstreamReply:
 
 class Provider(Protocol):
     name: str
+    # Which API families it speaks: "openai", "anthropic".
+    wire_formats: frozenset[str]
 
     async def send(self, request: UpstreamRequest) -> UpstreamReply:
         """Send; raises UpstreamError or UpstreamTimeout when no reply can be had."""

@@ -12,22 +12,58 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def usage_from_object(obj: Any) -> Usage | None:
-    """The `usage` block of a completion or chunk, or None when absent or malformed."""
+    """The usage block of a completion, chunk, embedding list or response, or None.
+
+    Chat and completions report prompt/completion tokens; embeddings only prompt tokens;
+    the Responses API input/output tokens (in `response.usage` for stream events).
+    """
     if not isinstance(obj, Mapping):
         return None
     usage = obj.get("usage")
+    if usage is None and isinstance(obj.get("response"), Mapping):
+        usage = obj["response"].get("usage")
     if not isinstance(usage, Mapping):
         return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if isinstance(prompt, bool) or isinstance(completion, bool):
+    if "input_tokens" in usage:
+        prompt, completion = usage.get("input_tokens"), usage.get("output_tokens", 0)
+        details = usage.get("input_tokens_details")
+    else:
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+        details = usage.get("prompt_tokens_details")
+    if (
+        not isinstance(prompt, int)
+        or not isinstance(completion, int)
+        or not _is_count(prompt)
+        or not _is_count(completion)
+    ):
         return None
-    if not isinstance(prompt, int) or not isinstance(completion, int) or min(prompt, completion) < 0:
-        return None
-    details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
-    if not isinstance(cached, int) or isinstance(cached, bool) or not 0 <= cached <= prompt:
-        cached = 0
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached)
+    cached_count = cached if isinstance(cached, int) and _is_count(cached) and cached <= prompt else 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached_count)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def body_text(obj: Any) -> str:
+    """Generated text of a whole chat, completions or Responses body (to count it)."""
+    if not isinstance(obj, Mapping):
+        return ""
+    pieces: list[str] = []
+    for choice in obj.get("choices") or []:
+        if not isinstance(choice, Mapping):
+            continue
+        message = choice.get("message")
+        if isinstance(message, Mapping) and isinstance(message.get("content"), str):
+            pieces.append(message["content"])
+        if isinstance(choice.get("text"), str):
+            pieces.append(choice["text"])
+    for item in obj.get("output") or []:
+        for part in item.get("content") or [] if isinstance(item, Mapping) else []:
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+    return "".join(pieces)
 
 
 class SseSplitter:
@@ -67,10 +103,14 @@ def chunk_object(data: bytes) -> Mapping[str, Any] | None:
 
 
 def chunk_text(chunk: Mapping[str, Any]) -> str:
-    """The generated text a chat chunk carries (content and tool-call arguments)."""
+    """The generated text a stream chunk or event carries (content, tool-call arguments)."""
     pieces: list[str] = []
+    if chunk.get("type") == "response.output_text.delta" and isinstance(chunk.get("delta"), str):
+        return str(chunk["delta"])
     choices = chunk.get("choices")
     for choice in choices if isinstance(choices, list) else []:
+        if isinstance(choice, Mapping) and isinstance(choice.get("text"), str):
+            pieces.append(choice["text"])
         delta = choice.get("delta") if isinstance(choice, Mapping) else None
         if not isinstance(delta, Mapping):
             continue

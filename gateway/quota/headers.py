@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from datetime import UTC, datetime, timedelta
 
 from gateway.errors import RateLimited
 from gateway.quota.limiter import Admission, LimitState
@@ -82,3 +84,39 @@ def rejection_error(admission: Admission) -> RateLimited:
     headers["x-ratelimit-limit-name"] = rule.label
     error_type = HEADER_FAMILY.get(rule.kind, rule.kind)
     return RateLimited(message, headers=headers, error_type=error_type)
+
+
+_ANTHROPIC_NAMES = {
+    "x-ratelimit-limit-requests": "anthropic-ratelimit-requests-limit",
+    "x-ratelimit-remaining-requests": "anthropic-ratelimit-requests-remaining",
+    "x-ratelimit-limit-tokens": "anthropic-ratelimit-tokens-limit",
+    "x-ratelimit-remaining-tokens": "anthropic-ratelimit-tokens-remaining",
+}
+_ANTHROPIC_RESETS = {
+    "x-ratelimit-reset-requests": "anthropic-ratelimit-requests-reset",
+    "x-ratelimit-reset-tokens": "anthropic-ratelimit-tokens-reset",
+}
+
+
+def anthropic_ratelimit_headers(headers: dict[str, str], now: datetime | None = None) -> dict[str, str]:
+    """OpenAI-style x-ratelimit-* headers as Anthropic's: same figures, resets as RFC 3339 times."""
+    moment = now or datetime.now(UTC)
+    translated: dict[str, str] = {}
+    for name, value in headers.items():
+        if name in _ANTHROPIC_NAMES:
+            translated[_ANTHROPIC_NAMES[name]] = value
+        elif name in _ANTHROPIC_RESETS:
+            at = moment + timedelta(milliseconds=parse_go_duration(value))
+            translated[_ANTHROPIC_RESETS[name]] = at.isoformat(timespec="seconds").replace("+00:00", "Z")
+        else:
+            translated[name] = value
+    return translated
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_go_duration(text: str) -> int:
+    """Milliseconds in a duration written by go_duration (e.g. 1m1.5s, 12ms)."""
+    scale = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+    return round(sum(float(number) * scale[unit] for number, unit in _DURATION_PART.findall(text)))

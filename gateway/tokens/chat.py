@@ -191,3 +191,45 @@ def count_llama3_chat(messages: Sequence[Mapping[str, Any]], profile: ModelProfi
         tokens += len(encoding.encode_ordinary(str(content or "").strip())) + 1  # <|eot_id|>
     tokens += len(encoding.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", allowed_special="all"))
     return RawCount(tokens, profile.exact)
+
+
+def count_responses(
+    body: Mapping[str, Any], profile: ModelProfile, remote_image_size: tuple[int, int]
+) -> RawCount:
+    """The Responses API's input, counted as the equivalent chat (an estimate: OpenAI has
+    not published how `instructions` and input items are laid out)."""
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    value = body.get("input")
+    items = (
+        [{"role": "user", "content": value}]
+        if isinstance(value, str)
+        else value
+        if isinstance(value, list)
+        else []
+    )
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        content = item.get("content")
+        if isinstance(item.get("role"), str) and isinstance(content, str | list):
+            parts = content if isinstance(content, str) else [_as_chat_part(part) for part in content]
+            messages.append({"role": item["role"], "content": parts})
+        else:
+            messages.append({"role": "tool", "content": json.dumps(item, separators=(",", ":"))})
+    counted = count_chat({**body, "messages": messages}, profile, remote_image_size)
+    return RawCount(counted.tokens, False)
+
+
+def _as_chat_part(part: Any) -> Any:
+    if not isinstance(part, Mapping):
+        return part
+    if part.get("type") in ("input_text", "output_text"):
+        return {"type": "text", "text": part.get("text", "")}
+    if part.get("type") == "input_image":
+        return {
+            "type": "image_url",
+            "image_url": {"url": part.get("image_url", ""), "detail": part.get("detail", "auto")},
+        }
+    return part

@@ -13,12 +13,12 @@ from typing import Any
 
 from gateway.tokens.anthropic import count_anthropic_messages
 from gateway.tokens.calibration import Calibration
-from gateway.tokens.chat import MessageCounter, count_chat
+from gateway.tokens.chat import MessageCounter, count_chat, count_responses
 from gateway.tokens.counts import PromptCount, RawCount
 from gateway.tokens.prompts import count_prompt_input
 from gateway.tokens.registry import ModelProfile, TokenizerRegistry
 
-ROUTES = ("chat", "completions", "embeddings", "messages")
+ROUTES = ("chat", "completions", "embeddings", "messages", "responses")
 
 
 class MessageCache:
@@ -85,6 +85,8 @@ class PromptCounter:
             return count_prompt_input(body.get("input"), profile, "input").count
         if route == "messages":
             return count_anthropic_messages(body, profile, self._remote_image)
+        if route == "responses":
+            return count_responses(body, profile, self._remote_image)
         raise ValueError(f"unknown route {route!r}")
 
     def _cached(self, profile: ModelProfile) -> Callable[[Mapping[str, Any], MessageCounter], RawCount]:

@@ -39,3 +39,10 @@ def count_prompt_input(value: Any, profile: ModelProfile, param: str) -> PromptI
 
 def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def prompt_multiplicity(value: Any) -> int:
+    """How many prompts a completions `prompt` holds (each gets its own completion)."""
+    if isinstance(value, list) and value and all(isinstance(item, str | list) for item in value):
+        return len(value)
+    return 1

@@ -1,0 +1,2 @@
+-- How many upstream attempts (retries, failover) each request took.
+ALTER TABLE usage_events ADD COLUMN attempts smallint NOT NULL DEFAULT 0;

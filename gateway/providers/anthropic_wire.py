@@ -1,0 +1,40 @@
+"""Anthropic's wire format: message usage, stream events, error bodies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.providers.base import Usage
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def message_usage(usage: Any) -> Usage | None:
+    """A Messages API usage block: cache reads and writes are input tokens too."""
+    if not isinstance(usage, Mapping) or not isinstance(usage.get("input_tokens"), int):
+        return None
+    cache_read = _count(usage.get("cache_read_input_tokens"))
+    prompt = _count(usage.get("input_tokens")) + _count(usage.get("cache_creation_input_tokens")) + cache_read
+    return Usage(prompt, _count(usage.get("output_tokens")), cache_read)
+
+
+def message_text(message: Any) -> str:
+    if not isinstance(message, Mapping):
+        return ""
+    return "".join(
+        block.get("text", "")
+        for block in message.get("content") or []
+        if isinstance(block, Mapping) and isinstance(block.get("text"), str)
+    )
+
+
+def error_body(error_type: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def error_event(message: str, error_type: str = "api_error") -> bytes:
+    return b"event: error\ndata: " + json.dumps(error_body(error_type, message)).encode() + b"\n\n"

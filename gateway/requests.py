@@ -1,0 +1,127 @@
+"""Parsing and validating request bodies, before anything is counted or reserved."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from gateway import state
+from gateway.auth import Principal
+from gateway.config import ModelConfig
+from gateway.errors import InvalidRequest, ModelNotFound, RequestTooLarge
+
+PRINCIPAL = web.RequestKey("principal", Principal)
+MODEL_LABEL = web.RequestKey("model_label", str)
+REQUEST_ID = web.RequestKey("request_id", str)
+MAX_CLIENT_REQUEST_ID = 128
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+async def read_json_object(request: web.Request) -> tuple[dict[str, Any], int]:
+    """The body as a JSON object and its size, or a 400/413 that says what is wrong."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.app[state.CONFIG].server.max_body_bytes
+        raise RequestTooLarge(f"Request body exceeds the gateway's limit of {limit} bytes.") from exc
+    if not raw:
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. Send valid JSON (UTF-8)."
+        ) from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body, len(raw)
+
+
+def resolve_model(request: web.Request, body: Mapping[str, Any]) -> ModelConfig:
+    model_name = body.get("model")
+    if not isinstance(model_name, str) or not model_name:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    model = request.app[state.CONFIG].models.get(model_name)
+    if model is None:
+        shown = model_name if len(model_name) <= 100 else model_name[:100] + "…"
+        raise ModelNotFound(
+            f"The model `{shown}` does not exist or you do not have access to it.", param="model"
+        )
+    request[MODEL_LABEL] = model.name
+    return model
+
+
+def validate_messages(body: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array of message objects.", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"messages[{index}] must be an object with a string 'role'.",
+                param=f"messages[{index}]",
+            )
+    return messages
+
+
+def requested_max_tokens(
+    body: Mapping[str, Any], fields: Sequence[str] = ("max_completion_tokens", "max_tokens")
+) -> int | None:
+    """The request's own completion cap, if it gives one."""
+    for field in fields:
+        value = body.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
+        return value
+    return None
+
+
+def wants_stream(body: Mapping[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    return stream
+
+
+def client_request_id(request: web.Request) -> str | None:
+    value = request.headers.get("X-Client-Request-Id") or request.headers.get("X-Request-Id")
+    if value and len(value) <= MAX_CLIENT_REQUEST_ID and value.isprintable():
+        return value
+    return None
+
+
+def validate_input(body: Mapping[str, Any], field: str) -> None:
+    """`prompt` (completions) or `input` (embeddings) must be present; its shape is
+    checked when it is counted."""
+    if field not in body:
+        raise InvalidRequest(f"You must provide '{field}'.", param=field)
+
+
+def validate_responses_input(body: Mapping[str, Any]) -> None:
+    value = body.get("input")
+    if not isinstance(value, str | list) or (isinstance(value, list) and not value):
+        raise InvalidRequest("'input' must be a string or a non-empty array of input items.", param="input")
+
+
+def validate_anthropic_messages(body: Mapping[str, Any]) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages: Field required (a non-empty array)", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise InvalidRequest(
+                f"messages.{index}: each message needs role 'user' or 'assistant'", param=f"messages[{index}]"
+            )
+        if not isinstance(message.get("content"), str | list):
+            raise InvalidRequest(f"messages.{index}.content: Field required", param=f"messages[{index}]")
