@@ -120,6 +120,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     body, body_bytes = await read_json_object(request)
     model = resolve_model(request, body)
     spec.validate(body)
+    app[state.ROUTER].check_serves(model, spec.wire_format)
     stream = requests.wants_stream(body) if spec.streams else False
     if not spec.streams and body.get("stream"):
         raise InvalidRequest(f"/v1/{spec.name} does not stream.", param="stream")

@@ -65,6 +65,16 @@ class Router:
         now = time.monotonic()
         return {name: self.breaker(name).state(now) for name in self._providers}
 
+    def check_serves(self, model: ModelConfig, wire_format: str) -> None:
+        """400 unless some deployment of the model speaks this API."""
+        if not any(wire_format in self._providers[d.provider].wire_formats for d in model.deployments):
+            api = "Anthropic Messages" if wire_format == "anthropic" else "OpenAI"
+            raise InvalidRequest(
+                f"Model `{model.name}` is not served through the {api} API here.",
+                param="model",
+                code="wrong_api_for_model",
+            )
+
     def _candidates(self, model: ModelConfig, wire_format: str) -> list[DeploymentConfig]:
         now = time.monotonic()
         usable: list[DeploymentConfig] = []
@@ -86,13 +96,7 @@ class Router:
         self, model: ModelConfig, make: Callable[[DeploymentConfig], UpstreamRequest], wire_format: str
     ) -> Routed:
         """The first good reply, or the last failure (raised, or returned as the reply)."""
-        if not any(wire_format in self._providers[d.provider].wire_formats for d in model.deployments):
-            api = "Anthropic Messages" if wire_format == "anthropic" else "OpenAI"
-            raise InvalidRequest(
-                f"Model `{model.name}` is not served through the {api} API here.",
-                param="model",
-                code="wrong_api_for_model",
-            )
+        self.check_serves(model, wire_format)
         candidates = self._candidates(model, wire_format)
         if not candidates:
             raise ServiceUnavailable(

@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestServer
 from gateway import state
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
+from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeUpstream
 
 _SHARED_TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken-cache"
@@ -36,6 +37,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _SHARED_TIKTOKEN_CACHE.is_dir():
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 PROVIDER_KEY = "sk-fake-provider-key-for-tests"
+ANTHROPIC_PROVIDER_KEY = "sk-ant-fake-provider-key"
 USER_KEY = "gw-test-key-alice"
 OTHER_KEY = "gw-test-key-bob"
 ADMIN_KEY = "gw-test-admin-key"
@@ -110,6 +112,19 @@ async def upstream_url(fake_upstream: FakeUpstream) -> AsyncIterator[str]:
     await server.close()
 
 
+@pytest.fixture
+def fake_anthropic() -> FakeAnthropic:
+    return FakeAnthropic()
+
+
+@pytest.fixture
+async def anthropic_url(fake_anthropic: FakeAnthropic) -> AsyncIterator[str]:
+    server = TestServer(fake_anthropic.app())
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
 DEFAULT_POLICIES = """
 policies:
   - name: per-user
@@ -128,6 +143,7 @@ class ConfigWriter:
     redis_url: str
     database_url: str
     upstream_url: str
+    anthropic_url: str = "http://127.0.0.1:9"
     timeouts: str = "{connect_seconds: 2, idle_seconds: 5, total_seconds: 10}"
     # More keys under quota:, e.g. "time_zone: Europe/Berlin".
     quota_extra: str = ""
@@ -169,6 +185,15 @@ class ConfigWriter:
                     base_url: {self.upstream_url}
                     api_key_env: FAKE_PROVIDER_KEY
                     timeouts: {self.timeouts}
+                  azure:
+                    type: azure
+                    base_url: {self.upstream_url.removesuffix("/v1")}
+                    api_version: "2024-10-21"
+                    api_key_env: FAKE_PROVIDER_KEY
+                  anthropic:
+                    type: anthropic
+                    base_url: {self.anthropic_url}
+                    api_key_env: FAKE_ANTHROPIC_KEY
                   mock:
                     type: mock
                 models:
@@ -186,6 +211,14 @@ class ConfigWriter:
                   claude-sonnet:
                     provider: fake
                     upstream_model: claude-sonnet-4-5
+                  claude-native:
+                    provider: anthropic
+                    upstream_model: claude-sonnet-4-5
+                  azure-gpt:
+                    provider: azure
+                    upstream_model: my-gpt4o-deployment
+                  text-embedding-3-small:
+                    provider: fake
                 keys:
                   - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice, team: research, tags: [interactive]}}
                   - {{id: bob-key, sha256: {_sha256(OTHER_KEY)}, user: bob, tags: [batch]}}
@@ -210,10 +243,16 @@ class ConfigWriter:
 
 @pytest.fixture
 def config_writer(
-    tmp_path: Path, redis_url: str, database_url: str, upstream_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    redis_url: str,
+    database_url: str,
+    upstream_url: str,
+    anthropic_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> ConfigWriter:
     monkeypatch.setenv("FAKE_PROVIDER_KEY", PROVIDER_KEY)
-    return ConfigWriter(tmp_path, redis_url, database_url, upstream_url)
+    monkeypatch.setenv("FAKE_ANTHROPIC_KEY", ANTHROPIC_PROVIDER_KEY)
+    return ConfigWriter(tmp_path, redis_url, database_url, upstream_url, anthropic_url)
 
 
 @dataclass

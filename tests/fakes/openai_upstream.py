@@ -47,11 +47,184 @@ class FakeUpstream:
     chunk_delay_seconds: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
+    azure_calls: list[tuple[str, str]] = field(default_factory=list)
+
+    # Extra headers on every answer (tests check that provider cookies never leak).
+    response_headers: dict[str, str] = field(default_factory=dict)
+    # Streams: bytes written so far and handlers still running (backpressure tests).
+    bytes_streamed: int = 0
+    active_streams: int = 0
+    chunk_count: int | None = None
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._extra_headers])
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses)
+        # Azure OpenAI's deployment URLs.
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
         return app
+
+    @web.middleware
+    async def _extra_headers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if not response.prepared:
+            response.headers.update(self.response_headers)
+        return response
+
+    async def _azure_chat(self, request: web.Request) -> web.StreamResponse:
+        self.azure_calls.append((request.match_info["deployment"], request.query.get("api-version", "")))
+        return await self._chat(request)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers_seen.append(dict(request.headers))
+        if self.mode == "error_500":
+            return _error(500, "The server had an error while processing your request.", "server_error")
+        encoding = tiktoken.get_encoding(self.encoding_name)
+        prompts = (
+            body["prompt"]
+            if isinstance(body["prompt"], list) and isinstance(body["prompt"][0], str)
+            else [body["prompt"]]
+        )
+        tokens = encoding.encode(self.reply)[: body.get("max_tokens", 16)]
+        text = encoding.decode(tokens)
+        prompt_tokens = sum(len(encoding.encode(p)) if isinstance(p, str) else len(p) for p in prompts)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(tokens) * len(prompts),
+            "total_tokens": prompt_tokens + len(tokens) * len(prompts),
+        }
+        created = int(time.time())
+        choices = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": "length"}
+            for i in range(len(prompts))
+        ]
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "cmpl-fake",
+                    "object": "text_completion",
+                    "created": created,
+                    "model": body["model"],
+                    "choices": choices,
+                    "usage": usage,
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        for token in tokens:
+            chunk: dict[str, Any] = {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "created": created,
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "text": encoding.decode([token]), "logprobs": None, "finish_reason": None}
+                ],
+            }
+            if include_usage:
+                chunk["usage"] = None
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        if include_usage:
+            final = {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "created": created,
+                "model": body["model"],
+                "choices": [],
+                "usage": usage,
+            }
+            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        encoding = tiktoken.get_encoding("cl100k_base")
+        inputs = (
+            body["input"]
+            if isinstance(body["input"], list) and not isinstance(body["input"][0], int)
+            else [body["input"]]
+        )
+        tokens = sum(len(encoding.encode(item)) if isinstance(item, str) else len(item) for item in inputs)
+        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        encoding = tiktoken.get_encoding(self.encoding_name)
+        tokens = encoding.encode(self.reply)[: body.get("max_output_tokens", 1000)]
+        text = encoding.decode(tokens)
+        usage = {
+            "input_tokens": self.prompt_tokens or 12,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": len(tokens),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": (self.prompt_tokens or 12) + len(tokens),
+        }
+        message = {
+            "id": "msg_fake",
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        response_obj = {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": body["model"],
+            "output": [message],
+            "usage": usage,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "error": None,
+            "incomplete_details": None,
+            "instructions": None,
+            "metadata": {},
+            "temperature": 1.0,
+            "top_p": 1.0,
+        }
+        if not body.get("stream"):
+            return web.json_response(response_obj)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def event(name: str, data: dict[str, Any]) -> None:
+            await response.write(
+                f"event: {name}\ndata: ".encode() + json.dumps({"type": name, **data}).encode() + b"\n\n"
+            )
+
+        created = {**response_obj, "status": "in_progress", "output": [], "usage": None}
+        await event("response.created", {"response": created, "sequence_number": 0})
+        for index, token in enumerate(tokens):
+            await event(
+                "response.output_text.delta",
+                {
+                    "item_id": "msg_fake",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": encoding.decode([token]),
+                    "sequence_number": index + 1,
+                },
+            )
+        await event("response.completed", {"response": response_obj, "sequence_number": len(tokens) + 1})
+        return response
 
     def _usage(self, body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
         prompt = self.prompt_tokens
@@ -115,7 +288,25 @@ class FakeUpstream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        self.active_streams += 1
+        try:
+            return await self._write_stream(
+                request, response, body, tokens, encoding, usage, created, include_usage
+            )
+        finally:
+            self.active_streams -= 1
 
+    async def _write_stream(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        body: dict[str, Any],
+        tokens: list[int],
+        encoding: Any,
+        usage: dict[str, int],
+        created: int,
+        include_usage: bool,
+    ) -> web.StreamResponse:
         def event(choices: list[dict[str, Any]], usage_block: dict[str, int] | None = None) -> bytes:
             chunk: dict[str, Any] = {
                 "id": "chatcmpl-fake",
@@ -141,7 +332,9 @@ class FakeUpstream:
             if self.chunk_delay_seconds:
                 await asyncio.sleep(self.chunk_delay_seconds)
             piece = encoding.decode([token])
-            await response.write(event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
+            data = event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+            await response.write(data)
+            self.bytes_streamed += len(data)
         await response.write(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
         if include_usage and self.mode != "no_usage":
             await response.write(event([], usage))
