@@ -33,8 +33,8 @@ class Exchange:
     status: int = 0
     error_code: str | None = None
     usage: Usage | None = None
-    # Generated text relayed to the client, kept only to count it if usage never comes.
-    relayed_text: list[str] = field(default_factory=list)
+    # Tokens of the text relayed to the client, counted only when usage never came.
+    relayed_tokens: int | None = None
     client_disconnected: bool = False
     # Which deployment served it (its provider name) and after how many attempts.
     deployment: str = ""

@@ -231,13 +231,14 @@ async def _forward(
         exchange.status = response.status
         return response
     exchange.status = 200
+    count = exchange.profile.tokenizer.count
     observer: StreamObserver
     if spec.wire_format == "anthropic":
-        observer = AnthropicStream()
+        observer = AnthropicStream(count)
     elif spec.count_route == "responses":
-        observer = ResponsesStream()
+        observer = ResponsesStream(count)
     else:
-        observer = OpenAIStream(withhold_usage_chunk=not client_wants_usage)
+        observer = OpenAIStream(count, withhold_usage_chunk=not client_wants_usage)
     return await relay_stream(request, reply, exchange, headers, observer)
 
 

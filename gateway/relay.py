@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from aiohttp import web
@@ -26,11 +26,42 @@ _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _DONE = b"[DONE]"
 
 
+TALLY_FLUSH_CHARS = 64 * 1024
+
+
+class TextTally:
+    """Counts relayed text in pieces of at most 64K characters, so memory stays bounded
+    however long the stream (only used when the provider's usage never arrives)."""
+
+    def __init__(self, count: Callable[[str], int]) -> None:
+        self._count = count
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._tokens = 0
+
+    def add(self, piece: str) -> None:
+        if not piece:
+            return
+        self._pending.append(piece)
+        self._pending_chars += len(piece)
+        if self._pending_chars >= TALLY_FLUSH_CHARS:
+            self._tokens += self._count("".join(self._pending))
+            self._pending, self._pending_chars = [], 0
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens + (self._count("".join(self._pending)) if self._pending else 0)
+
+    @property
+    def empty(self) -> bool:
+        return not self._tokens and not self._pending
+
+
 class StreamObserver(Protocol):
     """Reads each event of one wire format: usage, text, and whether to pass it on."""
 
     usage: Usage | None
-    text: list[str]
+    text: TextTally
 
     def observe(self, event: bytes) -> bool: ...
 
@@ -40,9 +71,9 @@ class StreamObserver(Protocol):
 class OpenAIStream:
     """Chat and completions chunks; the final usage chunk may be ours to withhold."""
 
-    def __init__(self, withhold_usage_chunk: bool) -> None:
+    def __init__(self, count: Callable[[str], int], withhold_usage_chunk: bool) -> None:
         self.usage: Usage | None = None
-        self.text: list[str] = []
+        self.text = TextTally(count)
         self._withhold = withhold_usage_chunk
 
     def observe(self, event: bytes) -> bool:
@@ -60,7 +91,7 @@ class OpenAIStream:
         if self.usage is None:
             chunk = chunk if chunk is not None else chunk_object(payload)
             if chunk is not None:
-                self.text.append(openai_wire.chunk_text(chunk))
+                self.text.add(openai_wire.chunk_text(chunk))
         return True
 
     def error_event(self, message: str, code: str) -> bytes:
@@ -70,16 +101,16 @@ class OpenAIStream:
 class ResponsesStream(OpenAIStream):
     """Responses API events: text deltas, and usage in `response.completed`."""
 
-    def __init__(self) -> None:
-        super().__init__(withhold_usage_chunk=False)
+    def __init__(self, count: Callable[[str], int]) -> None:
+        super().__init__(count, withhold_usage_chunk=False)
 
 
 class AnthropicStream:
     """Messages events: input tokens in message_start, output tokens in message_delta."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: Callable[[str], int]) -> None:
         self.usage: Usage | None = None
-        self.text: list[str] = []
+        self.text = TextTally(count)
         self._input: Usage | None = None
 
     def observe(self, event: bytes) -> bool:
@@ -103,7 +134,7 @@ class AnthropicStream:
             if isinstance(delta, Mapping):
                 piece = delta.get("text", delta.get("partial_json"))
                 if isinstance(piece, str):
-                    self.text.append(piece)
+                    self.text.add(piece)
         return True
 
     def error_event(self, message: str, code: str) -> bytes:
@@ -132,7 +163,7 @@ def relay_body(
         exchange.usage = usage_from_object(body)
         text = openai_wire.body_text(body)
     if exchange.usage is None and text:
-        exchange.relayed_text.append(text)
+        exchange.relayed_tokens = exchange.profile.tokenizer.count(text)
     return web.Response(status=200, body=reply.body, content_type="application/json", headers=headers)
 
 
@@ -177,7 +208,8 @@ async def relay_stream(
     finally:
         await reply.close()
         exchange.usage = observer.usage
-        exchange.relayed_text = observer.text
+        if observer.usage is None and not observer.text.empty:
+            exchange.relayed_tokens = observer.text.tokens
     if not exchange.client_disconnected:
         await _write_eof_quietly(response, exchange)
     return response

@@ -117,12 +117,14 @@ class Router:
                     reply = await provider.send(make(deployment))
                 except UpstreamError as exc:  # also UpstreamTimeout
                     last_error = exc
-                    self._failed(deployment, f"{exc.code}")
+                    if self._failed(deployment, f"{exc.code}"):
+                        break
                     continue
                 if reply.status in RETRYABLE_STATUSES:
                     await reply.close()
                     last_reply = (reply, deployment)
-                    self._failed(deployment, f"HTTP {reply.status}")
+                    if self._failed(deployment, f"HTTP {reply.status}"):
+                        break  # taken out: go straight to the next deployment
                     continue
                 self._succeeded(deployment)
                 return Routed(reply, deployment, attempts)
@@ -131,7 +133,8 @@ class Router:
         assert last_error is not None
         raise last_error
 
-    def _failed(self, deployment: DeploymentConfig, why: str) -> None:
+    def _failed(self, deployment: DeploymentConfig, why: str) -> bool:
+        """Count a failure; True when the deployment is now taken out."""
         breaker = self.breaker(deployment.provider)
         breaker.failures += 1
         self._metrics.upstream_failures.labels(deployment.provider).inc()
@@ -147,7 +150,9 @@ class Router:
                 self._metrics.breaker_openings.labels(deployment.provider).inc()
             breaker.open_until = now + self._config.breaker_cooldown_seconds
             breaker.probing = False
-        self._metrics.breaker_open.labels(deployment.provider).set(1 if breaker.state(now) == "open" else 0)
+        taken_out = breaker.state(now) == "open"
+        self._metrics.breaker_open.labels(deployment.provider).set(1 if taken_out else 0)
+        return taken_out
 
     def _succeeded(self, deployment: DeploymentConfig) -> None:
         breaker = self.breaker(deployment.provider)

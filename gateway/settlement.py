@@ -34,9 +34,8 @@ def final_usage(exchange: Exchange) -> FinalUsage:
     """The provider's usage; else the relayed text counted; else nothing was produced."""
     if exchange.usage is not None:
         return FinalUsage(exchange.usage, "provider")
-    if exchange.relayed_text:
-        completion = exchange.profile.tokenizer.count("".join(exchange.relayed_text))
-        return FinalUsage(Usage(exchange.prompt.tokens, completion), "counted")
+    if exchange.relayed_tokens is not None:
+        return FinalUsage(Usage(exchange.prompt.tokens, exchange.relayed_tokens), "counted")
     return FinalUsage(None, "none")
 
 

@@ -147,6 +147,10 @@ class ConfigWriter:
     timeouts: str = "{connect_seconds: 2, idle_seconds: 5, total_seconds: 10}"
     # More keys under quota:, e.g. "time_zone: Europe/Berlin".
     quota_extra: str = ""
+    # More providers and models (YAML at the level of their entries), and top-level YAML.
+    extra_providers: str = ""
+    extra_models: str = ""
+    extra: str = ""
 
     def write(
         self,
@@ -196,6 +200,7 @@ class ConfigWriter:
                     api_key_env: FAKE_ANTHROPIC_KEY
                   mock:
                     type: mock
+                __EXTRA_PROVIDERS__
                 models:
                   gpt-4o-mini:
                     provider: fake
@@ -219,6 +224,7 @@ class ConfigWriter:
                     upstream_model: my-gpt4o-deployment
                   text-embedding-3-small:
                     provider: fake
+                __EXTRA_MODELS__
                 keys:
                   - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice, team: research, tags: [interactive]}}
                   - {{id: bob-key, sha256: {_sha256(OTHER_KEY)}, user: bob, tags: [batch]}}
@@ -235,7 +241,10 @@ class ConfigWriter:
             )
             + backends
             + extra
+            + self.extra
         )
+        config = config.replace("__EXTRA_PROVIDERS__\n", textwrap.indent(self.extra_providers, "  "))
+        config = config.replace("__EXTRA_MODELS__\n", textwrap.indent(self.extra_models, "  "))
         path = self.directory / "gateway.yaml"
         path.write_text(config)
         return path

@@ -54,7 +54,8 @@ class FakeUpstream:
     # Streams: bytes written so far and handlers still running (backpressure tests).
     bytes_streamed: int = 0
     active_streams: int = 0
-    chunk_count: int | None = None
+    # Stream this many 32 KiB events instead of the reply's tokens.
+    big_events: int = 0
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._extra_headers])
@@ -321,6 +322,14 @@ class FakeUpstream:
             return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
         await response.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}}]))
+        if self.big_events:
+            # Large events, cheap to make: for backpressure tests that must outgrow socket buffers.
+            piece = ("stream " * 4_682)[:32_768]
+            for _ in range(self.big_events):
+                data = event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+                await response.write(data)
+                self.bytes_streamed += len(data)
+            tokens = tokens[:0]
         for position, token in enumerate(tokens):
             if self.mode == "cut_stream" and position == len(tokens) // 2:
                 # Close the connection mid-stream, as a crashing upstream would.
