@@ -35,6 +35,8 @@ class Exchange:
     usage: Usage | None = None
     # Tokens of the text relayed to the client, counted only when usage never came.
     relayed_tokens: int | None = None
+    # Prompt tokens the provider reported before the stream broke off (Anthropic's message_start).
+    reported_prompt_tokens: int | None = None
     client_disconnected: bool = False
     # Which deployment served it (its provider name) and after how many attempts.
     deployment: str = ""

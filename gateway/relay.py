@@ -111,7 +111,8 @@ class AnthropicStream:
     def __init__(self, count: Callable[[str], int]) -> None:
         self.usage: Usage | None = None
         self.text = TextTally(count)
-        self._input: Usage | None = None
+        # message_start's usage: the input tokens, known before any output.
+        self.started: Usage | None = None
 
     def observe(self, event: bytes) -> bool:
         payload = event_data(event)
@@ -121,14 +122,14 @@ class AnthropicStream:
         kind = data.get("type")
         if kind == "message_start":
             message = data.get("message")
-            self._input = anthropic_wire.message_usage(
+            self.started = anthropic_wire.message_usage(
                 message.get("usage") if isinstance(message, Mapping) else None
             )
-        elif kind == "message_delta" and self._input is not None:
+        elif kind == "message_delta" and self.started is not None:
             usage = data.get("usage")
             output = usage.get("output_tokens") if isinstance(usage, Mapping) else None
             if isinstance(output, int):
-                self.usage = Usage(self._input.prompt_tokens, output, self._input.cached_prompt_tokens)
+                self.usage = Usage(self.started.prompt_tokens, output, self.started.cached_prompt_tokens)
         elif kind == "content_block_delta":
             delta = data.get("delta")
             if isinstance(delta, Mapping):
@@ -210,6 +211,8 @@ async def relay_stream(
         exchange.usage = observer.usage
         if observer.usage is None and not observer.text.empty:
             exchange.relayed_tokens = observer.text.tokens
+        if isinstance(observer, AnthropicStream) and observer.started is not None:
+            exchange.reported_prompt_tokens = observer.started.prompt_tokens
     if not exchange.client_disconnected:
         await _write_eof_quietly(response, exchange)
     return response

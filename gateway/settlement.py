@@ -35,7 +35,9 @@ def final_usage(exchange: Exchange) -> FinalUsage:
     if exchange.usage is not None:
         return FinalUsage(exchange.usage, "provider")
     if exchange.relayed_tokens is not None:
-        return FinalUsage(Usage(exchange.prompt.tokens, exchange.relayed_tokens), "counted")
+        prompt = exchange.reported_prompt_tokens
+        prompt = exchange.prompt.tokens if prompt is None else prompt
+        return FinalUsage(Usage(prompt, exchange.relayed_tokens), "counted")
     return FinalUsage(None, "none")
 
 

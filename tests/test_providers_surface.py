@@ -232,3 +232,24 @@ async def test_mock_speaks_both_apis_with_pacing(
     async with claude.messages.stream(model="mock-model", max_tokens=2, messages=HI) as stream_:
         assert "".join([piece async for piece in stream_.text_stream]) == "This is"
     await claude.close()
+
+
+async def test_an_anthropic_stream_cut_upstream_ends_with_an_error_event(
+    gateway: RunningGateway, fake_anthropic: FakeAnthropic, pg: asyncpg.Connection
+) -> None:
+    fake_anthropic.mode = "cut_stream"
+    client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key=USER_KEY, max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        async with client.messages.stream(model="claude-native", max_tokens=7, messages=HI) as stream:
+            async for _ in stream.text_stream:
+                pass
+    assert "cut the stream" in str(caught.value)
+    await client.close()
+    await gateway.settle()
+    row = await pg.fetchrow(
+        "SELECT error_code, usage_source, prompt_tokens, completion_tokens FROM usage_events"
+    )
+    assert row is not None
+    # message_start told the input tokens; three words were relayed before the cut.
+    assert (row["error_code"], row["usage_source"]) == ("upstream_stream_cut", "counted")
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (21, 3)

@@ -251,11 +251,15 @@ async def test_time_to_first_byte_is_bounded_for_streams(
     fake_upstream: FakeUpstream,
     pg: asyncpg.Connection,
 ) -> None:
-    config_writer.timeouts = "{connect_seconds: 1, first_byte_seconds: 0.3, idle_seconds: 5, total_seconds: 10}"
+    config_writer.timeouts = (
+        "{connect_seconds: 1, first_byte_seconds: 0.3, idle_seconds: 5, total_seconds: 10}"
+    )
     config_writer.extra = "routing: {attempts_per_deployment: 1, backoff_seconds: 0.01}\n"
     fake_upstream.delay_seconds = 2
     gateway = await start_gateway()
     with pytest.raises(openai.APIStatusError) as caught:
-        await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5, stream=True)
+        await gateway.client().chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=5, stream=True
+        )
     assert caught.value.status_code == 504
     assert caught.value.response.json()["error"]["code"] == "upstream_timeout"
