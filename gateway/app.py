@@ -19,6 +19,7 @@ from gateway import count_routes, health, proxy, quota_routes, state
 from gateway.auth import Authenticator
 from gateway.config import ConfigError, GatewayConfig
 from gateway.ledger import LedgerWriter, open_store
+from gateway.ledger.spool import Spool
 from gateway.metrics import Metrics
 from gateway.middlewares import authenticate, authenticate_admin, errors_and_metrics, in_flight
 from gateway.policies import PolicyHolder
@@ -103,7 +104,10 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _ledger(app: web.Application) -> AsyncIterator[None]:
-    writer = LedgerWriter(app[state.STORE], app[state.CONFIG].ledger, app[state.METRICS])
+    config = app[state.CONFIG].ledger
+    writer = LedgerWriter(
+        app[state.STORE], config, app[state.METRICS], Spool(config.spool_dir, config.segment_bytes)
+    )
     writer.start()
     app[state.LEDGER] = writer
     yield

@@ -157,7 +157,9 @@ class QuotaConfig:
 class LedgerConfig:
     batch_size: int = 500
     flush_interval_seconds: float = 0.1
-    queue_size: int = 10_000
+    # Where usage records wait on disk for the database (relative to gateway.yaml).
+    spool_dir: Path = Path("var/spool")
+    segment_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         models=_models(root.require("models"), providers),
         keys=_static_keys(root.get("keys")),
         quota=_quota(root.get("quota")),
-        ledger=_ledger(root.get("ledger")),
+        ledger=_ledger(root.get("ledger"), base_dir),
         tokens=_tokens(root.get("tokens"), base_dir),
         admin_key_sha256=_admin(root.get("admin")),
         routing=_routing(root.get("routing")),
@@ -485,18 +487,20 @@ def _quota(node: Node | None) -> QuotaConfig:
     )
 
 
-def _ledger(node: Node | None) -> LedgerConfig:
-    if node is None:
-        return LedgerConfig()
-    node.mapping({"batch_size", "flush_interval_seconds", "queue_size"})
+def _ledger(node: Node | None, base_dir: Path) -> LedgerConfig:
     default = LedgerConfig()
-    size, interval, queue = (node.get(k) for k in ("batch_size", "flush_interval_seconds", "queue_size"))
+    if node is None:
+        return LedgerConfig(spool_dir=base_dir / default.spool_dir)
+    keys = ("batch_size", "flush_interval_seconds", "spool_dir", "segment_bytes")
+    node.mapping(set(keys))
+    size, interval, spool, segment = (node.get(k) for k in keys)
     return LedgerConfig(
         batch_size=size.as_int(minimum=1) if size else default.batch_size,
-        flush_interval_seconds=interval.as_float(minimum=0.001)
-        if interval
-        else default.flush_interval_seconds,
-        queue_size=queue.as_int(minimum=1) if queue else default.queue_size,
+        flush_interval_seconds=(
+            interval.as_float(minimum=0.001) if interval else default.flush_interval_seconds
+        ),
+        spool_dir=base_dir / (spool.as_str() if spool else default.spool_dir),
+        segment_bytes=segment.as_int(minimum=4096) if segment else default.segment_bytes,
     )
 
 

@@ -139,7 +139,7 @@ class Metrics:
         )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served now.", registry=r)
         self.ledger_queue_depth = Gauge(
-            "gateway_ledger_queue_depth", "Usage records waiting to be written.", registry=r
+            "gateway_ledger_queue_depth", "Usage records spooled but not yet in the database.", registry=r
         )
         self.ledger_rows = Counter(
             "gateway_ledger_rows_written_total", "Usage records written to the ledger.", registry=r
@@ -147,6 +147,39 @@ class Metrics:
         self.ledger_write_errors = Counter(
             "gateway_ledger_write_errors_total",
             "Ledger batch writes that failed (the batch is retried).",
+            registry=r,
+        )
+        self.ledger_batch_size = Histogram(
+            "gateway_ledger_batch_records",
+            "Records per ledger batch.",
+            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+            registry=r,
+        )
+        self.ledger_batch_seconds = Histogram(
+            "gateway_ledger_batch_seconds",
+            "Time to write one ledger batch, retries included.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ledger_spooled = Counter(
+            "gateway_ledger_spooled_records_total", "Usage records appended to the on-disk spool.", registry=r
+        )
+        self.ledger_spool_bytes = Gauge(
+            "gateway_ledger_spool_bytes", "Spooled bytes not yet in the database.", registry=r
+        )
+        self.ledger_spool_errors = Counter(
+            "gateway_ledger_spool_errors_total",
+            "Appends to the spool that failed (disk full?); the records are held in memory.",
+            registry=r,
+        )
+        self.ledger_replayed = Counter(
+            "gateway_ledger_replayed_records_total",
+            "Records written from the spool of an earlier run (after a crash or outage).",
+            registry=r,
+        )
+        self.ledger_rejected = Counter(
+            "gateway_ledger_rejected_records_total",
+            "Records the database refused for their data; kept in the spool's rejected.jsonl.",
             registry=r,
         )
 

@@ -54,7 +54,18 @@ class Settlement:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def settle_later(self, exchange: Exchange) -> None:
-        self._spawn(self._settle(exchange))
+        """Record now (spooled before the handler returns), settle quota in a task.
+
+        The record is on disk before the response leaves, so a gateway killed right after
+        answering still has it; the Redis call runs off the request path and a departing
+        client (a cancelled handler) cannot stop it.
+        """
+        final = FinalUsage(None, "none")
+        try:
+            final = final_usage(exchange)
+        finally:
+            self._ledger.record(_record(exchange, final))
+        self._spawn(self._settle(exchange, final))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -66,18 +77,14 @@ class Settlement:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _settle(self, exchange: Exchange) -> None:
-        """Settle quota, then record; a failure in either must not stop the other."""
-        final = FinalUsage(exchange.usage, "provider" if exchange.usage else "none")
+    async def _settle(self, exchange: Exchange, final: FinalUsage) -> None:
         try:
-            final = final_usage(exchange)
             await self._quota.settle(exchange.ticket, actual_amounts(exchange.model, final.usage))
             self._observe(exchange, final)
         except Exception:
             # The reservation stays charged until it expires and is refunded.
             self._metrics.quota_errors.labels("settle").inc()
             log.exception("quota settlement failed for request %s", exchange.request_id)
-        await self._ledger.record(_record(exchange, final))
 
     def _observe(self, exchange: Exchange, final: FinalUsage) -> None:
         model = exchange.model.name

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import asyncpg
@@ -20,10 +20,36 @@ _CREATE_STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS usage_staging "
     "(LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
-_MOVE_STAGED = (
-    f"INSERT INTO usage_events ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM usage_staging "
-    "ON CONFLICT (request_id) DO NOTHING"
+_CREATE_FRESH = (
+    "CREATE TEMP TABLE IF NOT EXISTS usage_fresh (request_id text PRIMARY KEY) ON COMMIT DELETE ROWS"
 )
+# Request ids are unique across monthly partitions through their own table: only the
+# ids it did not have yet ("fresh") become events and count in the rollup.
+_CLAIM_IDS = (
+    "WITH claimed AS (INSERT INTO usage_request_ids (request_id, created_at) "
+    "SELECT DISTINCT ON (request_id) request_id, created_at FROM usage_staging "
+    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id) "
+    "INSERT INTO usage_fresh SELECT request_id FROM claimed"
+)
+_MOVE_STAGED = (
+    f"INSERT INTO usage_events ({_COLUMN_LIST}) "
+    f"SELECT DISTINCT ON (s.request_id) {', '.join('s.' + c for c in USAGE_COLUMNS)} "
+    "FROM usage_staging s JOIN usage_fresh USING (request_id)"
+)
+_ROLL_UP = """
+INSERT INTO usage_daily AS d
+    (day, key_id, user_id, team_id, model, requests, prompt_tokens, completion_tokens, cost_usd)
+SELECT (e.created_at AT TIME ZONE 'UTC')::date, e.key_id, e.user_id, coalesce(e.team_id, ''), e.model,
+       count(*), coalesce(sum(e.prompt_tokens), 0), coalesce(sum(e.completion_tokens), 0),
+       coalesce(sum(e.cost_usd), 0)
+FROM (SELECT DISTINCT ON (s.request_id) s.* FROM usage_staging s JOIN usage_fresh USING (request_id)) e
+GROUP BY 1, 2, 3, 4, 5
+ON CONFLICT (day, key_id, user_id, team_id, model) DO UPDATE SET
+    requests = d.requests + excluded.requests,
+    prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = d.completion_tokens + excluded.completion_tokens,
+    cost_usd = d.cost_usd + excluded.cost_usd
+"""
 _MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS gateway_schema_migrations (
     version    integer PRIMARY KEY,
@@ -37,6 +63,7 @@ class PostgresStore:
         self._config = config
         self._pool: Any = None
         self.description = "postgres " + _safe_dsn(config.dsn)
+        self._partitions: set[tuple[int, int]] = set()
 
     async def open(self) -> None:
         self._pool = await asyncpg.create_pool(
@@ -78,13 +105,39 @@ class PostgresStore:
             return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM gateway_schema_migrations"))
 
     async def write_usage(self, records: Sequence[UsageRecord]) -> int:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(_CREATE_STAGING)
-            await conn.copy_records_to_table(
-                "usage_staging", records=[record.row() for record in records], columns=USAGE_COLUMNS
-            )
-            status = await conn.execute(_MOVE_STAGED)
+        """One transaction: events (skipping known request ids) and their daily rollups."""
+        async with self._pool.acquire() as conn:
+            await self._ensure_partitions(conn, records)
+            async with conn.transaction():
+                await conn.execute(_CREATE_STAGING)
+                await conn.execute(_CREATE_FRESH)
+                await conn.copy_records_to_table(
+                    "usage_staging", records=[record.row() for record in records], columns=USAGE_COLUMNS
+                )
+                await conn.execute(_CLAIM_IDS)
+                status = await conn.execute(_MOVE_STAGED)
+                await conn.execute(_ROLL_UP)
         return int(status.rsplit(" ", 1)[-1])
+
+    async def _ensure_partitions(self, conn: Any, records: Sequence[UsageRecord]) -> None:
+        months = {
+            (record.created_at.astimezone(UTC).year, record.created_at.astimezone(UTC).month)
+            for record in records
+        }
+        for year, month in sorted(months - self._partitions):
+            start = date(year, month, 1)
+            end = date(year + month // 12, month % 12 + 1, 1)
+            try:
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS usage_events_{year:04d}_{month:02d} "
+                    f"PARTITION OF usage_events FOR VALUES FROM ('{start}') TO ('{end}')"
+                )
+            except (asyncpg.exceptions.DuplicateTableError, asyncpg.exceptions.UniqueViolationError):
+                pass  # another gateway made it at the same moment
+            except asyncpg.exceptions.CheckViolationError:
+                # Rows of that month already sit in the default partition: they stay there.
+                pass
+            self._partitions.add((year, month))
 
     async def find_key(self, sha256: str) -> KeyRecord | None:
         row = await self._pool.fetchrow(

@@ -21,6 +21,16 @@ _INSERT_USAGE = (
     f"INSERT OR IGNORE INTO usage_events ({', '.join(USAGE_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)})"
 )
+_ROLL_UP = """
+INSERT INTO usage_daily
+    (day, key_id, user_id, team_id, model, requests, prompt_tokens, completion_tokens, cost_usd)
+VALUES (substr(?, 1, 10), ?, ?, coalesce(?, ''), ?, 1, coalesce(?, 0), coalesce(?, 0), coalesce(?, 0))
+ON CONFLICT (day, key_id, user_id, team_id, model) DO UPDATE SET
+    requests = requests + 1,
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = completion_tokens + excluded.completion_tokens,
+    cost_usd = cost_usd + excluded.cost_usd
+"""
 
 
 class SqliteStore:
@@ -96,15 +106,31 @@ class SqliteStore:
         rows = [tuple(_value(value) for value in record.row()) for record in records]
 
         def insert(connection: sqlite3.Connection) -> int:
-            before = connection.total_changes
+            inserted = 0
             connection.execute("BEGIN")
             try:
-                connection.executemany(_INSERT_USAGE, rows)
+                for record, row in zip(records, rows, strict=True):
+                    # Only a request id seen for the first time counts in the rollup.
+                    if connection.execute(_INSERT_USAGE, row).rowcount == 1:
+                        inserted += 1
+                        connection.execute(
+                            _ROLL_UP,
+                            (
+                                row[1],
+                                record.key_id,
+                                record.user_id,
+                                record.team_id,
+                                record.model,
+                                record.prompt_tokens,
+                                record.completion_tokens,
+                                record.cost_usd,
+                            ),
+                        )
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
-            return connection.total_changes - before
+            return inserted
 
         return await self._run(insert)
 

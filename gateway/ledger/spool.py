@@ -1,0 +1,241 @@
+"""The on-disk spool every usage record passes through on its way to the database.
+
+A record is appended to the active segment file with one write(2) as the request ends:
+it then survives the gateway being killed (it is in the kernel), without an fsync on
+the request path. The writer reads segments back in order, fsyncs once per batch,
+writes the batch to the database, and only then moves a checkpoint past it. After a
+crash or an outage everything past the checkpoint is simply written again; the
+database skips request ids it already has.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.ledger.records import UsageRecord
+
+log = logging.getLogger("gateway.ledger.spool")
+
+_SEGMENT = re.compile(r"^segment-(\d{12})\.jsonl$")
+CHECKPOINT = "checkpoint.json"
+REJECTED = "rejected.jsonl"
+READ_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """A place in the spool: segment number and byte offset within it."""
+
+    segment: int
+    offset: int
+
+
+def encode(record: UsageRecord) -> bytes:
+    values: dict[str, Any] = {}
+    for field in fields(record):
+        value = getattr(record, field.name)
+        values[field.name] = value.isoformat() if isinstance(value, datetime) else value
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def decode(line: bytes) -> UsageRecord:
+    values = json.loads(line)
+    values["created_at"] = datetime.fromisoformat(values["created_at"])
+    known = {field.name for field in fields(UsageRecord)}
+    return UsageRecord(**{name: value for name, value in values.items() if name in known})
+
+
+class Spool:
+    """One process's spool: the first free `slot-N` folder under the spool directory.
+
+    Each gateway process locks its own slot (flock, released by the kernel even when the
+    process is killed), so processes sharing a config never write the same files, and a
+    restarted process takes the slot back and writes what its predecessor left.
+    """
+
+    def __init__(self, root: Path, segment_bytes: int = 16 << 20) -> None:
+        self.root = root
+        self.directory = root
+        self._segment_bytes = segment_bytes
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._active = 0
+        self._active_size = 0
+        self.cursor = Position(0, 0)
+        self.appended = 0
+        self.committed = 0
+        # Bytes past the checkpoint when this process started: records of an earlier run.
+        self.replay_until = Position(0, 0)
+
+    # Opening --------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.directory = self._take_slot()
+        segments = self.segments()
+        self.cursor = self._read_checkpoint(segments)
+        self._active = (segments[-1] if segments else 0) + 1
+        self._open_active()
+        if segments:
+            self.replay_until = Position(segments[-1], self._size(segments[-1]))
+        else:
+            self.replay_until = Position(self._active, 0)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the slot's lock
+            self._lock_fd = None
+
+    def _take_slot(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for number in range(1024):
+            slot = self.root / f"slot-{number}"
+            slot.mkdir(exist_ok=True)
+            lock_fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock_fd)
+                continue
+            self._lock_fd = lock_fd
+            return slot
+        raise OSError(f"no free spool slot under {self.root}")
+
+    def segments(self) -> list[int]:
+        return sorted(int(m[1]) for name in os.listdir(self.directory) if (m := _SEGMENT.match(name)))
+
+    def _path(self, segment: int) -> Path:
+        return self.directory / f"segment-{segment:012d}.jsonl"
+
+    def _size(self, segment: int) -> int:
+        try:
+            return self._path(segment).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _open_active(self) -> None:
+        self._fd = os.open(self._path(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._active_size = self._size(self._active)
+
+    def _read_checkpoint(self, segments: list[int]) -> Position:
+        try:
+            saved = json.loads((self.directory / CHECKPOINT).read_text())
+            position = Position(int(saved["segment"]), int(saved["offset"]))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            position = Position(segments[0] if segments else 0, 0)
+        if segments and position.segment < segments[0]:
+            position = Position(segments[0], 0)
+        return position
+
+    # Writing --------------------------------------------------------------------
+
+    def append(self, record: UsageRecord) -> None:
+        """Raises OSError (a full disk, say); the caller keeps the record and retries."""
+        data = encode(record)
+        assert self._fd is not None, "spool is not open"
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(f"short write to the spool ({written} of {len(data)} bytes)")
+        self._active_size += written
+        self.appended += 1
+        if self._active_size >= self._segment_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._active += 1
+        self._open_active()
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def reject(self, record: UsageRecord, reason: str) -> None:
+        """Keep a record the database refused, with the reason, for an operator to see."""
+        line = json.dumps({"reason": reason, "record": json.loads(encode(record))}) + "\n"
+        with open(self.directory / REJECTED, "a", encoding="utf-8") as rejected:
+            rejected.write(line)
+            rejected.flush()
+            os.fsync(rejected.fileno())
+
+    # Reading --------------------------------------------------------------------
+
+    def read(self, max_records: int) -> tuple[list[UsageRecord], Position]:
+        """Records after the cursor (at most max_records) and where they end."""
+        records: list[UsageRecord] = []
+        position = self.cursor
+        while len(records) < max_records:
+            if position.segment > self._active:
+                break
+            path = self._path(position.segment)
+            if not path.exists():
+                if position.segment >= self._active:
+                    break
+                position = Position(position.segment + 1, 0)
+                continue
+            with open(path, "rb") as segment:
+                segment.seek(position.offset)
+                data = segment.read(READ_CHUNK_BYTES)
+            offset = position.offset
+            for line in data.splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break  # an append still in flight, or a torn tail (below)
+                offset += len(line)
+                try:
+                    records.append(decode(line))
+                except (ValueError, TypeError, KeyError):
+                    log.error(
+                        "skipping an unreadable spool line in %s at byte %d", path.name, offset - len(line)
+                    )
+                if len(records) >= max_records:
+                    break
+            position = Position(position.segment, offset)
+            if len(records) >= max_records:
+                break
+            if position.segment < self._active and offset >= self._size(position.segment):
+                # A finished segment read to its end (a torn last line is skipped).
+                position = Position(position.segment + 1, 0)
+                continue
+            break
+        return records, position
+
+    def commit(self, position: Position, records: int) -> None:
+        """The database has everything before `position`: save it, drop finished segments."""
+        self.cursor = position
+        self.committed += records
+        temporary = self.directory / (CHECKPOINT + ".tmp")
+        with open(temporary, "w", encoding="utf-8") as checkpoint:
+            json.dump({"segment": position.segment, "offset": position.offset}, checkpoint)
+            checkpoint.flush()
+            os.fsync(checkpoint.fileno())
+        os.replace(temporary, self.directory / CHECKPOINT)
+        for segment in self.segments():
+            if segment < position.segment:
+                self._path(segment).unlink(missing_ok=True)
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes appended but not yet in the database."""
+        total = 0
+        for segment in self.segments():
+            if segment >= self.cursor.segment:
+                size = self._size(segment)
+                total += size - (self.cursor.offset if segment == self.cursor.segment else 0)
+        return max(total, 0)
+
+    @property
+    def caught_up(self) -> bool:
+        return self.cursor.segment == self._active and self.cursor.offset >= self._active_size
