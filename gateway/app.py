@@ -64,6 +64,7 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app.router.add_get("/v1/quota", quota_routes.own_quota)
     app.router.add_get("/admin/quota/{scope}/{subject}", quota_routes.admin_show_quota)
     app.router.add_delete("/admin/quota/{scope}/{subject}", quota_routes.admin_reset_quota)
+    app.router.add_get("/admin/usage", quota_routes.admin_usage)
     app.router.add_get("/health", health.liveness)
     app.router.add_get("/health/ready", health.readiness)
     app.router.add_get("/metrics", _metrics)

@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage gateway API keys").add_subparsers(
         dest="keys_command", required=True
     )
+    usage = command(commands, "usage", _usage, "usage report from the daily rollups")
+    usage.add_argument("--by", default="user", choices=["key", "user", "team", "model", "day"])
+    usage.add_argument("--since", help="first day, YYYY-MM-DD (default: the 1st of this month, UTC)")
+    usage.add_argument("--until", help="day after the last, YYYY-MM-DD (default: tomorrow)")
+    usage.add_argument("--format", default="table", choices=["table", "csv", "json"])
+
     quota = commands.add_parser("quota", help="inspect and reset quota counters").add_subparsers(
         dest="quota_command", required=True
     )
@@ -142,6 +148,22 @@ def _check(args: argparse.Namespace) -> int:
         f"{len(holder.current.policies)} policies in {len(holder.current.files)} files)"
     )
     return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from gateway.ledger.report import ReportError, period, render
+
+    try:
+        since, until = period(args.since, args.until)
+    except ReportError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def report(store: LedgerStore) -> int:
+        print(render(await store.usage_report(args.by, since, until), args.by, args.format))
+        return 0
+
+    return _with_store(args, report)
 
 
 def _quota_command(args: argparse.Namespace, reset: bool) -> int:

@@ -24,6 +24,8 @@ async def _timed(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
             result.update(detail)
     except Exception as exc:
         result = {"status": "unhealthy", "error": type(exc).__name__}
+        if isinstance(exc, OSError) and exc.args:
+            result["detail"] = str(exc.args[0])[:200]
     result["latency_ms"] = round((time.monotonic() - started) * 1000, 3)
     return result
 
@@ -56,14 +58,21 @@ async def readiness(request: web.Request) -> web.Response:
             if not registry.self_test(name):
                 raise RuntimeError(f"tokenizer {name} failed its self-test")
 
-    redis, database, tokenizers = await asyncio.gather(
-        _timed(redis_check), _timed(database_check), _timed(tokenizer_check)
+    async def spool_check() -> dict[str, Any]:
+        writer = app[state.LEDGER]
+        if writer.spool_error is not None:
+            # Recording has stopped for lack of disk: say so, loudly.
+            raise OSError(writer.spool_error)
+        return {"backlog_bytes": writer.spool.backlog_bytes, "pending_records": writer.pending}
+
+    redis, database, tokenizers, spool = await asyncio.gather(
+        _timed(redis_check), _timed(database_check), _timed(tokenizer_check), _timed(spool_check)
     )
-    components = {"redis": redis, "database": database, "tokenizers": tokenizers}
+    components = {"redis": redis, "database": database, "tokenizers": tokenizers, "spool": spool}
     essential_ok = redis["status"] == "healthy" and tokenizers["status"] == "healthy"
     if not essential_ok:
         overall = "unhealthy"
-    elif database["status"] != "healthy":
+    elif database["status"] != "healthy" or spool["status"] != "healthy":
         overall = "degraded"
     else:
         overall = "healthy"

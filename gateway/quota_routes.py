@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from gateway import state
 from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.ledger.report import ReportError, check_group, period, render
 from gateway.quota.limiter import QuotaStoreUnavailable
 from gateway.quota.policy import SCOPES
 from gateway.quota.report import reading_json
@@ -65,4 +68,29 @@ async def admin_reset_quota(request: web.Request) -> web.Response:
         ) from exc
     return web.json_response(
         {"object": "quota.reset", "scope": scope, "subject": subject, "keys_deleted": deleted}
+    )
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """GET /admin/usage?by=user&since=YYYY-MM-DD&until=YYYY-MM-DD&format=json|csv"""
+    query = request.query
+    output = query.get("format", "json")
+    try:
+        by = check_group(query.get("by", "user"))
+        since, until = period(query.get("since"), query.get("until"))
+        if output not in ("json", "csv"):
+            raise ReportError("format must be json or csv")
+    except ReportError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    rows = await request.app[state.STORE].usage_report(by, since, until)
+    if output == "csv":
+        return web.Response(text=render(rows, by, "csv") + "\n", content_type="text/csv")
+    return web.json_response(
+        {
+            "object": "usage.report",
+            "by": by,
+            "since": since.isoformat(),
+            "until": until.isoformat(),
+            "data": json.loads(render(rows, by, "json")),
+        }
     )

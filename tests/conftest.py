@@ -94,7 +94,7 @@ async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(database_url)
     exists = await connection.fetchval("SELECT to_regclass('usage_events')")
     if exists is not None:
-        await connection.execute("TRUNCATE usage_events, api_keys")
+        await connection.execute("TRUNCATE usage_events, usage_request_ids, usage_daily, api_keys")
     yield connection
     await connection.close()
 

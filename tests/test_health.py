@@ -20,7 +20,7 @@ async def test_readiness_checks_redis_postgres_and_tokenizers(gateway: RunningGa
         body = await response.json()
     assert body["status"] == "healthy"
     assert body["healthy_share"] == 1.0
-    assert set(body["components"]) == {"redis", "database", "tokenizers"}
+    assert set(body["components"]) == {"redis", "database", "tokenizers", "spool"}
     for component in body["components"].values():
         assert component["status"] == "healthy"
         assert component["latency_ms"] >= 0
@@ -41,4 +41,4 @@ async def test_readiness_fails_when_redis_is_unreachable(
     assert body["status"] == "unhealthy"
     assert body["components"]["redis"]["status"] == "unhealthy"
     assert body["components"]["database"]["status"] == "healthy"
-    assert body["healthy_share"] == round(2 / 3, 3)
+    assert body["healthy_share"] == round(3 / 4, 3)

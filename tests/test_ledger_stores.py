@@ -49,7 +49,7 @@ async def store(
     if request.param == "postgres":
         pg: asyncpg.Connection = await asyncpg.connect(database_url)
         if await pg.fetchval("SELECT to_regclass('usage_events')") is not None:
-            await pg.execute("TRUNCATE usage_events, api_keys")
+            await pg.execute("TRUNCATE usage_events, usage_request_ids, usage_daily, api_keys")
         await pg.close()
         opened = PostgresStore(PostgresConfig(dsn=database_url))
     else:

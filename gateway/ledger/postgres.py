@@ -10,7 +10,14 @@ import asyncpg
 
 from gateway.auth import KeyRecord
 from gateway.config import PostgresConfig
-from gateway.ledger.records import SCOPE_COLUMNS, USAGE_COLUMNS, ModelUsage, UsageRecord
+from gateway.ledger.records import (
+    REPORT_GROUPS,
+    SCOPE_COLUMNS,
+    USAGE_COLUMNS,
+    ModelUsage,
+    ReportRow,
+    UsageRecord,
+)
 from gateway.ledger.schema import check_not_newer, migrations
 
 _COLUMN_LIST = ", ".join(USAGE_COLUMNS)
@@ -175,6 +182,26 @@ class PostgresStore:
 
     async def ping(self) -> None:
         await self._pool.fetchval("SELECT 1")
+
+    async def usage_report(self, by: str, since: date, until: date) -> list[ReportRow]:
+        column = REPORT_GROUPS[by]
+        rows = await self._pool.fetch(
+            f"SELECT {column}::text AS name, sum(requests) AS requests, sum(prompt_tokens) AS prompt, "
+            "sum(completion_tokens) AS completion, sum(cost_usd) AS cost FROM usage_daily "
+            f"WHERE day >= $1 AND day < $2 GROUP BY {column} ORDER BY {column}",
+            since,
+            until,
+        )
+        return [
+            ReportRow(
+                row["name"],
+                int(row["requests"]),
+                int(row["prompt"]),
+                int(row["completion"]),
+                float(row["cost"]),
+            )
+            for row in rows
+        ]
 
     async def usage_by_model(self, scope: str, subject: str, since: datetime) -> list[ModelUsage]:
         column = SCOPE_COLUMNS[scope]

@@ -56,5 +56,19 @@ class ModelUsage:
     cost_usd: float
 
 
+@dataclass(frozen=True)
+class ReportRow:
+    """One line of a usage report."""
+
+    name: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+# What a report can group by, and the rollup column that holds it.
+REPORT_GROUPS = {"key": "key_id", "user": "user_id", "team": "team_id", "model": "model", "day": "day"}
+
 # The ledger column that identifies each policy scope's subject.
 SCOPE_COLUMNS = {"key": "key_id", "user": "user_id", "team": "team_id"}

@@ -7,12 +7,19 @@ import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TypeVar
 
 from gateway.auth import KeyRecord
-from gateway.ledger.records import SCOPE_COLUMNS, USAGE_COLUMNS, ModelUsage, UsageRecord
+from gateway.ledger.records import (
+    REPORT_GROUPS,
+    SCOPE_COLUMNS,
+    USAGE_COLUMNS,
+    ModelUsage,
+    ReportRow,
+    UsageRecord,
+)
 from gateway.ledger.schema import check_not_newer, migrations
 
 T = TypeVar("T")
@@ -183,6 +190,19 @@ class SqliteStore:
             return cursor.rowcount == 1
 
         return await self._run(revoke)
+
+    async def usage_report(self, by: str, since: date, until: date) -> list[ReportRow]:
+        column = REPORT_GROUPS[by]
+
+        def read(connection: sqlite3.Connection) -> list[ReportRow]:
+            rows = connection.execute(
+                f"SELECT {column}, sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(cost_usd) "
+                f"FROM usage_daily WHERE day >= ? AND day < ? GROUP BY {column} ORDER BY {column}",
+                (since.isoformat(), until.isoformat()),
+            ).fetchall()
+            return [ReportRow(str(r[0]), int(r[1]), int(r[2]), int(r[3]), float(r[4])) for r in rows]
+
+        return await self._run(read)
 
     async def usage_by_model(self, scope: str, subject: str, since: datetime) -> list[ModelUsage]:
         column = SCOPE_COLUMNS[scope]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Protocol
 
 from gateway.auth import KeyRecord
-from gateway.ledger.records import ModelUsage, UsageRecord
+from gateway.ledger.records import ModelUsage, ReportRow, UsageRecord
 
 
 class LedgerStore(Protocol):
@@ -38,6 +38,10 @@ class LedgerStore(Protocol):
     async def revoke_key(self, key_id: str) -> bool: ...
 
     async def ping(self) -> None: ...
+
+    async def usage_report(self, by: str, since: date, until: date) -> list[ReportRow]:
+        """Totals per key, user, team, model or day from the daily rollups, days in [since, until)."""
+        ...
 
     async def usage_by_model(self, scope: str, subject: str, since: datetime) -> list[ModelUsage]:
         """Recorded usage of a key, user or team since a moment, per model (read-only)."""

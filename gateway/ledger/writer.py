@@ -32,6 +32,8 @@ APPEND_RETRY_SECONDS = 1.0
 
 def is_data_error(exc: BaseException) -> bool:
     """The database refused the data itself (retrying the same rows cannot help)."""
+    if isinstance(exc, OverflowError):
+        return True  # a value the column type cannot hold (asyncpg and sqlite3 both raise it)
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
         return state.startswith(("22", "23"))

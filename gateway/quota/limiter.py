@@ -116,6 +116,8 @@ class LimitReading:
     used: int
     reserved: int
     reset_ms: int
+    # When a calendar window (day, month) last started; rolling windows have none.
+    period_start_ms: int | None = None
 
     @property
     def remaining(self) -> int:
@@ -330,7 +332,13 @@ class QuotaLimiter:
             reply = await self._run(self._read, keys, args)
             for position, index in enumerate(group):
                 used, reserved, reset_ms = (int(v) for v in reply[1 + 3 * position : 4 + 3 * position])
-                readings.append(LimitReading(limits[index], used, reserved, reset_ms))
+                rule = limits[index].rule
+                started = (
+                    period_bounds(rule.window, now_ms, self._zone)[0]
+                    if rule.calendar and rule.window
+                    else None
+                )
+                readings.append(LimitReading(limits[index], used, reserved, reset_ms, started))
         order = {id(limit): position for position, limit in enumerate(limits)}
         return sorted(readings, key=lambda reading: order[id(reading.limit)])
 

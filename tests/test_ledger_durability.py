@@ -1,0 +1,374 @@
+"""The ledger loses nothing: database outages, a killed gateway, refused rows, a full disk.
+
+After each, the ledger's rows are compared one for one with the responses the clients
+received (by request id), checked for duplicates, and the rollups against the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+import asyncpg
+import pytest
+
+from gateway import state
+from gateway.config import LedgerConfig, PostgresConfig
+from gateway.ledger import LedgerStore, LedgerWriter, UsageRecord
+from gateway.ledger.postgres import PostgresStore
+from gateway.ledger.spool import Spool
+from gateway.ledger.sqlite import SqliteStore
+from gateway.metrics import Metrics
+from tests.conftest import (
+    ADMIN_KEY,
+    OTHER_KEY,
+    PROVIDER_KEY,
+    USER_KEY,
+    ConfigWriter,
+    StartGateway,
+    _sha256,
+    free_port,
+)
+from tests.fakes.openai_upstream import FakeUpstream
+from tests.fakes.tcp_proxy import TcpProxy
+from tests.test_ledger_stores import RECORD
+
+HI = [{"role": "user", "content": "hi"}]
+UNLIMITED = "policies:\n  - {name: roomy, scope: user, limits: [{requests: 1000000, per: minute}]}\n"
+
+
+async def rollups_match_events(pg: asyncpg.Connection) -> None:
+    mismatches = await pg.fetch(
+        """
+        SELECT * FROM (
+            SELECT (created_at AT TIME ZONE 'UTC')::date AS day, key_id, model, count(*) AS requests,
+                   coalesce(sum(prompt_tokens), 0) AS prompt, coalesce(sum(completion_tokens), 0) AS completion
+            FROM usage_events GROUP BY 1, 2, 3
+        ) e FULL JOIN (
+            SELECT day, key_id, model, sum(requests) AS requests, sum(prompt_tokens) AS prompt,
+                   sum(completion_tokens) AS completion
+            FROM usage_daily GROUP BY 1, 2, 3
+        ) r USING (day, key_id, model)
+        WHERE e.requests IS DISTINCT FROM r.requests OR e.prompt IS DISTINCT FROM r.prompt
+           OR e.completion IS DISTINCT FROM r.completion
+        """
+    )
+    assert mismatches == []
+
+
+class Load:
+    """Clients sending completions until stopped; keeps each answer's gateway request id."""
+
+    def __init__(self, url: str, clients: int = 6) -> None:
+        self._url = url
+        self._clients = clients
+        self.received: set[str] = set()
+        self.failed = 0
+        self.statuses: list[int] = []
+        self.errors: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(self._clients)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def _client(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not self._stop.is_set():
+                try:
+                    async with session.post(
+                        f"{self._url}/v1/chat/completions",
+                        headers={"Authorization": f"Bearer {USER_KEY}"},
+                        json={"model": "gpt-4o-mini", "messages": HI, "max_tokens": 3},
+                    ) as response:
+                        await response.read()
+                        self.statuses.append(response.status)
+                        if response.status != 200 and len(self.errors) < 3:
+                            self.errors.append(await response.text())
+                        if response.status == 200:
+                            self.received.add(response.headers["x-gateway-request-id"])
+                except aiohttp.ClientError:
+                    self.failed += 1
+                    await asyncio.sleep(0.05)
+
+
+async def test_database_outage_mid_load_loses_nothing(
+    start_gateway: StartGateway, config_writer: ConfigWriter, pg: asyncpg.Connection, database_url: str
+) -> None:
+    target = urlparse(database_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    config_writer.database_url = database_url.replace(
+        f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}"
+    )
+    gateway = await start_gateway(UNLIMITED)
+    load = Load(gateway.url)
+    load.start()
+    await asyncio.sleep(0.7)
+    await proxy.stop()  # the database goes away mid-load
+    await asyncio.sleep(1.0)
+    async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/health/ready") as response:
+        ready = await response.json()
+    assert response.status == 200 and ready["status"] == "degraded"
+    assert ready["components"]["database"]["status"] == "unhealthy"
+    await proxy.start()  # and comes back on the same port
+    await asyncio.sleep(0.7)
+    await load.stop()
+    await gateway.settle()
+    await proxy.stop()
+
+    assert set(load.statuses) == {200} and load.failed == 0, load.errors
+    ids = [row["request_id"] for row in await pg.fetch("SELECT request_id FROM usage_events")]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == load.received
+    assert len(load.received) > 50
+    metrics = gateway.app[state.METRICS]
+    assert metrics.ledger_write_errors._value.get() >= 1
+    await rollups_match_events(pg)
+
+
+async def test_a_killed_gateway_writes_its_spool_after_restart(
+    tmp_path: Path, redis_url: str, database_url: str, upstream_url: str, pg: asyncpg.Connection
+) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "gateway.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            backends:
+              redis: {{url: "{redis_url}", key_prefix: "kill:{uuid.uuid4().hex[:8]}:"}}
+              postgres: {{dsn: "{database_url}"}}
+            providers:
+              fake: {{type: openai, base_url: "{upstream_url}", api_key_env: FAKE_PROVIDER_KEY}}
+            models:
+              gpt-4o-mini: {{provider: fake}}
+            keys:
+              - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice}}
+            ledger: {{batch_size: 200, flush_interval_seconds: 0.5}}
+            """
+        )
+    )
+    port = free_port()
+    env = {**os.environ, "FAKE_PROVIDER_KEY": PROVIDER_KEY}
+
+    def serve() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def ready() -> None:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("the gateway did not start")
+
+    process = serve()
+    await ready()
+    load = Load(f"http://127.0.0.1:{port}")
+    load.start()
+    await asyncio.sleep(1.0)
+    process.send_signal(signal.SIGKILL)  # mid-load, with a batch interval of records unwritten
+    process.wait()
+    before_restart = await pg.fetchval("SELECT count(*) FROM usage_events")
+    received_before = len(load.received)
+    process = serve()
+    await ready()
+    await asyncio.sleep(0.5)
+    await load.stop()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+
+    ids = [row["request_id"] for row in await pg.fetch("SELECT request_id FROM usage_events")]
+    assert len(ids) == len(set(ids)), "no duplicates"
+    # Every answer a client received is in the ledger. A request the kill cut off may
+    # also be there (its usage was spooled before the connection died): never fewer.
+    assert load.received <= set(ids)
+    assert len(set(ids) - load.received) <= load.failed
+    assert before_restart < received_before, "the kill did leave records unwritten"
+    await rollups_match_events(pg)
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+async def ledger_store(
+    request: pytest.FixtureRequest, tmp_path: Path, database_url: str, pg: asyncpg.Connection
+) -> Any:
+    store: LedgerStore = (
+        PostgresStore(PostgresConfig(dsn=database_url))
+        if request.param == "postgres"
+        else SqliteStore(tmp_path / "l.db")
+    )
+    await store.open()
+    await store.migrate()
+    yield store
+    await store.close()
+
+
+def records(count: int, prefix: str) -> list[UsageRecord]:
+    moment = datetime.now(UTC)
+    return [replace(RECORD, request_id=f"{prefix}-{i}", created_at=moment) for i in range(count)]
+
+
+async def test_a_refused_row_does_not_block_the_others(ledger_store: LedgerStore, tmp_path: Path) -> None:
+    metrics = Metrics()
+    spool = Spool(tmp_path / "spool")
+    writer = LedgerWriter(
+        ledger_store, LedgerConfig(batch_size=100, flush_interval_seconds=0.01), metrics, spool
+    )
+    writer.start()
+    batch = records(100, "ok")
+    batch[37] = replace(batch[37], status=2**70)  # no column type holds this
+    for record in batch:
+        writer.record(record)
+    assert await writer.flush(10)
+    await writer.stop()
+    report = await ledger_store.usage_report(
+        "key", datetime.now(UTC).date(), datetime.now(UTC).date().replace(year=2100)
+    )
+    assert [(row.name, row.requests) for row in report] == [("k", 99)]
+    rejected = (spool.directory / "rejected.jsonl").read_text().splitlines()
+    assert len(rejected) == 1 and '"request_id": "ok-37"' in rejected[0]
+    assert metrics.ledger_rejected._value.get() == 1
+
+
+async def test_the_spool_survives_a_restart_and_is_replayed(
+    ledger_store: LedgerStore, tmp_path: Path
+) -> None:
+    unreachable = PostgresStore(PostgresConfig(dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/none"))
+    spool_root = tmp_path / "spool"
+    first = LedgerWriter(
+        unreachable, LedgerConfig(batch_size=50, flush_interval_seconds=0.01), Metrics(), Spool(spool_root)
+    )
+    first.start()
+    for record in records(120, "offline"):
+        first.record(record)
+    await first.stop(timeout_seconds=0.3)  # the database never answered: all stays on disk
+    assert first.pending == 120
+    metrics = Metrics()
+    second = LedgerWriter(
+        ledger_store, LedgerConfig(batch_size=50, flush_interval_seconds=0.01), metrics, Spool(spool_root)
+    )
+    second.start()
+    assert await second.flush(10)
+    await second.stop()
+    report = await ledger_store.usage_report(
+        "user", datetime.now(UTC).date(), datetime.now(UTC).date().replace(year=2100)
+    )
+    assert [(row.name, row.requests, row.prompt_tokens) for row in report] == [("alice", 120, 960)]
+    assert metrics.ledger_replayed._value.get() == 120
+    # Nothing is left to replay: the checkpoint moved past every record.
+    third = LedgerWriter(ledger_store, LedgerConfig(), Metrics(), Spool(spool_root))
+    third.start()
+    assert third.pending == 0
+    await third.stop()
+
+
+async def test_a_full_disk_is_loud_and_loses_nothing(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    gateway = await start_gateway()
+    writer = gateway.app[state.LEDGER]
+    spool = writer.spool
+    real_append = spool.append
+
+    def disk_full(record: UsageRecord) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    spool.append = disk_full  # type: ignore[method-assign]
+    client = gateway.client()
+    try:
+        for _ in range(5):
+            await client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2)
+        async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/health/ready") as response:
+            ready = await response.json()
+        # Still serving, but loudly degraded: recording has stopped for lack of disk.
+        assert response.status == 200 and ready["status"] == "degraded"
+        assert ready["components"]["spool"]["status"] == "unhealthy"
+        assert "No space left on device" in ready["components"]["spool"]["detail"]
+        assert gateway.app[state.METRICS].ledger_spool_errors._value.get() >= 5
+        assert writer.pending == 5
+    finally:
+        spool.append = real_append  # type: ignore[method-assign]
+    await client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2)
+    await gateway.settle()
+    assert await pg.fetchval("SELECT count(*) FROM usage_events") == 6
+    await rollups_match_events(pg)
+
+
+async def test_usage_reports_from_the_rollups(
+    start_gateway: StartGateway,
+    config_writer: ConfigWriter,
+    fake_upstream: FakeUpstream,
+    pg: asyncpg.Connection,
+) -> None:
+    gateway = await start_gateway()
+    fake_upstream.bill_max_tokens = True
+    for key, tokens in ((USER_KEY, 2), (USER_KEY, 3), (OTHER_KEY, 4)):
+        await gateway.client(key=key).chat.completions.create(
+            model="gpt-4o-mini", messages=HI, max_tokens=tokens
+        )
+    await gateway.client().chat.completions.create(model="gpt-4", messages=HI, max_tokens=1)
+    await gateway.settle()
+    today = datetime.now(UTC).date().isoformat()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "usage",
+            "--by",
+            "user",
+            "--format",
+            "csv",
+            "--config",
+            str(config_writer.directory / "gateway.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    # gpt-4o-mini costs $0.15 / $0.60 per million: alice 16 in, 5 out; bob 8 in, 4 out.
+    assert result.stdout.splitlines() == [
+        "user,requests,prompt_tokens,completion_tokens,cost_usd",
+        "alice,3,24,6,0.000005",
+        "bob,1,8,4,0.000004",
+    ]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            f"{gateway.url}/admin/usage?by=model&since={today}",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        ) as response:
+            assert response.status == 200
+            report = await response.json()
+        async with session.get(
+            f"{gateway.url}/admin/usage?by=nope", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ) as response:
+            assert response.status == 400
+    assert [(row["model"], row["requests"], row["completion_tokens"]) for row in report["data"]] == [
+        ("gpt-4", 1, 1),
+        ("gpt-4o-mini", 3, 9),
+    ]
