@@ -19,6 +19,7 @@ from gateway.auth import KeyRecord, generate_key, generate_key_id, hash_key
 from gateway.config import IDENTIFIER, GatewayConfig, TokensConfig, load_config
 from gateway.ledger import LedgerStore, open_store
 from gateway.ledger.schema import SchemaTooNew
+from gateway.logs import setup_logging
 from gateway.tokens import ROUTES
 from gateway.yamlnode import ConfigError
 
@@ -119,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
 
     config = _load(args)
-    logging.getLogger().setLevel(config.server.log_level.upper())
+    setup_logging(config.server.log_level, config.server.log_json)
     app = create_app(config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port

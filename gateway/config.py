@@ -28,6 +28,10 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 8 * 1024 * 1024
     log_level: str = "info"
+    # One JSON object per log line (else plain text).
+    log_json: bool = True
+    # Include each request's prompt in its log line (off: prompts are never logged).
+    log_prompts: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,14 +263,17 @@ def load_config(path: str | Path) -> GatewayConfig:
 def _server(node: Node | None) -> ServerConfig:
     if node is None:
         return ServerConfig()
-    node.mapping({"host", "port", "max_body_bytes", "log_level"})
+    node.mapping({"host", "port", "max_body_bytes", "log_level", "log_json", "log_prompts"})
     default = ServerConfig()
     host, port, body, level = (node.get(k) for k in ("host", "port", "max_body_bytes", "log_level"))
+    log_json, log_prompts = node.get("log_json"), node.get("log_prompts")
     return ServerConfig(
         host=host.as_str() if host else default.host,
         port=port.as_int(minimum=0) if port else default.port,
         max_body_bytes=body.as_int(minimum=1024) if body else default.max_body_bytes,
         log_level=level.as_choice({"debug", "info", "warning", "error"}) if level else "info",
+        log_json=log_json.as_bool() if log_json else default.log_json,
+        log_prompts=log_prompts.as_bool() if log_prompts else default.log_prompts,
     )
 
 

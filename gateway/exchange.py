@@ -37,6 +37,8 @@ class Exchange:
     relayed_tokens: int | None = None
     # Prompt tokens the provider reported before the stream broke off (Anthropic's message_start).
     reported_prompt_tokens: int | None = None
+    # Only when server.log_prompts is on: the request's prompt, for its log line.
+    prompt_text: str | None = None
     client_disconnected: bool = False
     # Which deployment served it (its provider name) and after how many attempts.
     deployment: str = ""
@@ -46,6 +48,30 @@ class Exchange:
     def __post_init__(self) -> None:
         self.deployment = self.deployment or self.model.provider
         self.upstream_model = self.upstream_model or self.model.upstream_model
+
+    def log_fields(self) -> dict[str, object]:
+        """What the request's log line adds from the request path (no prompt, no key)."""
+        upstream = self.upstream_seconds
+        fields: dict[str, object] = {
+            "client_request_id": self.client_request_id,
+            "provider": self.deployment,
+            "upstream_model": self.upstream_model,
+            "attempts": self.attempts,
+            "stream": self.stream,
+            "prompt_tokens_estimated": self.prompt.tokens,
+            "prompt_estimate_exact": self.prompt.exact,
+            "prompt_tokens": self.usage.prompt_tokens if self.usage else None,
+            "completion_tokens": self.usage.completion_tokens if self.usage else self.relayed_tokens,
+            "usage_source": "provider"
+            if self.usage
+            else ("counted" if self.relayed_tokens is not None else "none"),
+            "upstream_latency_ms": round(upstream * 1000, 3) if upstream is not None else None,
+        }
+        if self.error_code:
+            fields["error_code"] = self.error_code
+        if self.prompt_text is not None:
+            fields["prompt"] = self.prompt_text
+        return fields
 
     def upstream_began(self) -> None:
         self.upstream_started_at = time.monotonic()

@@ -21,10 +21,11 @@ from gateway.errors import (
     RouteNotFound,
     ServerError,
 )
+from gateway.logs import log_request
 from gateway.metrics import UNKNOWN_MODEL
 from gateway.proxy import CLIENT_CLOSED_REQUEST
 from gateway.quota.headers import anthropic_ratelimit_headers
-from gateway.requests import MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
+from gateway.requests import EXCHANGE, MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
 
 log = logging.getLogger("gateway.http")
 
@@ -82,6 +83,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     request[REQUEST_ID] = request_id
     metrics = request.app[state.METRICS]
     status = 500
+    error_code: str | None = None
     try:
         try:
             response = await handler(request)
@@ -92,12 +94,13 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         status = response.status
         return response
     except GatewayError as exc:
-        status = exc.status
+        status, error_code = exc.status, exc.code
         return error_response(exc, request_id, request.path.startswith(ANTHROPIC_PREFIX))
     except asyncio.CancelledError:
         status = CLIENT_CLOSED_REQUEST
         raise
     except Exception:
+        error_code = "server_error"
         log.exception("unhandled error serving %s %s", request.method, request.path)
         error = ServerError("The gateway had an internal error.")
         return error_response(error, request_id, request.path.startswith(ANTHROPIC_PREFIX))
@@ -106,8 +109,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
             route = request.match_info.route.resource
             route_label = route.canonical if route is not None else "unmatched"
             model = request.get(MODEL_LABEL, UNKNOWN_MODEL)
+            elapsed = time.monotonic() - started
             metrics.requests.labels(route_label, model, str(status)).inc()
-            metrics.request_duration.labels(route_label, model).observe(time.monotonic() - started)
+            metrics.request_duration.labels(route_label, model).observe(elapsed)
+            log_request(request_log_fields(request, request_id, route_label, status, elapsed, error_code))
 
 
 @web.middleware
@@ -146,3 +151,27 @@ async def in_flight(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     finally:
         gauge.dec()
+
+
+def request_log_fields(
+    request: web.Request, request_id: str, route: str, status: int, elapsed: float, error_code: str | None
+) -> dict[str, object]:
+    """The request's log line: never a key, never a prompt unless server.log_prompts."""
+    principal = request.get(PRINCIPAL)
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "method": request.method,
+        "route": route,
+        "status": status,
+        "latency_ms": round(elapsed * 1000, 3),
+        "key_id": principal.key_id if principal else None,
+        "user": principal.user if principal else None,
+        "team": principal.team if principal else None,
+        "model": request.get(MODEL_LABEL),
+    }
+    exchange = request.get(EXCHANGE)
+    if exchange is not None:
+        fields.update(exchange.log_fields())
+    if error_code is not None:
+        fields["error_code"] = error_code
+    return fields

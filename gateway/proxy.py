@@ -8,6 +8,7 @@ this module only puts them in order.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,14 @@ from gateway.relay import (
     relay_body,
     relay_stream,
 )
-from gateway.requests import PRINCIPAL, REQUEST_ID, client_request_id, read_json_object, resolve_model
+from gateway.requests import (
+    EXCHANGE,
+    PRINCIPAL,
+    REQUEST_ID,
+    client_request_id,
+    read_json_object,
+    resolve_model,
+)
 from gateway.tokens.prompts import prompt_multiplicity
 
 # nginx's convention for "the client closed the connection before the answer".
@@ -159,6 +167,12 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         ticket=ticket,
         client_request_id=client_request_id(request),
     )
+    request[EXCHANGE] = exchange
+    if config.server.log_prompts:
+        exchange.prompt_text = json.dumps(
+            {key: body[key] for key in ("messages", "prompt", "input", "system") if key in body},
+            ensure_ascii=False,
+        )[:16_384]
     headers = {**ratelimit_headers(admission), **_ids(exchange)}
     if spec.wire_format == "anthropic":
         headers = anthropic_ratelimit_headers(headers)

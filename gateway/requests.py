@@ -17,6 +17,8 @@ from gateway.errors import InvalidRequest, ModelNotFound, RequestTooLarge
 PRINCIPAL = web.RequestKey("principal", Principal)
 MODEL_LABEL = web.RequestKey("model_label", str)
 REQUEST_ID = web.RequestKey("request_id", str)
+# What the request path learned (usage, deployment, ...), for the request's log line.
+EXCHANGE = web.RequestKey("exchange", object)
 MAX_CLIENT_REQUEST_ID = 128
 
 

@@ -302,7 +302,10 @@ async def test_own_quota_and_the_admin_api(
         ]
         assert own["limits"][0]["reset"] == "1m1s"
         # Calendar windows say when they last started (the pinned clock is 2027-01-15 08:00 UTC).
-        assert (own["limits"][0]["last_reset"], own["limits"][1]["last_reset"]) == (None, "2027-01-15T00:00:00Z")
+        assert (own["limits"][0]["last_reset"], own["limits"][1]["last_reset"]) == (
+            None,
+            "2027-01-15T00:00:00Z",
+        )
         assert own["limits"][2]["last_reset"] == "2027-01-01T00:00:00Z"
         assert own["limits"][2]["mode"] == "shadow"
 

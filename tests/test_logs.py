@@ -1,0 +1,92 @@
+"""One structured line per request; no key, no prompt, no provider secret in any log."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import asyncpg
+import openai
+import pytest
+
+from gateway.logs import REQUEST_LOGGER, JsonFormatter
+from tests.conftest import PROVIDER_KEY, USER_KEY, ConfigWriter, StartGateway
+
+SECRET_PROMPT = "the launch code is 0000-tango-secret"
+
+
+def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == REQUEST_LOGGER]
+
+
+async def test_each_request_logs_one_structured_line(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture, pg: asyncpg.Connection
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    gateway = await start_gateway()
+    client = gateway.client()
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": SECRET_PROMPT}], max_tokens=3
+    )
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        await gateway.client(key="gw-wrong-key").chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+    await gateway.settle()
+    ok, missing, unauthorised = request_lines(caplog)
+    assert ok["request_id"] == raw.headers["x-gateway-request-id"]
+    assert (ok["status"], ok["route"], ok["model"], ok["key_id"], ok["user"], ok["team"]) == (
+        200,
+        "/v1/chat/completions",
+        "gpt-4o-mini",
+        "alice-key",
+        "alice",
+        "research",
+    )
+    assert (
+        ok["provider"],
+        ok["attempts"],
+        ok["prompt_tokens"],
+        ok["completion_tokens"],
+        ok["usage_source"],
+    ) == (
+        "fake",
+        1,
+        17,  # 3 + 3 + "user" 1 + the secret sentence 10
+        3,
+        "provider",
+    )
+    assert isinstance(ok["latency_ms"], float) and isinstance(ok["upstream_latency_ms"], float)
+    assert "prompt" not in ok
+    assert (missing["status"], missing["error_code"], missing["key_id"]) == (
+        404,
+        "model_not_found",
+        "alice-key",
+    )
+    assert (unauthorised["status"], unauthorised["error_code"], unauthorised["key_id"]) == (
+        401,
+        "invalid_api_key",
+        None,
+    )
+    everything = "\n".join(JsonFormatter().format(record) for record in caplog.records)
+    for secret in (SECRET_PROMPT, USER_KEY, "gw-wrong-key", PROVIDER_KEY):
+        assert secret not in everything
+
+
+async def test_prompts_are_logged_only_when_asked(
+    start_gateway: StartGateway,
+    config_writer: ConfigWriter,
+    caplog: pytest.LogCaptureFixture,
+    pg: asyncpg.Connection,
+) -> None:
+    caplog.set_level(logging.INFO)
+    config_writer.extra = "server: {log_prompts: true}\n"
+    gateway = await start_gateway()
+    await gateway.client().chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": SECRET_PROMPT}], max_tokens=1
+    )
+    (line,) = request_lines(caplog)
+    assert SECRET_PROMPT in str(line["prompt"])
+    assert USER_KEY not in json.dumps(line)
