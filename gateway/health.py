@@ -24,7 +24,7 @@ async def _timed(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
             result.update(detail)
     except Exception as exc:
         result = {"status": "unhealthy", "error": type(exc).__name__}
-        if isinstance(exc, OSError) and exc.args:
+        if isinstance(exc, OSError | ConnectionError) and exc.args:
             result["detail"] = str(exc.args[0])[:200]
     result["latency_ms"] = round((time.monotonic() - started) * 1000, 3)
     return result
@@ -65,14 +65,33 @@ async def readiness(request: web.Request) -> web.Response:
             raise OSError(writer.spool_error)
         return {"backlog_bytes": writer.spool.backlog_bytes, "pending_records": writer.pending}
 
-    redis, database, tokenizers, spool = await asyncio.gather(
-        _timed(redis_check), _timed(database_check), _timed(tokenizer_check), _timed(spool_check)
+    async def upstreams_check() -> dict[str, Any]:
+        states = app[state.ROUTER].breaker_states()
+        taken_out = sorted(name for name, breaker in states.items() if breaker == "open")
+        if taken_out:
+            raise ConnectionError(f"circuit open: {', '.join(taken_out)}")
+        return {"circuits": states}
+
+    redis, database, tokenizers, spool, upstreams = await asyncio.gather(
+        _timed(redis_check),
+        _timed(database_check),
+        _timed(tokenizer_check),
+        _timed(spool_check),
+        _timed(upstreams_check),
     )
-    components = {"redis": redis, "database": database, "tokenizers": tokenizers, "spool": spool}
+    if upstreams["status"] != "healthy":
+        upstreams["circuits"] = app[state.ROUTER].breaker_states()
+    components = {
+        "redis": redis,
+        "database": database,
+        "tokenizers": tokenizers,
+        "spool": spool,
+        "upstreams": upstreams,
+    }
     essential_ok = redis["status"] == "healthy" and tokenizers["status"] == "healthy"
     if not essential_ok:
         overall = "unhealthy"
-    elif database["status"] != "healthy" or spool["status"] != "healthy":
+    elif any(components[name]["status"] != "healthy" for name in ("database", "spool", "upstreams")):
         overall = "degraded"
     else:
         overall = "healthy"

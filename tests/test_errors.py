@@ -177,3 +177,5 @@ def test_every_error_code_is_documented() -> None:
     )
     assert len(codes) >= 20
     assert codes <= documented, f"undocumented: {sorted(codes - documented)}"
+    # ... and every documented code is one the gateway can produce.
+    assert documented <= codes, f"documented but never raised: {sorted(documented - codes)}"

@@ -20,7 +20,8 @@ async def test_readiness_checks_redis_postgres_and_tokenizers(gateway: RunningGa
         body = await response.json()
     assert body["status"] == "healthy"
     assert body["healthy_share"] == 1.0
-    assert set(body["components"]) == {"redis", "database", "tokenizers", "spool"}
+    assert set(body["components"]) == {"redis", "database", "tokenizers", "spool", "upstreams"}
+    assert body["components"]["upstreams"]["circuits"]["fake"] == "closed"
     for component in body["components"].values():
         assert component["status"] == "healthy"
         assert component["latency_ms"] >= 0
@@ -41,4 +42,35 @@ async def test_readiness_fails_when_redis_is_unreachable(
     assert body["status"] == "unhealthy"
     assert body["components"]["redis"]["status"] == "unhealthy"
     assert body["components"]["database"]["status"] == "healthy"
-    assert body["healthy_share"] == round(3 / 4, 3)
+    assert body["healthy_share"] == round(4 / 5, 3)
+
+
+async def test_an_open_circuit_degrades_readiness_without_failing_it(
+    start_gateway: StartGateway,
+    fake_upstream,
+    pg: asyncpg.Connection,  # type: ignore[no-untyped-def]
+) -> None:
+    from gateway import state
+
+    gateway = await start_gateway()
+    fake_upstream.mode = "error_500"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # 2 attempts each: 4 failures, breaker opens at 3
+            async with session.post(
+                f"{gateway.url}/v1/chat/completions",
+                headers={"Authorization": "Bearer gw-test-key-alice"},
+                json={
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 1,
+                },
+            ) as response:
+                await response.read()
+        assert gateway.app[state.ROUTER].breaker_states()["fake"] == "open"
+        async with session.get(f"{gateway.url}/health/ready") as response:
+            assert response.status == 200
+            body = await response.json()
+    assert body["status"] == "degraded"
+    upstreams = body["components"]["upstreams"]
+    assert upstreams["status"] == "unhealthy" and upstreams["circuits"]["fake"] == "open"
+    assert "circuit open: fake" in upstreams["detail"]
