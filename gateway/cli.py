@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override server.port")
     command(commands, "migrate", _migrate, "apply database migrations")
     command(commands, "check", _check, "validate gateway.yaml and the policy files, then exit")
+    doctor = command(
+        commands, "doctor", _doctor, "check the database, Redis, tokenizers and upstreams; name fixes"
+    )
+    doctor.add_argument("--json", action="store_true")
 
     keys = commands.add_parser("keys", help="manage gateway API keys").add_subparsers(
         dest="keys_command", required=True
@@ -137,6 +141,15 @@ def _serve(args: argparse.Namespace) -> int:
         handler_cancellation=True,
     )
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from gateway.doctor import as_json, diagnose, render
+
+    config = _load(args)
+    checks = asyncio.run(diagnose(config))
+    print(json.dumps(as_json(checks), default=str) if args.json else render(checks))
+    return EXIT_FAILURE if any(check.status == "fail" for check in checks) else 0
 
 
 def _check(args: argparse.Namespace) -> int:
