@@ -128,6 +128,9 @@ def _limiter(clock_ms: Callable[[], int] | None) -> Callable[[web.Application], 
             clock_ms=clock_ms,
             time_zone=quota_config.time_zone,
             reservation_ttl_ms=int(quota_config.reservation_ttl_seconds * 1000),
+            observe=lambda operation, seconds: (
+                app[state.METRICS].backend_seconds.labels("redis", operation).observe(seconds)
+            ),
         )
         app[state.QUOTA] = QuotaService(
             limiter, app[state.POLICIES], app[state.METRICS], quota_config, app[state.STORE]

@@ -30,6 +30,7 @@ class Exchange:
     started_wall: float = field(default_factory=time.time)
     upstream_started_at: float | None = None
     upstream_ended_at: float | None = None
+    first_event_at: float | None = None
     status: int = 0
     error_code: str | None = None
     usage: Usage | None = None

@@ -137,6 +137,27 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.time_to_first_token = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Streams: time from request arrival to the first event relayed to the client.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "What the gateway adds: total time minus the provider's time.",
+            ["route"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.backend_seconds = Histogram(
+            "gateway_backend_call_seconds",
+            "Calls to Redis (quota scripts) and the database (ledger batches).",
+            ["backend", "operation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+            registry=r,
+        )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served now.", registry=r)
         self.ledger_queue_depth = Gauge(
             "gateway_ledger_queue_depth", "Usage records spooled but not yet in the database.", registry=r

@@ -112,6 +112,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
             elapsed = time.monotonic() - started
             metrics.requests.labels(route_label, model, str(status)).inc()
             metrics.request_duration.labels(route_label, model).observe(elapsed)
+            exchange = request.get(EXCHANGE)
+            upstream = exchange.upstream_seconds if exchange is not None else None
+            if upstream is not None:
+                metrics.overhead.labels(route_label).observe(max(0.0, elapsed - upstream))
             log_request(request_log_fields(request, request_id, route_label, status, elapsed, error_code))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -188,11 +189,15 @@ async def relay_stream(
     )
     await response.prepare(request)
     splitter = SseSplitter()
+    first_event = True
     try:
         async for data in reply.chunks:
             for event in splitter.feed(data):
                 if observer.observe(event):
                     await response.write(event)
+                    if first_event:
+                        first_event = False
+                        exchange.first_event_at = time.monotonic()
         exchange.upstream_finished()
         if splitter.remainder().strip():
             await response.write(splitter.remainder() + b"\n\n")

@@ -70,6 +70,10 @@ async def test_metrics_move_by_the_right_amounts(
     assert delta("gateway_request_duration_seconds_count", route=ROUTE, model="gpt-4o-mini") == 3
     assert delta("gateway_upstream_duration_seconds_count", provider="fake", model="gpt-4o-mini") == 2
     assert delta("gateway_ledger_rows_written_total") == 2
+    assert delta("gateway_overhead_seconds_count", route=ROUTE) == 2
+    assert delta("gateway_backend_call_seconds_count", backend="redis", operation="reserve") == 3
+    assert delta("gateway_backend_call_seconds_count", backend="redis", operation="settle") == 2
+    assert delta("gateway_backend_call_seconds_count", backend="database", operation="write_batch") >= 1
     assert value(after, "gateway_requests_in_flight") == 0
     assert value(after, "gateway_ledger_queue_depth") == 0
 
@@ -86,3 +90,31 @@ async def test_metric_labels_hold_no_keys_users_or_ids(
         text = await response.text()
     for secret in ("alice", "research", "alice-key", "gw-test-key", raw.headers["x-request-id"]):
         assert secret not in text
+
+
+async def test_time_to_first_token_is_measured_for_streams(
+    start_gateway: StartGateway, pg: asyncpg.Connection
+) -> None:
+    gateway = await start_gateway()
+    client = gateway.client()
+    await client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2)
+    stream = await client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2, stream=True)
+    async for _ in stream:
+        pass
+    await gateway.settle()
+    after = await scrape(gateway.url)
+    assert value(after, "gateway_time_to_first_token_seconds_count", model="gpt-4o-mini") == 1
+
+
+def test_every_metric_is_in_the_catalogue_and_back() -> None:
+    import re
+    from pathlib import Path
+
+    from gateway.metrics import Metrics
+
+    registered = {family.name for family in Metrics().registry.collect()}
+    catalogue = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(gateway_[a-z_]+)`", catalogue, re.MULTILINE))
+    # prometheus_client names counters without their _total suffix
+    registered = {name if name in documented else f"{name}_total" for name in registered}
+    assert registered == documented

@@ -140,6 +140,8 @@ class QuotaLimiter:
     _read: Any = field(init=False, repr=False)
     _zone: ZoneInfo = field(init=False, repr=False)
     _calls: asyncio.Semaphore | None = field(init=False, repr=False, default=None)
+    # Called with (operation, seconds) after every script call, for the metrics.
+    observe: Callable[[str, float], None] | None = None
 
     def __post_init__(self) -> None:
         self._reserve = self.redis.register_script(_lua("reserve_quota.lua"))
@@ -154,13 +156,17 @@ class QuotaLimiter:
             max_connections = int(self.redis.connection_kwargs.get("max_connections") or 64)
             self._calls = asyncio.Semaphore(max_connections)
 
-    async def _run(self, script: Any, keys: list[str], args: list[str | int]) -> Any:
+    async def _run(self, operation: str, script: Any, keys: list[str], args: list[str | int]) -> Any:
         """One script call; raises QuotaStoreUnavailable if Redis fails."""
+        started = time.monotonic()
         try:
             async with self._calls or contextlib.nullcontext():
                 return await script(keys=keys, args=args)
         except Exception as exc:
             raise QuotaStoreUnavailable(str(exc)) from exc
+        finally:
+            if self.observe is not None:
+                self.observe(operation, time.monotonic() - started)
 
     @property
     def clustered(self) -> bool:
@@ -251,7 +257,7 @@ class QuotaLimiter:
             keys.append(charge.limit.sync_marker(self.key_prefix))
             args += [kind, window, charge.limit.rule.capacity, span_a, span_b, charge.amount]
             args.append(1 if charge.limit.enforced else 0)
-        reply: list[Any] = await self._run(self._reserve, keys, args)
+        reply: list[Any] = await self._run("reserve", self._reserve, keys, args)
         return reply
 
     async def _roll_back(
@@ -296,7 +302,7 @@ class QuotaLimiter:
             args += [kind, window, span_a, span_b, state.bucket, charge.amount, actual]
         if not keys:
             return
-        await self._run(self._settle, keys, args)
+        await self._run("settle", self._settle, keys, args)
 
     async def sync_calendar(self, limits: Sequence[AppliedLimit], recorded: Sequence[int]) -> bool:
         """Write a subject's calendar counters as the ledger recorded them, unless done already."""
@@ -312,7 +318,7 @@ class QuotaLimiter:
             args += [start, amount]
             keep_ms = max(keep_ms, end - now_ms + 1000)
         args.append(keep_ms)
-        return bool(await self._run(self._sync, keys, args))
+        return bool(await self._run("sync", self._sync, keys, args))
 
     def period_start(self, window: str) -> int:
         return period_bounds(window, self._now_ms(), self._zone)[0]
@@ -329,7 +335,7 @@ class QuotaLimiter:
                 kind, window, span_a, span_b = self._spans(limits[index], now_ms)
                 keys.extend(limits[index].redis_keys(self.key_prefix))
                 args += [kind, window, span_a, span_b]
-            reply = await self._run(self._read, keys, args)
+            reply = await self._run("read", self._read, keys, args)
             for position, index in enumerate(group):
                 used, reserved, reset_ms = (int(v) for v in reply[1 + 3 * position : 4 + 3 * position])
                 rule = limits[index].rule
