@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from gateway import count_routes, health, proxy, quota_routes, state
 from gateway.auth import Authenticator
 from gateway.config import ConfigError, GatewayConfig
 from gateway.ledger import LedgerWriter, open_store
 from gateway.ledger.spool import Spool
-from gateway.metrics import Metrics
+from gateway.metrics import MULTIPROCESS_ENV, Metrics
 from gateway.middlewares import authenticate, authenticate_admin, errors_and_metrics, in_flight
 from gateway.policies import PolicyHolder
 from gateway.providers import build_provider
@@ -68,7 +70,14 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app.router.add_get("/health", health.liveness)
     app.router.add_get("/health/ready", health.readiness)
     app.router.add_get("/metrics", _metrics)
+    app.on_cleanup.append(_metrics_cleanup)
     return app
+
+
+async def _metrics_cleanup(app: web.Application) -> None:
+    if os.environ.get(MULTIPROCESS_ENV):
+        # This worker's live gauges (in flight, backlog) stop counting toward the sum.
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 def _load_tokenizers(config: GatewayConfig, registry: TokenizerRegistry) -> None:

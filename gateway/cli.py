@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = command(commands, "serve", _serve, "run the gateway")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     command(commands, "migrate", _migrate, "apply database migrations")
     command(commands, "check", _check, "validate gateway.yaml and the policy files, then exit")
     doctor = command(
@@ -125,9 +126,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     setup_logging(config.server.log_level, config.server.log_json)
-    app = create_app(config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    if config.server.workers > 1 and not args.worker:
+        from gateway.workers import supervise
+
+        return supervise(str(config.path), host, port, config.server.workers)
+    app = create_app(config)
     logging.getLogger("gateway").info("gateway %s listening on http://%s:%d", __version__, host, port)
     # Cancel the handler of a client that left, so its upstream call stops too; the
     # request path settles and records in a task of its own, which is not cancelled.
@@ -139,6 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=None,
         shutdown_timeout=30,
         handler_cancellation=True,
+        reuse_port=args.worker,
     )
     return 0
 

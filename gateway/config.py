@@ -32,6 +32,8 @@ class ServerConfig:
     log_json: bool = True
     # Include each request's prompt in its log line (off: prompts are never logged).
     log_prompts: bool = False
+    # Worker processes sharing the port (SO_REUSEPORT); metrics are added up across them.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,8 @@ def load_config(path: str | Path) -> GatewayConfig:
 def _server(node: Node | None) -> ServerConfig:
     if node is None:
         return ServerConfig()
-    node.mapping({"host", "port", "max_body_bytes", "log_level", "log_json", "log_prompts"})
+    node.mapping({"host", "port", "max_body_bytes", "log_level", "log_json", "log_prompts", "workers"})
+    workers = node.get("workers")
     default = ServerConfig()
     host, port, body, level = (node.get(k) for k in ("host", "port", "max_body_bytes", "log_level"))
     log_json, log_prompts = node.get("log_json"), node.get("log_prompts")
@@ -274,6 +277,7 @@ def _server(node: Node | None) -> ServerConfig:
         log_level=level.as_choice({"debug", "info", "warning", "error"}) if level else "info",
         log_json=log_json.as_bool() if log_json else default.log_json,
         log_prompts=log_prompts.as_bool() if log_prompts else default.log_prompts,
+        workers=workers.as_int(minimum=1) if workers else default.workers,
     )
 
 

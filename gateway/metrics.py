@@ -6,15 +6,18 @@ codes and limit names. Never a key, a user, a request id or a raw path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from gateway import __version__
 
 # Seconds; spans a cached tiny completion to a long generation.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 UNKNOWN_MODEL = "unknown"
+# Set (to a folder) when `server.workers` > 1: workers write their metrics there.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Relative error of pre-flight prompt counts; 0 is exact, negative under-reserves.
 ESTIMATE_ERROR_BUCKETS = (-0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -26,7 +29,11 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.build_info = Gauge(
-            "gateway_build_info", "Version of the running gateway.", ["version"], registry=r
+            "gateway_build_info",
+            "Version of the running gateway.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
         self.requests = Counter(
@@ -65,6 +72,7 @@ class Metrics:
             "Learned ratio of billed to counted prompt tokens, for models counted by estimate.",
             ["model"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.quota_rejections = Counter(
             "gateway_quota_rejections_total",
@@ -136,6 +144,7 @@ class Metrics:
             "1 while a deployment is taken out (circuit open).",
             ["provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.time_to_first_token = Histogram(
             "gateway_time_to_first_token_seconds",
@@ -160,7 +169,10 @@ class Metrics:
         )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served now.", registry=r)
         self.ledger_queue_depth = Gauge(
-            "gateway_ledger_queue_depth", "Usage records spooled but not yet in the database.", registry=r
+            "gateway_ledger_queue_depth",
+            "Usage records spooled but not yet in the database.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.ledger_rows = Counter(
             "gateway_ledger_rows_written_total", "Usage records written to the ledger.", registry=r
@@ -186,7 +198,10 @@ class Metrics:
             "gateway_ledger_spooled_records_total", "Usage records appended to the on-disk spool.", registry=r
         )
         self.ledger_spool_bytes = Gauge(
-            "gateway_ledger_spool_bytes", "Spooled bytes not yet in the database.", registry=r
+            "gateway_ledger_spool_bytes",
+            "Spooled bytes not yet in the database.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.ledger_spool_errors = Counter(
             "gateway_ledger_spool_errors_total",
@@ -205,4 +220,9 @@ class Metrics:
         )
 
     def exposition(self) -> bytes:
+        """This process's metrics, or, with several workers, every worker's added up."""
+        if os.environ.get(MULTIPROCESS_ENV):
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+            return generate_latest(combined)
         return generate_latest(self.registry)

@@ -118,3 +118,72 @@ def test_every_metric_is_in_the_catalogue_and_back() -> None:
     # prometheus_client names counters without their _total suffix
     registered = {name if name in documented else f"{name}_total" for name in registered}
     assert registered == documented
+
+
+async def test_two_workers_add_up_on_one_port(config_writer, pg: asyncpg.Connection) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import os
+    import signal
+    import sys
+
+    from tests.conftest import USER_KEY, free_port
+
+    config_writer.extra = "server: {workers: 2}\n"
+    config = config_writer.write()
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        env={**os.environ},
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                try:
+                    async with session.get(f"{url}/health") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # both workers up
+        for _ in range(40):
+            # A new connection each time, so the kernel spreads them over the workers.
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"{url}/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {USER_KEY}"},
+                    json={"model": "gpt-4o-mini", "messages": HI, "max_tokens": 2},
+                ) as response,
+            ):
+                assert response.status == 200
+        await asyncio.sleep(0.5)
+        totals = []
+        for _ in range(6):  # each scrape may land on either worker: the sums must agree
+            samples = await scrape(url)
+            totals.append(
+                (
+                    value(samples, "gateway_requests_total", route=ROUTE, model="gpt-4o-mini", status="200"),
+                    value(samples, "gateway_prompt_tokens_total", model="gpt-4o-mini"),
+                    value(samples, "gateway_completion_tokens_total", model="gpt-4o-mini"),
+                )
+            )
+        assert set(totals) == {(40.0, 320.0, 80.0)}
+        # Each worker spools into its own slot: both served some of the 40.
+        per_slot = [
+            sum(len(path.read_bytes().splitlines()) for path in slot.glob("segment-*.jsonl"))
+            for slot in sorted((config_writer.directory / "var" / "spool").glob("slot-*"))
+        ]
+        assert len(per_slot) == 2 and sum(per_slot) == 40 and min(per_slot) > 0, per_slot
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 30)
+    assert process.returncode == 0
