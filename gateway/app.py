@@ -45,7 +45,7 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
         client_max_size=config.server.max_body_bytes,
     )
     app[state.CONFIG] = config
-    app[state.METRICS] = Metrics()
+    app[state.METRICS] = Metrics(team_labels=config.metrics_team_labels)
     registry = TokenizerRegistry(config.tokens)
     _load_tokenizers(config, registry)
     app[state.COUNTER] = PromptCounter(registry, Calibration(config.tokens, app[state.METRICS]))

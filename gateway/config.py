@@ -232,6 +232,8 @@ class GatewayConfig:
     # SHA-256 of the admin API's key; None turns the admin API off.
     admin_key_sha256: str | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    # Per-team metric series (off: no team ever appears in a label).
+    metrics_team_labels: bool = False
 
     @property
     def base_dir(self) -> Path:
@@ -243,7 +245,19 @@ def load_config(path: str | Path) -> GatewayConfig:
     config_path = Path(path).resolve()
     root = load_yaml_file(config_path)
     root.mapping(
-        {"server", "backends", "providers", "models", "keys", "quota", "ledger", "tokens", "admin", "routing"}
+        {
+            "server",
+            "backends",
+            "providers",
+            "models",
+            "keys",
+            "quota",
+            "ledger",
+            "tokens",
+            "admin",
+            "routing",
+            "metrics",
+        }
     )
     base_dir = config_path.parent
     providers = _providers(root.require("providers"))
@@ -259,6 +273,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         tokens=_tokens(root.get("tokens"), base_dir),
         admin_key_sha256=_admin(root.get("admin")),
         routing=_routing(root.get("routing")),
+        metrics_team_labels=_metrics(root.get("metrics")),
     )
 
 
@@ -619,6 +634,14 @@ def _routing(node: Node | None) -> RoutingConfig:
         if cooldown
         else default.breaker_cooldown_seconds,
     )
+
+
+def _metrics(node: Node | None) -> bool:
+    if node is None:
+        return False
+    node.mapping({"team_labels"})
+    team_labels = node.get("team_labels")
+    return team_labels.as_bool() if team_labels else False
 
 
 def _admin(node: Node | None) -> str | None:

@@ -25,9 +25,20 @@ ESTIMATE_ERROR_BUCKETS = (-0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1,
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # Per-team series only when the operator opts in (metrics.team_labels): teams are a
+    # bounded set they choose to expose, unlike keys or users.
+    team_labels: bool = False
 
     def __post_init__(self) -> None:
         r = self.registry
+        self.team_tokens: Counter | None = None
+        if self.team_labels:
+            self.team_tokens = Counter(
+                "gateway_team_tokens_total",
+                "Prompt and completion tokens by team (only with metrics.team_labels).",
+                ["team", "type"],
+                registry=r,
+            )
         self.build_info = Gauge(
             "gateway_build_info",
             "Version of the running gateway.",

@@ -99,6 +99,10 @@ class Settlement:
         if final.usage is not None:
             self._metrics.prompt_tokens.labels(model).inc(final.usage.prompt_tokens)
             self._metrics.completion_tokens.labels(model).inc(final.usage.completion_tokens)
+            if self._metrics.team_tokens is not None:
+                team = exchange.principal.team or "none"
+                self._metrics.team_tokens.labels(team, "prompt").inc(final.usage.prompt_tokens)
+                self._metrics.team_tokens.labels(team, "completion").inc(final.usage.completion_tokens)
         if exchange.first_event_at is not None:
             self._metrics.time_to_first_token.labels(model).observe(
                 exchange.first_event_at - exchange.started_at

@@ -112,7 +112,7 @@ def test_every_metric_is_in_the_catalogue_and_back() -> None:
 
     from gateway.metrics import Metrics
 
-    registered = {family.name for family in Metrics().registry.collect()}
+    registered = {family.name for family in Metrics(team_labels=True).registry.collect()}
     catalogue = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"^\| `(gateway_[a-z_]+)`", catalogue, re.MULTILINE))
     # prometheus_client names counters without their _total suffix
@@ -187,3 +187,24 @@ async def test_two_workers_add_up_on_one_port(config_writer, pg: asyncpg.Connect
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 30)
     assert process.returncode == 0
+
+
+async def test_team_labels_only_when_opted_in(
+    start_gateway: StartGateway, config_writer, pg: asyncpg.Connection
+) -> None:  # type: ignore[no-untyped-def]
+    gateway = await start_gateway()
+    await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2)
+    await gateway.settle()
+    assert "research" not in (await scrape_text(gateway.url))
+    config_writer.extra = "metrics: {team_labels: true}\n"
+    opted = await start_gateway()
+    await opted.client().chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2)
+    await opted.settle()
+    samples = await scrape(opted.url)
+    assert value(samples, "gateway_team_tokens_total", team="research", type="prompt") == 8
+    assert value(samples, "gateway_team_tokens_total", team="research", type="completion") == 2
+
+
+async def scrape_text(url: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        return await response.text()
