@@ -85,6 +85,17 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.cost = Counter(
+            "gateway_cost_usd_total",
+            "Cost of the provider's usage at the model's configured price, in US dollars.",
+            ["model"],
+            registry=r,
+        )
+        self.quota_admissions = Counter(
+            "gateway_quota_admissions_total",
+            "Requests admitted by the quota engine (every limit that applied had room).",
+            registry=r,
+        )
         self.quota_rejections = Counter(
             "gateway_quota_rejections_total",
             "Requests rejected by a quota limit, by the limit that rejected them.",

@@ -99,6 +99,13 @@ class Settlement:
         if final.usage is not None:
             self._metrics.prompt_tokens.labels(model).inc(final.usage.prompt_tokens)
             self._metrics.completion_tokens.labels(model).inc(final.usage.completion_tokens)
+            price = exchange.model.price
+            if price is not None:
+                usage = final.usage
+                cost = price.cost_usd(
+                    usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens
+                )
+                self._metrics.cost.labels(model).inc(cost)
             if self._metrics.team_tokens is not None:
                 team = exchange.principal.team or "none"
                 self._metrics.team_tokens.labels(team, "prompt").inc(final.usage.prompt_tokens)

@@ -67,6 +67,9 @@ async def test_metrics_move_by_the_right_amounts(
     assert delta("gateway_completion_tokens_total", model="gpt-4o-mini") == 10
     assert delta("gateway_prompt_tokens_estimated_total", model="gpt-4o-mini") == 16
     assert delta("gateway_quota_rejections_total", limit="tokens_per_minute", scope="user") == 1
+    assert delta("gateway_quota_admissions_total") == 2
+    # gpt-4o-mini at $0.15 / $0.60 per million: 16 prompt and 10 completion tokens.
+    assert delta("gateway_cost_usd_total", model="gpt-4o-mini") == pytest.approx(16 * 0.15e-6 + 10 * 0.6e-6)
     assert delta("gateway_request_duration_seconds_count", route=ROUTE, model="gpt-4o-mini") == 3
     assert delta("gateway_upstream_duration_seconds_count", provider="fake", model="gpt-4o-mini") == 2
     assert delta("gateway_ledger_rows_written_total") == 2

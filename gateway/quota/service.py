@@ -148,6 +148,7 @@ class QuotaService:
             limit = admission.rejected_by.limit
             self._metrics.quota_rejections.labels(limit.rule.label, limit.scope).inc()
             raise rejection_error(admission)
+        self._metrics.quota_admissions.inc()
         return Ticket(admission, reserved)
 
     async def _reserve(self, charges: list[Charge]) -> Admission:
