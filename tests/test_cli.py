@@ -162,8 +162,8 @@ def test_shipped_config_serves_on_the_embedded_default(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
         cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
+        # Request log lines would fill an unread pipe and block the gateway: a file it is.
+        stderr=(tmp_path / "gateway.log").open("w"),
         env=os.environ.copy(),
     )
     try:
@@ -185,7 +185,8 @@ def test_shipped_config_serves_on_the_embedded_default(tmp_path: Path) -> None:
         client.close()
     finally:
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
+        process.wait(timeout=30)
+    stderr = (tmp_path / "gateway.log").read_text()
     assert process.returncode == 0, stderr
     assert "quota store: embedded" in stderr
     assert "ledger and keys: sqlite" in stderr
@@ -207,8 +208,8 @@ def test_sighup_reloads_policies_at_once(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
         cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
+        # Request log lines would fill an unread pipe and block the gateway: a file it is.
+        stderr=(tmp_path / "gateway.log").open("w"),
         env=os.environ.copy(),
     )
     try:
@@ -243,5 +244,5 @@ def test_sighup_reloads_policies_at_once(tmp_path: Path) -> None:
         client.close()
     finally:
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
-    assert "policies reloaded: 1 policies from 1 files" in stderr
+        process.wait(timeout=30)
+    assert "policies reloaded: 1 policies from 1 files" in (tmp_path / "gateway.log").read_text()

@@ -58,8 +58,8 @@ async def two_gateways(
             [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
             cwd=tmp_path,
             env=env,
-            stderr=subprocess.PIPE,
-            text=True,
+            # Request log lines would fill an unread pipe and block the gateway: a file it is.
+            stderr=(tmp_path / f"gateway-{port}.log").open("w"),
         )
         for port in ports
     ]
@@ -73,7 +73,7 @@ async def two_gateways(
                             break
                 except aiohttp.ClientError:
                     pass
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert process.poll() is None, (tmp_path / f"gateway-{url.rsplit(':', 1)[1]}.log").read_text()
                 await asyncio.sleep(0.1)
     yield urls
     for process in processes:
