@@ -126,6 +126,3 @@ class Authenticator:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return principal
-
-    def forget(self, digest: str) -> None:
-        self._cache.pop(digest, None)

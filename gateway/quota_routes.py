@@ -9,22 +9,26 @@ from aiohttp import web
 from gateway import state
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.ledger.report import ReportError, check_group, period, render
-from gateway.quota.limiter import QuotaStoreUnavailable
-from gateway.quota.policy import SCOPES
+from gateway.quota.limiter import LimitReading, QuotaStoreUnavailable
+from gateway.quota.policy import SCOPES, AppliedLimit
 from gateway.quota.report import reading_json
 from gateway.requests import PRINCIPAL
 
 
+async def _read(request: web.Request, limits: list[AppliedLimit]) -> list[LimitReading]:
+    try:
+        return await request.app[state.QUOTA].limiter.read(limits)
+    except QuotaStoreUnavailable as exc:
+        raise _unavailable() from exc
+
+
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("The quota backend is unreachable.", code="quota_backend_unavailable")
+
+
 async def own_quota(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
-    quota = request.app[state.QUOTA]
-    limits = request.app[state.POLICIES].current.limits_of_principal(principal)
-    try:
-        readings = await quota.limiter.read(limits)
-    except QuotaStoreUnavailable as exc:
-        raise ServiceUnavailable(
-            "The quota backend is unreachable.", code="quota_backend_unavailable"
-        ) from exc
+    readings = await _read(request, request.app[state.POLICIES].current.limits_of_principal(principal))
     return web.json_response(
         {
             "object": "quota",
@@ -45,13 +49,7 @@ def _subject(request: web.Request) -> tuple[str, str]:
 
 async def admin_show_quota(request: web.Request) -> web.Response:
     scope, subject = _subject(request)
-    limits = request.app[state.POLICIES].current.limits_of_subject(scope, subject)
-    try:
-        readings = await request.app[state.QUOTA].limiter.read(limits)
-    except QuotaStoreUnavailable as exc:
-        raise ServiceUnavailable(
-            "The quota backend is unreachable.", code="quota_backend_unavailable"
-        ) from exc
+    readings = await _read(request, request.app[state.POLICIES].current.limits_of_subject(scope, subject))
     return web.json_response(
         {"object": "quota", "scope": scope, "subject": subject, "limits": [reading_json(r) for r in readings]}
     )
@@ -63,9 +61,7 @@ async def admin_reset_quota(request: web.Request) -> web.Response:
     try:
         deleted = await request.app[state.QUOTA].limiter.reset(limits)
     except QuotaStoreUnavailable as exc:
-        raise ServiceUnavailable(
-            "The quota backend is unreachable.", code="quota_backend_unavailable"
-        ) from exc
+        raise _unavailable() from exc
     return web.json_response(
         {"object": "quota.reset", "scope": scope, "subject": subject, "keys_deleted": deleted}
     )
