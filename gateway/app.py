@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import multiprocess
 
 from gateway import count_routes, health, proxy, quota_routes, state
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, FailedAuthentications
 from gateway.config import ConfigError, GatewayConfig
 from gateway.ledger import LedgerWriter, open_store
 from gateway.ledger.spool import Spool
@@ -64,9 +64,11 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app.router.add_post("/v1/tokens/count", count_routes.count_openai_request)
     app.router.add_post("/v1/messages/count_tokens", count_routes.count_anthropic_request)
     app.router.add_get("/v1/quota", quota_routes.own_quota)
-    app.router.add_get("/admin/quota/{scope}/{subject}", quota_routes.admin_show_quota)
-    app.router.add_delete("/admin/quota/{scope}/{subject}", quota_routes.admin_reset_quota)
-    app.router.add_get("/admin/usage", quota_routes.admin_usage)
+    if config.admin_address is None:
+        _add_admin_routes(app)
+    else:
+        # The admin API listens on its own address; the public port does not serve it.
+        app.cleanup_ctx.append(_admin_site)
     app.router.add_get("/health", health.liveness)
     app.router.add_get("/health/ready", health.readiness)
     app.router.add_get("/metrics", _metrics)
@@ -78,6 +80,33 @@ async def _metrics_cleanup(app: web.Application) -> None:
     if os.environ.get(MULTIPROCESS_ENV):
         # This worker's live gauges (in flight, backlog) stop counting toward the sum.
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def _add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/quota/{scope}/{subject}", quota_routes.admin_show_quota)
+    app.router.add_delete("/admin/quota/{scope}/{subject}", quota_routes.admin_reset_quota)
+    app.router.add_get("/admin/usage", quota_routes.admin_usage)
+
+
+async def _admin_site(app: web.Application) -> AsyncIterator[None]:
+    """A second, small application on the admin address, sharing this one's resources."""
+    address = app[state.CONFIG].admin_address
+    assert address is not None
+    admin = web.Application(middlewares=[errors_and_metrics, authenticate_admin])
+    admin[state.CONFIG] = app[state.CONFIG]
+    admin[state.METRICS] = app[state.METRICS]
+    admin[state.POLICIES] = app[state.POLICIES]
+    admin[state.QUOTA] = app[state.QUOTA]
+    admin[state.STORE] = app[state.STORE]
+    _add_admin_routes(admin)
+    runner = web.AppRunner(admin, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, address[0], address[1])
+    await site.start()
+    log.info("admin API listening on http://%s:%d", address[0], address[1])
+    app[state.ADMIN_RUNNER] = runner
+    yield
+    await runner.cleanup()
 
 
 def _load_tokenizers(config: GatewayConfig, registry: TokenizerRegistry) -> None:
@@ -109,6 +138,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     log.info("ledger and keys: %s", store.description)
     app[state.STORE] = store
     app[state.AUTH] = Authenticator(app[state.CONFIG].keys, store)
+    app[state.AUTH_FAILURES] = FailedAuthentications(app[state.CONFIG].server.auth_failures_per_minute)
     yield
     await store.close()
 

@@ -7,7 +7,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Protocol
 
 from gateway.config import StaticKeyConfig
@@ -24,6 +24,9 @@ class Principal:
     user: str
     team: str | None
     tags: frozenset[str] = frozenset()
+    # Models this key may use (None: any the policies allow).
+    models: frozenset[str] | None = None
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,19 @@ class KeyRecord:
     created_at: datetime
     revoked_at: datetime | None
     tags: tuple[str, ...] = ()
+    expires_at: datetime | None = None
+    models: tuple[str, ...] = ()
 
     @property
     def principal(self) -> Principal:
-        return Principal(key_id=self.key_id, user=self.user, team=self.team, tags=frozenset(self.tags))
+        return Principal(
+            key_id=self.key_id,
+            user=self.user,
+            team=self.team,
+            tags=frozenset(self.tags),
+            models=frozenset(self.models) or None,
+            expires_at=self.expires_at,
+        )
 
 
 class KeyDatabase(Protocol):
@@ -75,6 +87,41 @@ def presented_key(authorization: str | None, x_api_key: str | None) -> str:
     return token
 
 
+class FailedAuthentications:
+    """Failed key checks per client address over the last minute; past `limit`, the
+    address is refused outright for the rest of that minute (guessing keys gets slow)."""
+
+    WINDOW_SECONDS = 60.0
+
+    def __init__(self, limit: int, max_addresses: int = 10_000) -> None:
+        self._limit = limit
+        self._max_addresses = max_addresses
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+
+    def _recent(self, address: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(address, []) if now - t < self.WINDOW_SECONDS]
+        if times:
+            self._failures[address] = times
+        else:
+            self._failures.pop(address, None)
+        return times
+
+    def retry_after(self, address: str) -> float | None:
+        """Seconds until the address may try again, or None if it may now."""
+        now = time.monotonic()
+        times = self._recent(address, now)
+        if self._limit and len(times) >= self._limit:
+            return self.WINDOW_SECONDS - (now - times[-self._limit])
+        return None
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        self._failures[address] = [*self._recent(address, now), now]
+        self._failures.move_to_end(address)
+        while len(self._failures) > self._max_addresses:
+            self._failures.popitem(last=False)
+
+
 class Authenticator:
     """Resolves presented keys: static keys from config first, then the database.
 
@@ -90,7 +137,14 @@ class Authenticator:
         cache_size: int = 10_000,
     ) -> None:
         self._static = {
-            key.sha256: Principal(key_id=key.id, user=key.user, team=key.team, tags=frozenset(key.tags))
+            key.sha256: Principal(
+                key_id=key.id,
+                user=key.user,
+                team=key.team,
+                tags=frozenset(key.tags),
+                models=frozenset(key.models) or None,
+                expires_at=key.expires_at,
+            )
             for key in static_keys
         }
         self._database = database
@@ -106,6 +160,9 @@ class Authenticator:
         if principal is None:
             # Never echo the key; a short, non-reversible hint is enough to debug.
             raise InvalidApiKey(f"Incorrect API key provided (sha256 prefix {digest[:8]}).")
+        if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
+            expired = principal.expires_at.isoformat(timespec="seconds")
+            raise InvalidApiKey(f"API key {principal.key_id} expired at {expired}.", code="api_key_expired")
         return principal
 
     async def _from_database(self, digest: str) -> Principal | None:

@@ -6,9 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--user", required=True)
     create.add_argument("--team")
     create.add_argument("--tag", action="append", default=[], help="a tag policies can match (repeatable)")
+    create.add_argument(
+        "--model", action="append", default=[], help="limit the key to this model (repeatable)"
+    )
+    create.add_argument("--expires-in", help="lifetime, e.g. 90d, 12h, 30m (default: never)")
+    rotate = command(
+        keys, "rotate", _keys_rotate, "issue a successor key; the old one works for a grace period"
+    )
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace", default="24h", help="how long the old key keeps working (default 24h)")
     command(keys, "list", _keys_list, "list keys (ids and owners, never the keys)")
     revoke = command(keys, "revoke", _keys_revoke, "revoke a key by id")
     revoke.add_argument("key_id")
@@ -145,8 +155,19 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout=30,
         handler_cancellation=True,
         reuse_port=args.worker,
+        ssl_context=_tls(config),
     )
     return 0
+
+
+def _tls(config: GatewayConfig) -> ssl.SSLContext | None:
+    server = config.server
+    if server.tls_cert_file is None or server.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(server.tls_cert_file, server.tls_key_file)
+    return context
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -322,6 +343,8 @@ def _keys_create(args: argparse.Namespace) -> int:
         created_at=datetime.now(UTC),
         revoked_at=None,
         tags=tuple(args.tag),
+        expires_at=datetime.now(UTC) + _duration(args.expires_in) if args.expires_in else None,
+        models=tuple(args.model),
     )
 
     async def create(store: LedgerStore) -> int:
@@ -333,6 +356,43 @@ def _keys_create(args: argparse.Namespace) -> int:
     print(f"tags:   {', '.join(record.tags) or '-'}")
     print(f"key:    {key}\n(shown once: store it now; the gateway keeps only its hash)")
     return status
+
+
+def _duration(text: str) -> timedelta:
+    units = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise SystemExit(f"gateway: a duration is a number and d, h, m or s (e.g. 90d), not {text!r}")
+    return timedelta(seconds=int(text[:-1]) * units[text[-1]])
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    grace = _duration(args.grace)
+
+    async def rotate(store: LedgerStore) -> int:
+        old = next((key for key in await store.list_keys() if key.key_id == args.key_id), None)
+        if old is None or old.revoked_at is not None:
+            print(f"gateway: no active key with id {args.key_id}", file=sys.stderr)
+            return EXIT_FAILURE
+        key = generate_key()
+        successor = KeyRecord(
+            key_id=generate_key_id(),
+            sha256=hash_key(key),
+            user=old.user,
+            team=old.team,
+            created_at=datetime.now(UTC),
+            revoked_at=None,
+            tags=old.tags,
+            models=old.models,
+        )
+        await store.insert_key(successor)
+        ends = datetime.now(UTC) + grace
+        await store.expire_key(old.key_id, ends)
+        print(f"key id: {successor.key_id}\nuser:   {successor.user}\nteam:   {successor.team or '-'}")
+        until = ends.isoformat(timespec="seconds")
+        print(f"key:    {key}\n(shown once; the old key {old.key_id} works until {until})")
+        return 0
+
+    return _with_store(args, rotate)
 
 
 def _keys_list(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -34,6 +35,11 @@ class ServerConfig:
     log_prompts: bool = False
     # Worker processes sharing the port (SO_REUSEPORT); metrics are added up across them.
     workers: int = 1
+    # Failed key checks per client address per minute before it is refused (0: no limit).
+    auth_failures_per_minute: int = 20
+    # Terminate TLS here (else plain HTTP, e.g. behind a proxy that terminates it).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,8 @@ class StaticKeyConfig:
     user: str
     team: str | None
     tags: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +239,8 @@ class GatewayConfig:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     # SHA-256 of the admin API's key; None turns the admin API off.
     admin_key_sha256: str | None = None
+    # (host, port) to serve the admin API on its own, away from the public port.
+    admin_address: tuple[str, int] | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     # Per-team metric series (off: no team ever appears in a label).
     metrics_team_labels: bool = False
@@ -263,7 +273,7 @@ def load_config(path: str | Path) -> GatewayConfig:
     providers = _providers(root.require("providers"))
     return GatewayConfig(
         path=config_path,
-        server=_server(root.get("server")),
+        server=_server(root.get("server"), config_path.parent),
         backends=_backends(root.get("backends"), base_dir),
         providers=providers,
         models=_models(root.require("models"), providers),
@@ -272,19 +282,37 @@ def load_config(path: str | Path) -> GatewayConfig:
         ledger=_ledger(root.get("ledger"), base_dir),
         tokens=_tokens(root.get("tokens"), base_dir),
         admin_key_sha256=_admin(root.get("admin")),
+        admin_address=_admin_address(root.get("admin")),
         routing=_routing(root.get("routing")),
         metrics_team_labels=_metrics(root.get("metrics")),
     )
 
 
-def _server(node: Node | None) -> ServerConfig:
+def _server(node: Node | None, base_dir: Path) -> ServerConfig:
     if node is None:
         return ServerConfig()
-    node.mapping({"host", "port", "max_body_bytes", "log_level", "log_json", "log_prompts", "workers"})
-    workers = node.get("workers")
+    keys = (
+        "host",
+        "port",
+        "max_body_bytes",
+        "log_level",
+        "log_json",
+        "log_prompts",
+        "workers",
+        "auth_failures_per_minute",
+        "tls",
+    )
+    node.mapping(set(keys))
     default = ServerConfig()
-    host, port, body, level = (node.get(k) for k in ("host", "port", "max_body_bytes", "log_level"))
-    log_json, log_prompts = node.get("log_json"), node.get("log_prompts")
+    host, port, body, level, log_json, log_prompts, workers, failures, tls = (node.get(k) for k in keys)
+    cert = key = None
+    if tls is not None:
+        tls.mapping({"cert_file", "key_file"})
+        cert = base_dir / tls.require("cert_file").as_str()
+        key = base_dir / tls.require("key_file").as_str()
+        for name, path in (("cert_file", cert), ("key_file", key)):
+            if not path.is_file():
+                tls.child(name, None).fail(f"no such file: {path}")
     return ServerConfig(
         host=host.as_str() if host else default.host,
         port=port.as_int(minimum=0) if port else default.port,
@@ -293,6 +321,9 @@ def _server(node: Node | None) -> ServerConfig:
         log_json=log_json.as_bool() if log_json else default.log_json,
         log_prompts=log_prompts.as_bool() if log_prompts else default.log_prompts,
         workers=workers.as_int(minimum=1) if workers else default.workers,
+        auth_failures_per_minute=failures.as_int(minimum=0) if failures else default.auth_failures_per_minute,
+        tls_cert_file=cert,
+        tls_key_file=key,
     )
 
 
@@ -426,6 +457,18 @@ def _deployment(node: Node, model: str, providers: dict[str, ProviderConfig]) ->
     )
 
 
+def _moment(node: Node) -> datetime:
+    value = node.value
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(node.as_str().replace("Z", "+00:00"))
+        except ValueError:
+            node.fail("must be an ISO 8601 time, e.g. 2027-01-31T00:00:00Z")
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def _provider_name(node: Node, providers: dict[str, ProviderConfig]) -> str:
     provider = node.as_str()
     if provider not in providers:
@@ -451,7 +494,8 @@ def _static_keys(node: Node | None) -> tuple[StaticKeyConfig, ...]:
     keys: list[StaticKeyConfig] = []
     seen: set[str] = set()
     for entry in node.elements():
-        entry.mapping({"id", "sha256", "user", "team", "tags"})
+        entry.mapping({"id", "sha256", "user", "team", "tags", "models", "expires_at"})
+        models, expires = entry.get("models"), entry.get("expires_at")
         key_id = _identifier(entry.require("id"))
         digest_node = entry.require("sha256")
         digest = digest_node.as_str().lower()
@@ -468,6 +512,8 @@ def _static_keys(node: Node | None) -> tuple[StaticKeyConfig, ...]:
                 user=_identifier(entry.require("user")),
                 team=_identifier(team) if team else None,
                 tags=tuple(_identifier(tag) for tag in tags.elements()) if tags else (),
+                models=tuple(model.as_str() for model in models.elements()) if models else (),
+                expires_at=_moment(expires) if expires else None,
             )
         )
     return tuple(keys)
@@ -647,12 +693,20 @@ def _metrics(node: Node | None) -> bool:
 def _admin(node: Node | None) -> str | None:
     if node is None:
         return None
-    node.mapping({"key_sha256"})
+    node.mapping({"key_sha256", "host", "port"})
     digest_node = node.require("key_sha256")
     digest = digest_node.as_str().lower()
     if not SHA256_HEX.match(digest):
         digest_node.fail("must be the 64-hex-digit SHA-256 of the admin key (`gateway keys hash`)")
     return digest
+
+
+def _admin_address(node: Node | None) -> tuple[str, int] | None:
+    port = node.get("port") if node is not None else None
+    if node is None or port is None:
+        return None
+    host = node.get("host")
+    return (host.as_str() if host else "127.0.0.1", port.as_int(minimum=0))
 
 
 def _nonempty(node: Node) -> str:

@@ -17,6 +17,7 @@ from gateway.errors import (
     GatewayError,
     InvalidApiKey,
     MethodNotAllowed,
+    RateLimited,
     RequestTooLarge,
     RouteNotFound,
     ServerError,
@@ -123,8 +124,22 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Resolve the caller's gateway key on API routes; health and metrics are open."""
     if request.path.startswith(API_PREFIX):
-        token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
-        request[PRINCIPAL] = await request.app[state.AUTH].authenticate(token)
+        failures = request.app[state.AUTH_FAILURES]
+        address = request.remote or "unknown"
+        wait = failures.retry_after(address)
+        if wait is not None:
+            raise RateLimited(
+                "Too many failed authentications from this address; try again later.",
+                code="too_many_failed_authentications",
+                error_type="requests",
+                headers={"retry-after": str(max(1, round(wait))), "x-should-retry": "false"},
+            )
+        try:
+            token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+            request[PRINCIPAL] = await request.app[state.AUTH].authenticate(token)
+        except InvalidApiKey:
+            failures.failed(address)
+            raise
     return await handler(request)
 
 

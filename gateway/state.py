@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, FailedAuthentications
 from gateway.config import GatewayConfig
 from gateway.ledger import LedgerStore, LedgerWriter
 from gateway.metrics import Metrics
@@ -23,6 +23,8 @@ QUOTA = web.AppKey("quota", QuotaService)
 STORE = web.AppKey("store", LedgerStore)
 LEDGER = web.AppKey("ledger", LedgerWriter)
 AUTH = web.AppKey("auth", Authenticator)
+AUTH_FAILURES = web.AppKey("auth_failures", FailedAuthentications)
 PROVIDERS = web.AppKey("providers", dict[str, Provider])
 SETTLEMENT = web.AppKey("settlement", Settlement)
 ROUTER = web.AppKey("router", Router)
+ADMIN_RUNNER = web.AppKey("admin_runner", web.AppRunner)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import asyncpg
 
+from gateway.ledger.schema import latest_version
 from tests.conftest import DATABASE_URL, ConfigWriter, free_port
 
 
@@ -62,7 +63,7 @@ async def test_a_healthy_setup(config_writer: ConfigWriter, pg: asyncpg.Connecti
     }
     database = checks["database"]["facts"]
     assert isinstance(database, dict)
-    assert database["schema_version"] == database["expected_schema_version"] == 4
+    assert database["schema_version"] == database["expected_schema_version"] == latest_version("postgres")
     assert database["missing_tables"] == [] and database["missing_indexes"] == []
     redis = checks["redis"]["facts"]
     assert isinstance(redis, dict) and str(redis["version"]).startswith(("6", "7", "8"))

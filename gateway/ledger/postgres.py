@@ -20,6 +20,8 @@ from gateway.ledger.records import (
 )
 from gateway.ledger.schema import check_not_newer, migrations
 
+_KEY_COLUMNS = "key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags, expires_at, models"
+
 _COLUMN_LIST = ", ".join(USAGE_COLUMNS)
 # Batches land in a per-connection staging table, then move over in one statement that
 # skips request ids already recorded, so a retried batch never counts twice.
@@ -148,29 +150,34 @@ class PostgresStore:
 
     async def find_key(self, sha256: str) -> KeyRecord | None:
         row = await self._pool.fetchrow(
-            "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags "
-            "FROM api_keys WHERE key_sha256 = $1",
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_sha256 = $1",
             sha256,
         )
         return _key_record(row) if row is not None else None
 
     async def insert_key(self, record: KeyRecord) -> None:
         await self._pool.execute(
-            "INSERT INTO api_keys (key_id, key_sha256, user_id, team_id, created_at, tags) "
-            "VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO api_keys "
+            "(key_id, key_sha256, user_id, team_id, created_at, tags, expires_at, models) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             record.key_id,
             record.sha256,
             record.user,
             record.team,
             record.created_at,
             list(record.tags),
+            record.expires_at,
+            list(record.models),
         )
 
-    async def list_keys(self) -> list[KeyRecord]:
-        rows = await self._pool.fetch(
-            "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags "
-            "FROM api_keys ORDER BY created_at, key_id"
+    async def expire_key(self, key_id: str, at: datetime) -> bool:
+        status = await self._pool.execute(
+            "UPDATE api_keys SET expires_at = $2 WHERE key_id = $1 AND revoked_at IS NULL", key_id, at
         )
+        return bool(status == "UPDATE 1")
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._pool.fetch(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, key_id")
         return [_key_record(row) for row in rows]
 
     async def revoke_key(self, key_id: str) -> bool:
@@ -229,6 +236,8 @@ def _key_record(row: Any) -> KeyRecord:
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
         tags=tuple(row["tags"]),
+        expires_at=row["expires_at"],
+        models=tuple(row["models"]),
     )
 
 

@@ -22,6 +22,8 @@ from gateway.ledger.records import (
 )
 from gateway.ledger.schema import check_not_newer, migrations
 
+_KEY_COLUMNS = "key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags, expires_at, models"
+
 T = TypeVar("T")
 
 _INSERT_USAGE = (
@@ -144,8 +146,7 @@ class SqliteStore:
     async def find_key(self, sha256: str) -> KeyRecord | None:
         def find(connection: sqlite3.Connection) -> KeyRecord | None:
             row = connection.execute(
-                "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags "
-                "FROM api_keys WHERE key_sha256 = ?",
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_sha256 = ?",
                 (sha256,),
             ).fetchone()
             return _key_record(row) if row else None
@@ -160,11 +161,14 @@ class SqliteStore:
             record.team,
             _text(record.created_at),
             json.dumps(list(record.tags)),
+            _text(record.expires_at) if record.expires_at else None,
+            json.dumps(list(record.models)),
         )
         await self._run(
             lambda connection: connection.execute(
-                "INSERT INTO api_keys (key_id, key_sha256, user_id, team_id, created_at, tags) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO api_keys "
+                "(key_id, key_sha256, user_id, team_id, created_at, tags, expires_at, models) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 values,
             )
         )
@@ -172,8 +176,7 @@ class SqliteStore:
     async def list_keys(self) -> list[KeyRecord]:
         def read(connection: sqlite3.Connection) -> list[KeyRecord]:
             rows = connection.execute(
-                "SELECT key_id, key_sha256, user_id, team_id, created_at, revoked_at, tags "
-                "FROM api_keys ORDER BY created_at, key_id"
+                f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, key_id"
             ).fetchall()
             return [_key_record(row) for row in rows]
 
@@ -219,6 +222,18 @@ class SqliteStore:
 
         return await self._run(read)
 
+    async def expire_key(self, key_id: str, at: datetime) -> bool:
+        at_text = _text(at)
+
+        def expire(connection: sqlite3.Connection) -> bool:
+            cursor = connection.execute(
+                "UPDATE api_keys SET expires_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (at_text, key_id),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(expire)
+
     async def ping(self) -> None:
         await self._run(lambda connection: connection.execute("SELECT 1").fetchone())
 
@@ -246,7 +261,7 @@ def _value(value: object) -> object:
     return value
 
 
-def _key_record(row: tuple[str, str, str, str | None, str, str | None, str]) -> KeyRecord:
+def _key_record(row: tuple[str, str, str, str | None, str, str | None, str, str | None, str]) -> KeyRecord:
     return KeyRecord(
         key_id=row[0],
         sha256=row[1],
@@ -255,4 +270,6 @@ def _key_record(row: tuple[str, str, str, str | None, str, str | None, str]) -> 
         created_at=datetime.fromisoformat(row[4]),
         revoked_at=datetime.fromisoformat(row[5]) if row[5] else None,
         tags=tuple(json.loads(row[6])),
+        expires_at=datetime.fromisoformat(row[7]) if row[7] else None,
+        models=tuple(json.loads(row[8])),
     )

@@ -37,6 +37,10 @@ class LedgerStore(Protocol):
 
     async def revoke_key(self, key_id: str) -> bool: ...
 
+    async def expire_key(self, key_id: str, at: datetime) -> bool:
+        """Make an active key stop working at `at` (key rotation's grace period)."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def usage_report(self, by: str, since: date, until: date) -> list[ReportRow]:

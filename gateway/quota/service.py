@@ -103,6 +103,8 @@ class QuotaService:
         self._redis_down_until = 0.0
 
     def request_policy(self, principal: Principal, model: ModelConfig) -> RequestPolicy:
+        if principal.models is not None and model.name not in principal.models:
+            raise ModelNotAllowed(f"This key may not use model `{model.name}`.", param="model")
         decision = self._policies.current.for_request(principal, model.name)
         if decision.denied_by is not None:
             raise ModelNotAllowed(
