@@ -20,6 +20,8 @@ REQUEST_ID = web.RequestKey("request_id", str)
 # What the request path learned (usage, deployment, ...), for the request's log line.
 EXCHANGE = web.RequestKey("exchange", object)
 MAX_CLIENT_REQUEST_ID = 128
+# No model completes more; a larger cap is a mistake (and would overflow the counters).
+MAX_COMPLETION_TOKENS = 100_000_000
 
 
 def new_request_id() -> str:
@@ -81,8 +83,10 @@ def requested_max_tokens(
         value = body.get(field)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COMPLETION_TOKENS:
+            raise InvalidRequest(
+                f"'{field}' must be a whole number from 1 to {MAX_COMPLETION_TOKENS:,}.", param=field
+            )
         return value
     return None
 

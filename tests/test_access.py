@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -169,7 +170,7 @@ def test_tls_is_terminated_by_the_gateway(tmp_path: Path) -> None:
             base_url=f"https://127.0.0.1:{port}/v1",
             api_key=USER_KEY,
             max_retries=0,
-            http_client=httpx.Client(verify=str(cert)),
+            http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(cert))),
         )
         for _ in range(300):
             try:
