@@ -248,6 +248,10 @@ class FakeUpstream:
             return _error(429, "Rate limit reached for requests", "requests", headers={"retry-after": "7"})
         if self.mode == "garbage":
             return web.Response(status=200, text="<html>not json", content_type="application/json")
+        if self.mode == "truncated_json":
+            return web.Response(
+                status=200, text='{"id": "chatcmpl-fake", "choices": [{"mess', content_type="application/json"
+            )
         encoding = tiktoken.get_encoding(self.encoding_name)
         tokens = encoding.encode(self.reply)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")

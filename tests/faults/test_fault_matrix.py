@@ -1,0 +1,292 @@
+"""The fault matrix: one gateway under steady concurrent load, one fault at a time.
+
+For each fault the suite counts requests sent and answers by status, errors whose body
+was not clean JSON (must be 0), responses whose usage row is missing or doubled in the
+ledger, compared by the clients' own request ids (must be 0), quota overshoot against a
+token limit (must be 0), and the time from the fault's end to the next good answer.
+The figures are printed and kept in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+import asyncpg
+import pytest
+
+from gateway import state
+from tests.conftest import USER_KEY, ConfigWriter, RunningGateway, StartGateway, free_port
+from tests.fakes.openai_upstream import FakeUpstream
+from tests.fakes.tcp_proxy import TcpProxy
+
+HI = [{"role": "user", "content": "hi"}]
+TOKEN_LIMIT = 1_000_000
+RESULTS = Path(__file__).with_name("latest.json")
+
+
+@dataclass
+class Outcome:
+    sent: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    unclean_errors: int = 0
+    received_ok: set[str] = field(default_factory=set)
+    good_after: list[float] = field(default_factory=list)
+
+
+class Load:
+    def __init__(self, url: str, clients: int, stream_share: float, abandon_share: float = 0.0) -> None:
+        self._url, self._clients = url, clients
+        self._stream_share, self._abandon_share = stream_share, abandon_share
+        self.outcome = Outcome()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._client(index)) for index in range(self._clients)]
+
+    async def stop(self) -> Outcome:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        return self.outcome
+
+    async def _client(self, index: int) -> None:
+        rng = random.Random(index)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            while not self._stop.is_set():
+                client_id = f"c{index}-{uuid.uuid4().hex[:12]}"
+                stream = rng.random() < self._stream_share
+                self.outcome.sent += 1
+                try:
+                    async with session.post(
+                        f"{self._url}/v1/chat/completions",
+                        headers={"Authorization": f"Bearer {USER_KEY}", "X-Client-Request-Id": client_id},
+                        json={"model": "gpt-4o-mini", "messages": HI, "max_tokens": 4, "stream": stream},
+                    ) as response:
+                        if stream and rng.random() < self._abandon_share:
+                            await response.content.readline()
+                            response.close()  # the client leaves mid-stream
+                            self.outcome.statuses["abandoned"] += 1
+                            continue
+                        body = await response.read()
+                        self._note(client_id, response.status, body, stream)
+                except (aiohttp.ClientError, TimeoutError):
+                    self.outcome.statuses["connection_error"] += 1
+                    await asyncio.sleep(0.05)
+
+    def _note(self, client_id: str, status: int, body: bytes, stream: bool) -> None:
+        outcome = self.outcome
+        if status != 200:
+            outcome.statuses[str(status)] += 1
+            try:
+                error = json.loads(body)["error"]
+                assert {"message", "type", "code"} <= set(error)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                outcome.unclean_errors += 1
+            return
+        if stream and b'"error"' in body:
+            outcome.statuses["200 with error event"] += 1
+            return
+        outcome.statuses["200"] += 1
+        outcome.received_ok.add(client_id)
+        outcome.good_after.append(time.monotonic())
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[Any]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is missing (scripts/test installs it)")
+    port = free_port()
+
+    class Server:
+        process: asyncio.subprocess.Process | None = None
+
+        async def start(self) -> None:
+            self.process = await asyncio.create_subprocess_exec(
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+                stdout=asyncio.subprocess.DEVNULL,
+            )
+            for _ in range(100):
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    return
+                except OSError:
+                    await asyncio.sleep(0.05)
+
+        async def stop(self) -> None:
+            if self.process is not None and self.process.returncode is None:
+                self.process.terminate()
+                await self.process.wait()
+
+    server = Server()
+    server.url = f"redis://127.0.0.1:{port}/0"  # type: ignore[attr-defined]
+    await server.start()
+    yield server
+    await server.stop()
+
+
+Fault = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Rig:
+    gateway: RunningGateway
+    upstream: FakeUpstream
+    redis: Any
+    database: TcpProxy
+    provider: TcpProxy
+
+
+@pytest.fixture
+async def rig(
+    start_gateway: StartGateway,
+    config_writer: ConfigWriter,
+    fake_upstream: FakeUpstream,
+    upstream_url: str,
+    redis_server: Any,
+    database_url: str,
+    pg: asyncpg.Connection,
+) -> AsyncIterator[Rig]:
+    target = urlparse(database_url)
+    database = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await database.start()
+    provider_target = urlparse(upstream_url)
+    provider = TcpProxy("127.0.0.1", provider_target.port or 80)
+    await provider.start()
+    config_writer.redis_url = redis_server.url
+    config_writer.database_url = database_url.replace(
+        f"{target.hostname}:{target.port}", f"127.0.0.1:{database.port}"
+    )
+    config_writer.upstream_url = f"http://127.0.0.1:{provider.port}/v1"
+    config_writer.timeouts = (
+        "{connect_seconds: 1, first_byte_seconds: 2, idle_seconds: 0.5, total_seconds: 3}"
+    )
+    config_writer.quota_extra = "redis_retry_seconds: 0.2"
+    config_writer.extra = "routing: {attempts_per_deployment: 1, backoff_seconds: 0.01, breaker_failures: 1000, breaker_cooldown_seconds: 0.2}\n"
+    gateway = await start_gateway(
+        f"policies:\n  - {{name: guarded, scope: user, limits: [{{tokens: {TOKEN_LIMIT}, per: hour}}]}}\n"
+    )
+    yield Rig(gateway, fake_upstream, redis_server, database, provider)
+    await database.stop()
+    await provider.stop()
+
+
+async def upstream_mode(rig: Rig, mode: str) -> tuple[Fault, Fault]:
+    async def inject() -> None:
+        rig.upstream.mode = mode
+
+    async def restore() -> None:
+        rig.upstream.mode = "ok"
+
+    return inject, restore
+
+
+async def faults(rig: Rig, name: str) -> tuple[Fault, Fault, float, float]:
+    """(inject, restore, share of streams, share of clients abandoning their stream)."""
+    if name == "redis killed and restarted":
+        return rig.redis.stop, rig.redis.start, 0.3, 0.0
+    if name == "postgres stopped and restarted":
+        return rig.database.stop, rig.database.start, 0.3, 0.0
+    if name == "upstream connection refused":
+        return rig.provider.stop, rig.provider.start, 0.3, 0.0
+    if name == "clients disconnecting mid-stream":
+
+        async def nothing() -> None:
+            return None
+
+        return nothing, nothing, 0.8, 0.5
+    mode = {
+        "upstream 500": "error_500",
+        "upstream 429": "error_429",
+        "upstream garbage": "garbage",
+        "upstream truncated JSON": "truncated_json",
+        "upstream cuts streams": "cut_stream",
+        "upstream stalls streams": "stall_stream",
+    }[name]
+    inject, restore = await upstream_mode(rig, mode)
+    return inject, restore, (0.8 if "stream" in name else 0.3), 0.0
+
+
+FAULTS = [
+    "redis killed and restarted",
+    "postgres stopped and restarted",
+    "upstream 500",
+    "upstream 429",
+    "upstream garbage",
+    "upstream truncated JSON",
+    "upstream cuts streams",
+    "upstream stalls streams",
+    "upstream connection refused",
+    "clients disconnecting mid-stream",
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_fault(rig: Rig, pg: asyncpg.Connection, fault: str) -> None:
+    inject, restore, stream_share, abandon_share = await faults(rig, fault)
+    load = Load(rig.gateway.url, clients=6, stream_share=stream_share, abandon_share=abandon_share)
+    load.start()
+    await asyncio.sleep(0.5)
+    await inject()
+    await asyncio.sleep(1.0)
+    await restore()
+    restored_at = time.monotonic()
+    await asyncio.sleep(1.2)
+    outcome = await load.stop()
+    await rig.gateway.settle()
+
+    rows = await pg.fetch("SELECT client_request_id, prompt_tokens, completion_tokens FROM usage_events")
+    ids = [row["client_request_id"] for row in rows]
+    lost = outcome.received_ok - set(ids)
+    doubled = len(ids) - len(set(ids))
+    billed = sum((row["prompt_tokens"] or 0) + (row["completion_tokens"] or 0) for row in rows)
+    readings = await rig.gateway.app[state.QUOTA].limiter.read(
+        rig.gateway.app[state.POLICIES].current.limits_of_subject("user", "alice")
+    )
+    overshoot = max(0, max((r.used for r in readings), default=0) - TOKEN_LIMIT)
+    after = [t for t in outcome.good_after if t >= restored_at]
+    recovery = round(after[0] - restored_at, 3) if after else None
+    figures = {
+        "sent": outcome.sent,
+        "answered": dict(sorted(outcome.statuses.items())),
+        "unclean_errors": outcome.unclean_errors,
+        "rows_lost": len(lost),
+        "rows_doubled": doubled,
+        "quota_overshoot_tokens": overshoot,
+        "recovery_seconds": recovery,
+        "ledger_rows": len(ids),
+        "tokens_billed": billed,
+    }
+    print(f"\n{fault}: {json.dumps(figures)}")
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[fault] = figures
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+    assert outcome.unclean_errors == 0
+    assert not lost and doubled == 0
+    assert overshoot == 0
+    assert recovery is not None and recovery < 3.0, figures
+    assert outcome.statuses["200"] > 0
