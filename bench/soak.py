@@ -1,0 +1,101 @@
+"""Soak: a gateway process under steady load for a while; memory, descriptors, threads.
+
+Run: ./scripts/bench soak [SECONDS]   (default 600; not part of the tests)
+The gateway runs the shipped embedded config (mock provider) in its own process, with
+steady load from this one; every 30 s the gateway's RSS, open file descriptors and
+threads are sampled from /proc. Flat lines are the goal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "gw-demo-key-change-me"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sample(pid: int) -> dict[str, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {
+        "rss_kb": int(fields["VmRSS"].split()[0]),
+        "threads": int(fields["Threads"].strip()),
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+    }
+
+
+async def main(seconds: float) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gateway-soak-"))
+    shutil.copy(REPO / "gateway.yaml", folder / "gateway.yaml")
+    shutil.copytree(REPO / "policies", folder / "policies")
+    (folder / "policies" / "default.yaml").write_text(
+        "policies:\n  - {name: roomy, scope: user, limits: [{requests: 100000000, per: minute}]}\n"
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
+        cwd=folder,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    samples: list[dict[str, float]] = []
+    sent = 0
+    try:
+        await asyncio.sleep(3)
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+
+            async def client(stream: bool) -> None:
+                nonlocal sent
+                while time.monotonic() - started < seconds:
+                    async with session.post(
+                        url, json={**body, "stream": stream}, headers={"Authorization": f"Bearer {KEY}"}
+                    ) as response:
+                        await response.read()
+                        sent += 1
+                    await asyncio.sleep(0.002)
+
+            async def sampler() -> None:
+                while time.monotonic() - started < seconds:
+                    samples.append(
+                        {"t": round(time.monotonic() - started), "requests": sent, **sample(process.pid)}
+                    )
+                    print(json.dumps(samples[-1]), flush=True)
+                    await asyncio.sleep(30)
+
+            await asyncio.gather(sampler(), *(client(i % 2 == 0) for i in range(8)))
+        samples.append({"t": round(time.monotonic() - started), "requests": sent, **sample(process.pid)})
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+    first, settled, last = samples[0], samples[min(2, len(samples) - 1)], samples[-1]
+    print(
+        f"\n{sent:,} requests in {last['t']} s ({sent / max(last['t'], 1):,.0f}/s); "
+        f"RSS {first['rss_kb'] / 1024:.1f} MB at start, {settled['rss_kb'] / 1024:.1f} MB after a minute, "
+        f"{last['rss_kb'] / 1024:.1f} MB at the end; fds {first['fds']} → {last['fds']}; "
+        f"threads {first['threads']} → {last['threads']}"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main(float(sys.argv[1]) if len(sys.argv) > 1 else 600.0))
