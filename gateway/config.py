@@ -35,6 +35,8 @@ class ServerConfig:
     log_prompts: bool = False
     # Worker processes sharing the port (SO_REUSEPORT); metrics are added up across them.
     workers: int = 1
+    # How long a request body may take to arrive (slow clients hold connections).
+    body_timeout_seconds: float = 30.0
     # Failed key checks per client address per minute before it is refused (0: no limit).
     auth_failures_per_minute: int = 20
     # Terminate TLS here (else plain HTTP, e.g. behind a proxy that terminates it).
@@ -301,10 +303,13 @@ def _server(node: Node | None, base_dir: Path) -> ServerConfig:
         "workers",
         "auth_failures_per_minute",
         "tls",
+        "body_timeout_seconds",
     )
     node.mapping(set(keys))
     default = ServerConfig()
-    host, port, body, level, log_json, log_prompts, workers, failures, tls = (node.get(k) for k in keys)
+    host, port, body, level, log_json, log_prompts, workers, failures, tls, body_timeout = (
+        node.get(k) for k in keys
+    )
     cert = key = None
     if tls is not None:
         tls.mapping({"cert_file", "key_file"})
@@ -322,6 +327,9 @@ def _server(node: Node | None, base_dir: Path) -> ServerConfig:
         log_prompts=log_prompts.as_bool() if log_prompts else default.log_prompts,
         workers=workers.as_int(minimum=1) if workers else default.workers,
         auth_failures_per_minute=failures.as_int(minimum=0) if failures else default.auth_failures_per_minute,
+        body_timeout_seconds=body_timeout.as_float(minimum=0.01)
+        if body_timeout
+        else default.body_timeout_seconds,
         tls_cert_file=cert,
         tls_key_file=key,
     )

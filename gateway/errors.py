@@ -93,6 +93,14 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    """The request body arrived too slowly (408)."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class RequestTooLarge(GatewayError):
     """The body exceeds server.max_body_bytes (413)."""
 

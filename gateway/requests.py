@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Mapping, Sequence
@@ -12,7 +13,7 @@ from aiohttp import web
 from gateway import state
 from gateway.auth import Principal
 from gateway.config import ModelConfig
-from gateway.errors import InvalidRequest, ModelNotFound, RequestTooLarge
+from gateway.errors import InvalidRequest, ModelNotFound, RequestTimeout, RequestTooLarge
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 MODEL_LABEL = web.RequestKey("model_label", str)
@@ -30,8 +31,15 @@ def new_request_id() -> str:
 
 async def read_json_object(request: web.Request) -> tuple[dict[str, Any], int]:
     """The body as a JSON object and its size, or a 400/413 that says what is wrong."""
+    server = request.app[state.CONFIG].server
     try:
-        raw = await request.read()
+        # A client that trickles its body (slowloris) holds a connection: bound the wait.
+        async with asyncio.timeout(server.body_timeout_seconds):
+            raw = await request.read()
+    except TimeoutError as exc:
+        raise RequestTimeout(
+            f"The request body did not arrive within {server.body_timeout_seconds:g} s."
+        ) from exc
     except web.HTTPRequestEntityTooLarge as exc:
         limit = request.app[state.CONFIG].server.max_body_bytes
         raise RequestTooLarge(f"Request body exceeds the gateway's limit of {limit} bytes.") from exc

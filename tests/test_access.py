@@ -221,3 +221,31 @@ async def test_the_admin_api_can_live_on_its_own_address(
             json={},
         ) as api:
             assert api.status == 404
+
+
+async def test_a_slow_body_is_cut_off(
+    start_gateway: StartGateway, config_writer: ConfigWriter, pg: asyncpg.Connection
+) -> None:
+    """Slowloris: headers, then a byte now and then. The connection is not held forever."""
+    config_writer.extra = "server: {body_timeout_seconds: 0.5}\n"
+    gateway = await start_gateway()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {USER_KEY}\r\nContent-Length: 200\r\n\r\n"
+        ).encode()
+    )
+    for _ in range(20):
+        writer.write(b" ")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        if reader.at_eof() or len(reader._buffer) > 0:  # type: ignore[attr-defined]
+            break
+    answer = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    # The 200-byte body never completed: only the body timeout can have answered.
+    assert b'"code": "request_timeout"' in body
