@@ -216,3 +216,31 @@ def test_hostile_headers(gateway: Gateway) -> None:
     for headers in cases:
         status, answer = gateway.post("/v1/chat/completions", body, headers)
         check_answer("/v1/chat/completions", status, answer)
+
+
+def rss_mb() -> float:
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024
+
+
+def test_memory_stays_bounded_under_hostile_load(gateway: Gateway) -> None:
+    """2,000 large hostile bodies in a row: the process (client and gateway) does not keep them."""
+    import random
+
+    generator = random.Random(7)
+    big_array = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 100}] * 2000}
+    ).encode()
+    deep = b"[" * 50_000 + b"]" * 50_000
+    payloads = [big_array, deep, b"\xff" * 60_000, json.dumps({"model": "m" * 400_000}).encode()]
+    for _ in range(200):  # warm up: caches and pools reach their working size
+        gateway.post("/v1/chat/completions", generator.choice(payloads))
+    before = rss_mb()
+    for _ in range(2_000):
+        status, _ = gateway.post(generator.choice(ROUTES), generator.choice(payloads))
+        assert status in ALLOWED_STATUSES
+    growth = rss_mb() - before
+    print(f"\nRSS {before:.1f} MB before, growth {growth:.1f} MB over 2,000 hostile requests")
+    assert growth < 32, f"RSS grew by {growth:.1f} MB over 2,000 hostile requests"
