@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import signal
 import subprocess
 import sys
-import textwrap
-import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,15 +31,14 @@ from gateway.metrics import Metrics
 from tests.conftest import (
     ADMIN_KEY,
     OTHER_KEY,
-    PROVIDER_KEY,
     USER_KEY,
     ConfigWriter,
     StartGateway,
-    _sha256,
     free_port,
 )
 from tests.fakes.openai_upstream import FakeUpstream
 from tests.fakes.tcp_proxy import TcpProxy
+from tests.processes import serve, wait_healthy, write_config
 from tests.test_ledger_stores import RECORD
 
 HI = [{"role": "user", "content": "hi"}]
@@ -146,48 +142,18 @@ async def test_database_outage_mid_load_loses_nothing(
 async def test_a_killed_gateway_writes_its_spool_after_restart(
     tmp_path: Path, redis_url: str, database_url: str, upstream_url: str, pg: asyncpg.Connection
 ) -> None:
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "gateway.yaml").write_text(
-        textwrap.dedent(
-            f"""\
-            backends:
-              redis: {{url: "{redis_url}", key_prefix: "kill:{uuid.uuid4().hex[:8]}:"}}
-              postgres: {{dsn: "{database_url}"}}
-            providers:
-              fake: {{type: openai, base_url: "{upstream_url}", api_key_env: FAKE_PROVIDER_KEY}}
-            models:
-              gpt-4o-mini: {{provider: fake}}
-            keys:
-              - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice}}
-            ledger: {{batch_size: 200, flush_interval_seconds: 0.5}}
-            """
-        )
+    write_config(
+        tmp_path,
+        redis_url,
+        database_url,
+        upstream_url,
+        UNLIMITED,
+        extra="ledger: {batch_size: 200, flush_interval_seconds: 0.5}\n",
     )
     port = free_port()
-    env = {**os.environ, "FAKE_PROVIDER_KEY": PROVIDER_KEY}
 
-    def serve() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stderr=subprocess.DEVNULL,
-        )
-
-    async def ready() -> None:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/health") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError("the gateway did not start")
-
-    process = serve()
-    await ready()
+    process = serve(tmp_path, port)
+    await wait_healthy(port, process)
     load = Load(f"http://127.0.0.1:{port}")
     load.start()
     await asyncio.sleep(1.0)
@@ -195,8 +161,8 @@ async def test_a_killed_gateway_writes_its_spool_after_restart(
     process.wait()
     before_restart = await pg.fetchval("SELECT count(*) FROM usage_events")
     received_before = len(load.received)
-    process = serve()
-    await ready()
+    process = serve(tmp_path, port)
+    await wait_healthy(port, process)
     await asyncio.sleep(0.5)
     await load.stop()
     process.send_signal(signal.SIGTERM)

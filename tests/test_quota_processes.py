@@ -7,12 +7,8 @@ once, split between them; the admitted reservations must fit the limit exactly.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
-import textwrap
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,8 +16,9 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.conftest import PROVIDER_KEY, USER_KEY, _sha256, free_port
+from tests.conftest import USER_KEY, free_port
 from tests.fakes.openai_upstream import FakeUpstream
+from tests.processes import serve, wait_healthy, write_config
 
 HI = [{"role": "user", "content": "hi"}]
 RESERVED = 8 + 10  # prompt + max_tokens
@@ -32,49 +29,18 @@ FITS = 37
 async def two_gateways(
     tmp_path: Path, redis_url: str, database_url: str, upstream_url: str, pg: asyncpg.Connection
 ) -> AsyncIterator[list[str]]:
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "limit.yaml").write_text(
-        f"policies:\n  - {{name: shared, scope: team, limits: [{{tokens: {FITS * RESERVED}, per: minute}}]}}\n"
-    )
-    (tmp_path / "gateway.yaml").write_text(
-        textwrap.dedent(
-            f"""\
-            backends:
-              redis: {{url: "{redis_url}", key_prefix: "procs:{uuid.uuid4().hex[:8]}:"}}
-              postgres: {{dsn: "{database_url}"}}
-            providers:
-              fake: {{type: openai, base_url: "{upstream_url}", api_key_env: FAKE_PROVIDER_KEY}}
-            models:
-              gpt-4o-mini: {{provider: fake}}
-            keys:
-              - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice, team: research}}
-            """
-        )
+    write_config(
+        tmp_path,
+        redis_url,
+        database_url,
+        upstream_url,
+        f"policies:\n  - {{name: shared, scope: team, limits: [{{tokens: {FITS * RESERVED}, per: minute}}]}}\n",
     )
     ports = [free_port(), free_port()]
-    env = {**os.environ, "FAKE_PROVIDER_KEY": PROVIDER_KEY}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            # Request log lines would fill an unread pipe and block the gateway: a file it is.
-            stderr=(tmp_path / f"gateway-{port}.log").open("w"),
-        )
-        for port in ports
-    ]
+    processes = [serve(tmp_path, port) for port in ports]
+    for port, process in zip(ports, processes, strict=True):
+        await wait_healthy(port, process, "/health/ready")
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    async with aiohttp.ClientSession() as session:
-        for url, process in zip(urls, processes, strict=True):
-            for _ in range(300):
-                try:
-                    async with session.get(f"{url}/health/ready") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert process.poll() is None, (tmp_path / f"gateway-{url.rsplit(':', 1)[1]}.log").read_text()
-                await asyncio.sleep(0.1)
     yield urls
     for process in processes:
         process.send_signal(signal.SIGTERM)

@@ -30,6 +30,7 @@ from gateway import state
 from tests.conftest import USER_KEY, ConfigWriter, RunningGateway, StartGateway, free_port
 from tests.fakes.openai_upstream import FakeUpstream
 from tests.fakes.tcp_proxy import TcpProxy
+from tests.processes import serve, wait_healthy, write_config
 
 HI = [{"role": "user", "content": "hi"}]
 TOKEN_LIMIT = 1_000_000
@@ -296,65 +297,28 @@ async def test_gateway_killed_and_restarted(
     tmp_path: Path, redis_url: str, database_url: str, upstream_url: str, pg: asyncpg.Connection
 ) -> None:
     """The gateway process SIGKILLed mid-load and started again on the same port."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import textwrap
 
-    from tests.conftest import PROVIDER_KEY, _sha256
-
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "p.yaml").write_text(
-        f"policies:\n  - {{name: guarded, scope: user, limits: [{{tokens: {TOKEN_LIMIT}, per: hour}}]}}\n"
-    )
-    (tmp_path / "gateway.yaml").write_text(
-        textwrap.dedent(
-            f"""\
-            backends:
-              redis: {{url: "{redis_url}", key_prefix: "kill:{uuid.uuid4().hex[:8]}:"}}
-              postgres: {{dsn: "{database_url}"}}
-            providers:
-              fake: {{type: openai, base_url: "{upstream_url}", api_key_env: FAKE_PROVIDER_KEY}}
-            models:
-              gpt-4o-mini: {{provider: fake}}
-            keys:
-              - {{id: alice-key, sha256: {_sha256(USER_KEY)}, user: alice}}
-            """
-        )
+    write_config(
+        tmp_path,
+        redis_url,
+        database_url,
+        upstream_url,
+        f"policies:\n  - {{name: guarded, scope: user, limits: [{{tokens: {TOKEN_LIMIT}, per: hour}}]}}\n",
     )
     port = free_port()
 
-    def serve() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
-            cwd=tmp_path,
-            env={**os.environ, "FAKE_PROVIDER_KEY": PROVIDER_KEY},
-            stderr=(tmp_path / "gateway.log").open("a"),
-        )
-
-    async def ready() -> None:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/health") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-
-    process = serve()
-    await ready()
+    process = serve(tmp_path, port)
+    await wait_healthy(port, process)
     load = Load(f"http://127.0.0.1:{port}", clients=6, stream_share=0.3)
     load.start()
     await asyncio.sleep(1.0)
     process.send_signal(signal.SIGKILL)
     process.wait()
     await asyncio.sleep(0.3)
-    process = serve()
+    process = serve(tmp_path, port)
     restored_at = time.monotonic()
-    await ready()
+    await wait_healthy(port, process)
     await asyncio.sleep(1.0)
     outcome = await load.stop()
     process.send_signal(signal.SIGTERM)
