@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.quota.policy import AppliedLimit
 
@@ -163,6 +164,8 @@ class QuotaLimiter:
             async with self._calls or contextlib.nullcontext():
                 return await script(keys=keys, args=args)
         except Exception as exc:
+            if isinstance(exc, RedisConnectionError) and isinstance(self.redis, Redis):
+                await _drop_idle_connections(self.redis)
             raise QuotaStoreUnavailable(str(exc)) from exc
         finally:
             if self.observe is not None:
@@ -360,6 +363,14 @@ class QuotaLimiter:
             except Exception as exc:
                 raise QuotaStoreUnavailable(str(exc)) from exc
         return deleted
+
+
+async def _drop_idle_connections(redis: Redis) -> None:
+    # redis-py's pool does not always notice that a restarted Redis closed its idle
+    # connections; each would then fail one request long after Redis is back.
+    # One failure drops them all, so the next calls connect afresh.
+    with contextlib.suppress(Exception):
+        await redis.connection_pool.disconnect(inuse_connections=False)
 
 
 def _report_rolled_back(
