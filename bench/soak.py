@@ -1,9 +1,10 @@
-"""Soak: a gateway process under steady load for a while; memory, descriptors, threads.
+"""Soak: a gateway process under steady load for a while; memory, descriptors, threads, tasks.
 
 Run: ./scripts/bench soak [SECONDS]   (default 600; not part of the tests)
 The gateway runs the shipped embedded config (mock provider) in its own process, with
 steady load from this one; every 30 s the gateway's RSS, open file descriptors and
-threads are sampled from /proc. Flat lines are the goal.
+threads are sampled from /proc, and its asyncio task count from /metrics
+(`gateway_event_loop_tasks`). Flat lines are the goal.
 """
 
 from __future__ import annotations
@@ -74,16 +75,30 @@ async def main(seconds: float) -> None:
                         sent += 1
                     await asyncio.sleep(0.002)
 
+            async def tasks() -> int:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    text = await response.text()
+                line = next(x for x in text.splitlines() if x.startswith("gateway_event_loop_tasks "))
+                return int(float(line.split()[1]))
+
+            async def take_sample() -> None:
+                samples.append(
+                    {
+                        "t": round(time.monotonic() - started),
+                        "requests": sent,
+                        **sample(process.pid),
+                        "tasks": await tasks(),
+                    }
+                )
+                print(json.dumps(samples[-1]), flush=True)
+
             async def sampler() -> None:
                 while time.monotonic() - started < seconds:
-                    samples.append(
-                        {"t": round(time.monotonic() - started), "requests": sent, **sample(process.pid)}
-                    )
-                    print(json.dumps(samples[-1]), flush=True)
+                    await take_sample()
                     await asyncio.sleep(30)
 
             await asyncio.gather(sampler(), *(client(i % 2 == 0) for i in range(8)))
-        samples.append({"t": round(time.monotonic() - started), "requests": sent, **sample(process.pid)})
+            await take_sample()
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -93,7 +108,8 @@ async def main(seconds: float) -> None:
         f"\n{sent:,} requests in {last['t']} s ({sent / max(last['t'], 1):,.0f}/s); "
         f"RSS {first['rss_kb'] / 1024:.1f} MB at start, {settled['rss_kb'] / 1024:.1f} MB after a minute, "
         f"{last['rss_kb'] / 1024:.1f} MB at the end; fds {first['fds']} → {last['fds']}; "
-        f"threads {first['threads']} → {last['threads']}"
+        f"threads {first['threads']} → {last['threads']}; "
+        f"asyncio tasks {min(x['tasks'] for x in samples)} to {max(x['tasks'] for x in samples)}"
     )
 
 

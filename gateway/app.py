@@ -121,7 +121,9 @@ def _load_tokenizers(config: GatewayConfig, registry: TokenizerRegistry) -> None
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = request.app[state.METRICS].exposition()
+    metrics = request.app[state.METRICS]
+    metrics.event_loop_tasks.set(len(asyncio.all_tasks()))
+    body = metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -190,6 +190,12 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served now.", registry=r)
+        self.event_loop_tasks = Gauge(
+            "gateway_event_loop_tasks",
+            "asyncio tasks alive in the event loop, sampled when /metrics is scraped.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.ledger_queue_depth = Gauge(
             "gateway_ledger_queue_depth",
             "Usage records spooled but not yet in the database.",

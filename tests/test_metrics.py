@@ -81,6 +81,28 @@ async def test_metrics_move_by_the_right_amounts(
     assert value(after, "gateway_ledger_queue_depth") == 0
 
 
+async def test_event_loop_tasks_return_to_their_count_after_traffic(
+    start_gateway: StartGateway, pg: asyncpg.Connection
+) -> None:
+    gateway = await start_gateway()
+    client = gateway.client()
+    await client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2)
+    await gateway.settle()
+    before = value(await scrape(gateway.url), "gateway_event_loop_tasks")
+    for _ in range(10):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2)
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, max_tokens=2, stream=True
+        )
+        async for _chunk in stream:
+            pass
+    await gateway.settle()
+    after = value(await scrape(gateway.url), "gateway_event_loop_tasks")
+    # The scrape's own handler is one of them; a leak of one task per request shows as +20.
+    assert before >= 2
+    assert after == before
+
+
 async def test_metric_labels_hold_no_keys_users_or_ids(
     start_gateway: StartGateway, pg: asyncpg.Connection
 ) -> None:
