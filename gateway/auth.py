@@ -153,6 +153,9 @@ class Authenticator:
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
 
     async def authenticate(self, presented_key: str) -> Principal:
+        # Only SHA-256 digests are ever compared, never key material: a lookup's timing
+        # can tell at most how the digest of an attacker's own guess relates to a stored
+        # digest, which does not help find a key (that needs a SHA-256 preimage).
         digest = hash_key(presented_key)
         principal = self._static.get(digest)
         if principal is None:
