@@ -125,7 +125,8 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     app = request.app
     config = app[state.CONFIG]
     principal = request[PRINCIPAL]
-    body, body_bytes = await read_json_object(request)
+    body, raw = await read_json_object(request)
+    unchanged_bytes = raw
     model = resolve_model(request, body)
     spec.validate(body)
     app[state.ROUTER].check_serves(model, spec.wire_format)
@@ -147,10 +148,11 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         # The policy's cap goes upstream too, so the provider cannot bill past it.
         field = next((f for f in spec.max_fields if f in body), spec.max_fields[-1])
         body = {**body, field: max_completion}
+        unchanged_bytes = b""
 
     counter = app[state.COUNTER]
     profile = counter.registry.profile(model.upstream_model, model.tokenizer)
-    prompt = await counter.count(spec.count_route, body, profile, body_bytes)
+    prompt = await counter.count(spec.count_route, body, profile, len(raw))
     completions = max_completion * _choices(body, spec)
     ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, completions))
     admission = ticket.admission
@@ -177,7 +179,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     if spec.wire_format == "anthropic":
         headers = anthropic_ratelimit_headers(headers)
     try:
-        return await _forward(request, body, spec, exchange, headers)
+        return await _forward(request, body, unchanged_bytes, spec, exchange, headers)
     except GatewayError as exc:
         exchange.status, exchange.error_code = exc.status, exc.code
         exc.headers = {**headers, **exc.headers}
@@ -214,18 +216,34 @@ def _ids(exchange: Exchange) -> dict[str, str]:
 
 
 async def _forward(
-    request: web.Request, body: dict[str, Any], spec: RouteSpec, exchange: Exchange, headers: dict[str, str]
+    request: web.Request,
+    body: dict[str, Any],
+    unchanged_bytes: bytes,
+    spec: RouteSpec,
+    exchange: Exchange,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
+    """unchanged_bytes: the caller's bytes while `body` is still what they sent, else b""."""
     client_wants_usage = False
     options = body.get("stream_options")
     if exchange.stream and spec.injects_usage:
         client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     passed_headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
+    # Usage must be asked for in streams: it is what the reservation is settled with.
+    adds_usage_option = exchange.stream and spec.injects_usage and not client_wants_usage
 
     def upstream_request(deployment: DeploymentConfig) -> UpstreamRequest:
+        if unchanged_bytes and not adds_usage_option and body.get("model") == deployment.upstream_model:
+            return UpstreamRequest(
+                spec.path,
+                body,
+                exchange.stream,
+                deployment.upstream_model,
+                passed_headers,
+                raw=unchanged_bytes,
+            )
         upstream_body = {**body, "model": deployment.upstream_model}
-        if exchange.stream and spec.injects_usage:
-            # Always ask for usage: it is what the reservation is settled with.
+        if adds_usage_option:
             upstream_body["stream_options"] = {
                 **(options if isinstance(options, dict) else {}),
                 "include_usage": True,

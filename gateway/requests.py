@@ -29,8 +29,8 @@ def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
 
-async def read_json_object(request: web.Request) -> tuple[dict[str, Any], int]:
-    """The body as a JSON object and its size, or a 400/413 that says what is wrong."""
+async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
+    """The body as a JSON object and as bytes, or a 400/413 that says what is wrong."""
     server = request.app[state.CONFIG].server
     try:
         # A client that trickles its body (slowloris) holds a connection: bound the wait.
@@ -53,7 +53,7 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], int]:
         ) from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    return body, len(raw)
+    return body, raw
 
 
 def resolve_model(request: web.Request, body: Mapping[str, Any]) -> ModelConfig:

@@ -178,6 +178,38 @@ async def test_model_alias_is_renamed_for_the_provider(
     assert completion.choices[0].message.content == "Hello from"
 
 
+async def test_an_unchanged_body_is_forwarded_as_the_callers_bytes(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    # Odd spacing and key order: re-serialising would change them.
+    sent = b'{ "max_tokens":2,  "messages": [{"content": "hi", "role": "user"}], "model": "gpt-4o-mini" }'
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{gateway.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {USER_KEY}", "Content-Type": "application/json"},
+            data=sent,
+        ) as response,
+    ):
+        assert response.status == 200
+    assert fake_upstream.raw_requests == [sent]
+
+
+async def test_a_changed_body_is_serialised_again(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    # The alias is renamed and a stream asks for usage: both change what is sent.
+    await gateway.client().chat.completions.create(model="team-model", messages=MESSAGES, max_tokens=2)
+    stream = await gateway.client().chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=2, stream=True
+    )
+    async for _chunk in stream:
+        pass
+    renamed, streamed = (json.loads(raw) for raw in fake_upstream.raw_requests)
+    assert renamed["model"] == "gpt-4o-mini"
+    assert streamed["stream_options"] == {"include_usage": True}
+
+
 async def test_slow_provider_times_out_with_504(
     start_gateway: StartGateway,
     config_writer: ConfigWriter,

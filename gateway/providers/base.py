@@ -35,6 +35,9 @@ class UpstreamRequest:
     upstream_model: str = ""
     # Only headers on an allow-list (anthropic-version, anthropic-beta), never credentials.
     headers: Mapping[str, str] = field(default_factory=dict)
+    # The caller's bytes when `body` is exactly what they sent: forwarded as they are,
+    # since serialising the same JSON again costs time for nothing.
+    raw: bytes | None = None
 
 
 async def _nothing_to_close() -> None:

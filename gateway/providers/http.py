@@ -56,7 +56,7 @@ class HttpProvider:
         }
 
     async def send(self, request: UpstreamRequest) -> UpstreamReply:
-        payload = json.dumps(request.body).encode()
+        payload = request.raw if request.raw is not None else json.dumps(request.body).encode()
         timeouts = self._timeouts
         try:
             async with asyncio.timeout(None if request.stream else timeouts.total_seconds):

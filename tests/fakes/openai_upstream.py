@@ -46,6 +46,8 @@ class FakeUpstream:
     # Pause between stream chunks (and, in stall_stream mode, the stall after the first).
     chunk_delay_seconds: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    # Every request body as the bytes that arrived.
+    raw_requests: list[bytes] = field(default_factory=list)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
     azure_calls: list[tuple[str, str]] = field(default_factory=list)
 
@@ -69,6 +71,7 @@ class FakeUpstream:
 
     @web.middleware
     async def _extra_headers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.raw_requests.append(await request.read())
         response: web.StreamResponse = await handler(request)
         if not response.prepared:
             response.headers.update(self.response_headers)
