@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.quota.batching import ScriptBatcher
 from gateway.quota.policy import AppliedLimit
 
 
@@ -141,6 +142,7 @@ class QuotaLimiter:
     _read: Any = field(init=False, repr=False)
     _zone: ZoneInfo = field(init=False, repr=False)
     _calls: asyncio.Semaphore | None = field(init=False, repr=False, default=None)
+    _batcher: ScriptBatcher | None = field(init=False, repr=False, default=None)
     # Called with (operation, seconds) after every script call, for the metrics.
     observe: Callable[[str, float], None] | None = None
 
@@ -156,11 +158,15 @@ class QuotaLimiter:
             # Each script call holds one connection on one node, so queue them here instead.
             max_connections = int(self.redis.connection_kwargs.get("max_connections") or 64)
             self._calls = asyncio.Semaphore(max_connections)
+        else:
+            self._batcher = ScriptBatcher(self.redis)
 
     async def _run(self, operation: str, script: Any, keys: list[str], args: list[str | int]) -> Any:
         """One script call; raises QuotaStoreUnavailable if Redis fails."""
         started = time.monotonic()
         try:
+            if self._batcher is not None:
+                return await self._batcher.call(script, keys, args)
             async with self._calls or contextlib.nullcontext():
                 return await script(keys=keys, args=args)
         except Exception as exc:
