@@ -11,6 +11,9 @@ from gateway.providers import Usage
 from gateway.quota.service import Ticket
 from gateway.tokens import ModelProfile, PromptCount
 
+# nginx's convention for "the client closed the connection before the answer".
+CLIENT_CLOSED_REQUEST = 499
+
 
 @dataclass
 class Exchange:

@@ -24,7 +24,7 @@ from gateway.errors import (
 )
 from gateway.logs import log_request
 from gateway.metrics import UNKNOWN_MODEL
-from gateway.proxy import CLIENT_CLOSED_REQUEST
+from gateway.exchange import CLIENT_CLOSED_REQUEST
 from gateway.quota.headers import anthropic_ratelimit_headers
 from gateway.requests import EXCHANGE, MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
 
@@ -93,6 +93,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
                 raise
             raise _translate(exc) from exc
         status = response.status
+        exchange = request.get(EXCHANGE)
+        if exchange is not None and exchange.client_disconnected:
+            # A stream whose client left: its 200 went out, but it was not delivered.
+            status, error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
         return response
     except GatewayError as exc:
         status, error_code = exc.status, exc.code

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway import requests, state
 from gateway.config import DeploymentConfig
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.exchange import Exchange
+from gateway.exchange import CLIENT_CLOSED_REQUEST, Exchange
 from gateway.providers import UpstreamRequest
 from gateway.quota import ratelimit_headers
 from gateway.quota.headers import anthropic_ratelimit_headers
@@ -41,8 +41,6 @@ from gateway.requests import (
 )
 from gateway.tokens.prompts import prompt_multiplicity
 
-# nginx's convention for "the client closed the connection before the answer".
-CLIENT_CLOSED_REQUEST = 499
 # Caller headers a provider may see; everything else (credentials, cookies, hop-by-hop) stays here.
 FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 
@@ -187,7 +185,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     except asyncio.CancelledError:
         # The client went away (aiohttp cancels the handler): what was produced is charged.
         exchange.upstream_finished()
-        exchange.status = exchange.status or CLIENT_CLOSED_REQUEST
+        exchange.status = CLIENT_CLOSED_REQUEST
         exchange.error_code = "client_disconnected"
         raise
     except BaseException:

@@ -17,7 +17,7 @@ from typing import Protocol
 from aiohttp import web
 
 from gateway.errors import GatewayError, UpstreamError
-from gateway.exchange import Exchange
+from gateway.exchange import CLIENT_CLOSED_REQUEST, Exchange
 from gateway.providers import UpstreamReply, Usage, anthropic_wire, openai_wire
 from gateway.providers.openai_wire import SseSplitter, chunk_object, event_data, usage_from_object
 
@@ -187,10 +187,11 @@ async def relay_stream(
             "X-Accel-Buffering": "no",
         },
     )
-    await response.prepare(request)
     splitter = SseSplitter()
     first_event = True
     try:
+        # Inside the try: a client may be gone before the headers go out.
+        await response.prepare(request)
         async for data in reply.chunks:
             for event in splitter.feed(data):
                 if observer.observe(event):
@@ -210,6 +211,7 @@ async def relay_stream(
     except ConnectionError:
         exchange.upstream_finished()
         exchange.client_disconnected = True
+        exchange.status = CLIENT_CLOSED_REQUEST
         exchange.error_code = "client_disconnected"
     finally:
         await reply.close()

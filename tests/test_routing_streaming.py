@@ -191,7 +191,7 @@ async def test_a_departing_client_stops_the_upstream_and_is_accounted(
     assert fake_upstream.bytes_streamed < 500 * 150
     row = await pg.fetchrow("SELECT status, error_code, usage_source, completion_tokens FROM usage_events")
     assert row is not None
-    assert (row["status"], row["error_code"], row["usage_source"]) == (200, "client_disconnected", "counted")
+    assert (row["status"], row["error_code"], row["usage_source"]) == (499, "client_disconnected", "counted")
     assert 1 <= row["completion_tokens"] < 500
     # Settled: the lane is free again, and the tokens charged are what was produced.
     readings = await gateway.app[state.QUOTA].limiter.read(
