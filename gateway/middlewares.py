@@ -22,9 +22,9 @@ from gateway.errors import (
     RouteNotFound,
     ServerError,
 )
+from gateway.exchange import CLIENT_CLOSED_REQUEST
 from gateway.logs import log_request
 from gateway.metrics import UNKNOWN_MODEL
-from gateway.exchange import CLIENT_CLOSED_REQUEST
 from gateway.quota.headers import anthropic_ratelimit_headers
 from gateway.requests import EXCHANGE, MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
 
