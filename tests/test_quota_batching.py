@@ -93,3 +93,26 @@ async def test_a_dead_redis_fails_every_waiting_call() -> None:
     )
     assert all(isinstance(result, RedisConnectionError) for result in results), results
     await client.aclose()
+
+
+async def test_a_deferred_call_rides_with_the_next_call_sent(redis: Redis) -> None:
+    key = f"test:batch:{uuid.uuid4().hex}"
+    batcher = ScriptBatcher(redis, defer_seconds=30.0)
+    script = redis.register_script(INCR)
+    await batcher.call(script, [key], [0])
+    deferred = asyncio.ensure_future(batcher.call(script, [key], [10], defer=True))
+    await asyncio.sleep(0.05)
+    # Held back: Redis has not seen it.
+    assert not deferred.done() and int(await redis.get(key)) == 0
+    # The next call goes at once and takes the deferred one along, sent first.
+    assert await batcher.call(script, [key], [1]) == 11
+    assert await deferred == 10
+    await redis.delete(key)
+
+
+async def test_a_deferred_call_alone_goes_after_its_delay(redis: Redis) -> None:
+    key = f"test:batch:{uuid.uuid4().hex}"
+    batcher = ScriptBatcher(redis, defer_seconds=0.05)
+    script = redis.register_script(INCR)
+    assert await asyncio.wait_for(batcher.call(script, [key], [3], defer=True), timeout=5) == 3
+    await redis.delete(key)

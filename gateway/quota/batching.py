@@ -7,6 +7,12 @@ turn of the event loop are sent instead as one pipeline: one connection, one wri
 one read for all of them. A call that is alone goes straight through, so a quiet
 gateway waits no longer than before; under load, batches form by themselves.
 
+Calls nobody waits on (settlements: the response is already on its way) may be
+deferred: they wait up to `defer_seconds` for the next call that is sent anyway, and
+travel with it. At one request at a time, each settlement then rides along with the
+next request's admission instead of costing a trip of its own. A reservation is held
+that much longer, which can only refuse, never admit, more than the limit allows.
+
 Each EVALSHA stays atomic on its own, as before: a pipeline (without MULTI) only
 shares the trip, and Redis runs its scripts one after another in the order sent.
 """
@@ -38,23 +44,34 @@ class _Call:
 
 
 class ScriptBatcher:
-    def __init__(self, redis: Redis, max_batch: int = 128) -> None:
+    def __init__(self, redis: Redis, max_batch: int = 128, defer_seconds: float = 0.005) -> None:
         self._redis = redis
         self._max_batch = max_batch
+        self._defer_seconds = defer_seconds
         self._waiting: list[_Call] = []
         self._flush_scheduled = False
+        self._deferred_flush: asyncio.TimerHandle | None = None
 
-    async def call(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    async def call(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int], *, defer: bool = False
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
         self._waiting.append(_Call(script, keys, args, reply))
-        if not self._flush_scheduled:
+        if defer and self._defer_seconds > 0:
+            if not self._flush_scheduled and self._deferred_flush is None:
+                self._deferred_flush = loop.call_later(self._defer_seconds, self._flush)
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             # After every callback ready in this turn has run, so their calls join in.
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         return await reply
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._deferred_flush is not None:
+            self._deferred_flush.cancel()
+            self._deferred_flush = None
         waiting, self._waiting = self._waiting, []
         for start in range(0, len(waiting), self._max_batch):
             batch = waiting[start : start + self._max_batch]

@@ -161,12 +161,14 @@ class QuotaLimiter:
         else:
             self._batcher = ScriptBatcher(self.redis)
 
-    async def _run(self, operation: str, script: Any, keys: list[str], args: list[str | int]) -> Any:
+    async def _run(
+        self, operation: str, script: Any, keys: list[str], args: list[str | int], defer: bool = False
+    ) -> Any:
         """One script call; raises QuotaStoreUnavailable if Redis fails."""
         started = time.monotonic()
         try:
             if self._batcher is not None:
-                return await self._batcher.call(script, keys, args)
+                return await self._batcher.call(script, keys, args, defer=defer)
             async with self._calls or contextlib.nullcontext():
                 return await script(keys=keys, args=args)
         except Exception as exc:
@@ -311,7 +313,7 @@ class QuotaLimiter:
             args += [kind, window, span_a, span_b, state.bucket, charge.amount, actual]
         if not keys:
             return
-        await self._run("settle", self._settle, keys, args)
+        await self._run("settle", self._settle, keys, args, defer=True)
 
     async def sync_calendar(self, limits: Sequence[AppliedLimit], recorded: Sequence[int]) -> bool:
         """Write a subject's calendar counters as the ledger recorded them, unless done already."""
