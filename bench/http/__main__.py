@@ -1,0 +1,3 @@
+from bench.http.runner import main
+
+raise SystemExit(main())

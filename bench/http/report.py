@@ -1,0 +1,235 @@
+"""Figures of a run: medians per target x scenario, ratios to the floor, the table and the verdict.
+
+Each figure's median is taken over the rounds on its own; the ratios to the floor
+compare those medians within the same run. A gateway@REV row (another git revision
+of the gateway, measured in the same run) also has the gateway's ratios to it:
+this tree's req/s and CPU-us per request over the revision's, "HEAD vs REV".
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+FLOOR = "floor"
+GATEWAY = "gateway"
+GATEWAY_WORKERS = "gateway-w2"
+REVISION_PREFIX = "gateway@"
+RSS_LIMIT_MB = 120.0
+
+
+def summarize(runs: list[dict[str, Any]], targets: list[str], scenarios: list[str]) -> list[dict[str, Any]]:
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for scenario in scenarios:
+        for target in targets:
+            mine = [run for run in runs if run["target"] == target and run["scenario"] == scenario]
+            if not mine:
+                continue
+
+            def median(figure: str, of: list[dict[str, Any]] = mine) -> float:
+                return statistics.median(run[figure] for run in of)
+
+            rows[target, scenario] = {
+                "target": target,
+                "scenario": scenario,
+                "rounds": len(mine),
+                "requests_per_second": median("requests_per_second"),
+                "p50_ms": statistics.median(run["latency_ms"]["p50"] for run in mine),
+                "p90_ms": statistics.median(run["latency_ms"]["p90"] for run in mine),
+                "p99_ms": statistics.median(run["latency_ms"]["p99"] for run in mine),
+                "cpu_us_per_request": median("cpu_us_per_request"),
+                "rss_peak_mb_max": max(run["rss_peak_mb"]["max"] for run in mine),
+                "rss_peak_mb_sum": max(run["rss_peak_mb"]["sum"] for run in mine),
+                "processes": max(run["processes"] for run in mine),
+                "requests": sum(run["requests"] for run in mine),
+                "non_2xx": sum(run["non_2xx"] for run in mine),
+                "socket_errors": sum(sum(run["socket_errors"].values()) for run in mine),
+            }
+    for (target, scenario), row in rows.items():
+        floor = rows.get((FLOOR, scenario))
+        row["vs_floor"] = None if floor is None else _ratios(row, floor)
+        gateway = rows.get((GATEWAY, scenario))
+        row["gateway_vs_revision"] = (
+            _gateway_vs(gateway, row) if gateway is not None and target.startswith(REVISION_PREFIX) else None
+        )
+    return list(rows.values())
+
+
+def _gateway_vs(gateway: dict[str, Any], revision: dict[str, Any]) -> dict[str, float | None]:
+    """This tree's gateway over a revision's: req/s above 1 and CPU below 1 mean it gained."""
+    return {
+        "throughput_ratio": _ratio(gateway["requests_per_second"], revision["requests_per_second"]),
+        "cpu_ratio": _ratio(gateway["cpu_us_per_request"], revision["cpu_us_per_request"]),
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _ratios(row: dict[str, Any], floor: dict[str, Any]) -> dict[str, float | None]:
+    return {
+        "throughput_ratio": _ratio(row["requests_per_second"], floor["requests_per_second"]),
+        "cpu_ratio": _ratio(row["cpu_us_per_request"], floor["cpu_us_per_request"]),
+        "p50_added_ms": row["p50_ms"] - floor["p50_ms"],
+        "p99_ratio": _ratio(row["p99_ms"], floor["p99_ms"]),
+    }
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    """One row per target x scenario; x columns against the floor, gw/rev ones for gateway@REV rows."""
+    width = max([11, *(len(row["target"]) for row in summary)])
+    revisions = any(row.get("gateway_vs_revision") for row in summary)
+    header = (
+        f"{'target':<{width}} {'scenario':<15} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+        f"{'CPU µs/req':>10} {'RSS MB':>11} │ {'xreq/s':>6} {'xCPU':>5} {'+p50 ms':>7} {'xp99':>5}"
+    )
+    if revisions:
+        header += f" │ {'gw/rev req/s':>12} {'gw/rev CPU':>10}"
+    lines = [header, "─" * len(header)]
+    previous = None
+    for row in summary:
+        if previous is not None and row["scenario"] != previous:
+            lines.append("")
+        previous = row["scenario"]
+        rss = f"{row['rss_peak_mb_max']:.1f}"
+        if row["processes"] > 1:
+            rss = f"{row['rss_peak_mb_max']:.0f}/{row['rss_peak_mb_sum']:.0f} sum"
+        ratios = row["vs_floor"] or {}
+        line = (
+            f"{row['target']:<{width}} {row['scenario']:<15} {row['requests_per_second']:>8.0f} "
+            f"{row['p50_ms']:>7.2f} {row['p90_ms']:>7.2f} {row['p99_ms']:>7.2f} "
+            f"{row['cpu_us_per_request']:>10.0f} {rss:>11} │ "
+            f"{_num(ratios.get('throughput_ratio'), 6, 2)} {_num(ratios.get('cpu_ratio'), 5, 1)} "
+            f"{_num(ratios.get('p50_added_ms'), 7, 2, sign=True)} {_num(ratios.get('p99_ratio'), 5, 1)}"
+        )
+        if revisions:
+            against = row.get("gateway_vs_revision") or {}
+            line += (
+                f" │ {_num(against.get('throughput_ratio'), 12, 2)} {_num(against.get('cpu_ratio'), 10, 2)}"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _num(value: float | None, width: int, digits: int, sign: bool = False) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    return f"{value:>+{width}.{digits}f}" if sign else f"{value:>{width}.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    goal: str
+    passed: bool | None  # None: not measured in this run
+    details: list[str]
+    note: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "goal": self.goal,
+            "passed": self.passed,
+            "details": self.details,
+            "note": self.note,
+        }
+
+
+def verdict(summary: list[dict[str, Any]]) -> list[Check]:
+    """The targets of issue 7, for the one-worker gateway against the floor (and two workers against one)."""
+    rows = {(row["target"], row["scenario"]): row for row in summary}
+    gateway = [row for row in summary if row["target"] == GATEWAY and row["vs_floor"] is not None]
+
+    def check(
+        name: str, goal: str, chosen: list[dict[str, Any]], figure: str, ok: Any, unit: str, note: str = ""
+    ) -> Check:
+        details, results = [], []
+        for row in chosen:
+            value = row["vs_floor"][figure]
+            passed = value is not None and ok(value)
+            results.append(passed)
+            shown = "n/a" if value is None else f"{value:+.2f} ms" if unit == "ms" else f"{value:.2f}{unit}"
+            details.append(f"{row['scenario']} {shown}{'' if passed else ' ✗'}")
+        return Check(name, goal, all(results) if results else None, details, note)
+
+    at_32 = [row for row in gateway if row["scenario"].endswith("-c32")]
+    plain_1 = [
+        row for row in gateway if row["scenario"].startswith("plain-") and row["scenario"].endswith("-c1")
+    ]
+    stream_1 = [
+        row for row in gateway if row["scenario"].startswith("stream-") and row["scenario"].endswith("-c1")
+    ]
+    checks = [
+        check(
+            "throughput",
+            "req/s at 32 connections ≥ 0.35x floor",
+            at_32,
+            "throughput_ratio",
+            lambda v: v >= 0.35,
+            "x",
+        ),
+        check("cpu", "CPU-µs per request ≤ 3x floor", gateway, "cpu_ratio", lambda v: v <= 3.0, "x"),
+        check(
+            "p50", "p50 at 1 connection ≤ floor + 0.5 ms", plain_1, "p50_added_ms", lambda v: v <= 0.5, "ms"
+        ),
+        check("p99", "p99 at 32 connections ≤ 3x floor", at_32, "p99_ratio", lambda v: v <= 3.0, "x"),
+        check(
+            "stream",
+            "stream at 1 connection: latency added ≤ 0.5 ms",
+            stream_1,
+            "p50_added_ms",
+            lambda v: v <= 0.5,
+            "ms",
+            note="p50 added; the canned upstream sends the whole stream at once, so wrk's time to "
+            "the last byte bounds the time to the first",
+        ),
+    ]
+    rss_rows = [row for row in summary if row["target"] in (GATEWAY, GATEWAY_WORKERS)]
+    if rss_rows:
+        peaks = {
+            row["target"]: max(r["rss_peak_mb_max"] for r in rss_rows if r["target"] == row["target"])
+            for row in rss_rows
+        }
+        checks.append(
+            Check(
+                "rss",
+                f"peak RSS ≤ {RSS_LIMIT_MB:.0f} MB per process",
+                all(peak <= RSS_LIMIT_MB for peak in peaks.values()),
+                [
+                    f"{target} {peak:.1f} MB" + ("" if peak <= RSS_LIMIT_MB else " ✗")
+                    for target, peak in peaks.items()
+                ],
+            )
+        )
+    details, results = [], []
+    for row in summary:
+        one = rows.get((GATEWAY, row["scenario"]))
+        if row["target"] != GATEWAY_WORKERS or one is None or not row["scenario"].endswith("-c32"):
+            continue
+        scaling = (
+            row["requests_per_second"] / one["requests_per_second"] if one["requests_per_second"] else 0.0
+        )
+        results.append(scaling >= 1.6)
+        details.append(f"{row['scenario']} {scaling:.2f}x" + ("" if scaling >= 1.6 else " ✗"))
+    checks.append(
+        Check(
+            "workers",
+            "server.workers: 2 req/s at 32 connections ≥ 1.6x one worker",
+            all(results) if results else None,
+            details,
+            note="two workers run unpinned and share the machine's cores with wrk and nginx",
+        )
+    )
+    return checks
+
+
+def verdict_text(checks: list[Check]) -> str:
+    lines = []
+    for item in checks:
+        mark = "n/a " if item.passed is None else "PASS" if item.passed else "FAIL"
+        lines.append(f"{mark}  {item.goal}: {', '.join(item.details) or 'not measured'}")
+        if item.note:
+            lines.append(f"      ({item.note})")
+    return "\n".join(lines)

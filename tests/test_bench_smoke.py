@@ -1,0 +1,137 @@
+"""The HTTP benchmark's smoke mode runs end to end: every target and scenario serves 2xx only.
+
+A gateway that rejected the bench keys, failed to reach the canned upstream or broke
+under load would show here as non-2xx responses or runs without requests. Needs wrk
+and nginx (scripts/test installs them), Redis and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"floor", "gateway", "gateway-w2"}
+SCENARIOS = {"plain-200-c1", "plain-200-c32", "stream-200-c1", "stream-200-c32"}
+RUN_FIELDS = {
+    "round",
+    "target",
+    "scenario",
+    "requests",
+    "requests_per_second",
+    "latency_ms",
+    "non_2xx",
+    "socket_errors",
+    "cpu_seconds",
+    "cpu_us_per_request",
+    "rss_peak_mb",
+}
+
+
+def test_smoke_run_covers_every_target_and_scenario(
+    tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.fail(f"{tool} is missing; run the tests with scripts/test, which installs it")
+    output = tmp_path / "smoke.json"
+    command = [sys.executable, "-m", "bench.http", "--smoke", "--output", str(output)]
+    command += ["--redis-url", redis_url, "--database-url", database_url]
+    # SIGTERM on a timeout, never SIGKILL: the harness then stops every server it started.
+    process = subprocess.Popen(
+        command, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=60)
+        pytest.fail(f"the smoke run took over 120 s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+
+    result = json.loads(output.read_text())
+    assert result["mode"] == "smoke"
+    assert {"nproc", "python"} <= result["machine"].keys()
+    assert result["date"]
+    assert {target["name"] for target in result["targets"]} == TARGETS
+    assert {scenario["name"] for scenario in result["scenarios"]} == SCENARIOS
+    ran = {(run["target"], run["scenario"]) for run in result["runs"]}
+    assert ran == {(target, scenario) for target in TARGETS for scenario in SCENARIOS}
+    for run in result["runs"]:
+        where = f"{run['target']} {run['scenario']}"
+        assert RUN_FIELDS <= run.keys(), where
+        assert run["requests"] > 0, where
+        assert run["non_2xx"] == 0, where
+        assert run["cpu_us_per_request"] > 0, where
+        assert run["rss_peak_mb"]["max"] > 0, where
+        assert {"p50", "p75", "p90", "p99"} <= run["latency_ms"].keys(), where
+    for row in result["summary"]:
+        assert {"requests_per_second", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_request"} <= row.keys()
+        assert row["vs_floor"].keys() == {"throughput_ratio", "cpu_ratio", "p50_added_ms", "p99_ratio"}
+    assert {check["name"] for check in result["verdict"]} == {
+        "throughput",
+        "cpu",
+        "p50",
+        "p99",
+        "stream",
+        "rss",
+        "workers",
+    }
+    assert result["ledger"]["rows_written"] > 0
+    # Clients leaving when wrk stops were once logged as 500s; nothing may be.
+    for name, logs in result["gateway_logs"].items():
+        assert "500" not in logs["chat_completions_by_status"], (name, logs)
+        assert logs["levels"].get("error", 0) == 0, (name, logs)
+
+
+def test_compare_adds_one_target_per_revision_next_to_the_gateway() -> None:
+    from bench.http.runner import parse_args
+
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    args = parse_args(["--smoke", "--compare", f"HEAD,{head}"])
+    assert args.targets == ("floor", "gateway", "gateway@HEAD", f"gateway@{head[:7]}", "gateway-w2")
+    assert {name: revision.sha for name, revision in args.revisions.items()} == {
+        "gateway@HEAD": head,
+        f"gateway@{head[:7]}": head,
+    }
+    # --targets takes the names too; --compare adds to what --targets chose.
+    args = parse_args(["--targets", "gateway@HEAD,floor", "--compare", head])
+    assert args.targets == ("gateway@HEAD", f"gateway@{head[:7]}", "floor")
+    with pytest.raises(SystemExit):
+        parse_args(["--compare", "no-such-revision"])
+
+
+def test_gateway_over_each_revision_in_the_summary_and_the_table() -> None:
+    from bench.http import report
+
+    def run(target: str, rps: float, cpu: float) -> dict[str, object]:
+        return {
+            "target": target,
+            "scenario": "plain-200-c1",
+            "requests_per_second": rps,
+            "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
+            "cpu_us_per_request": cpu,
+            "rss_peak_mb": {"max": 50.0, "sum": 50.0},
+            "processes": 1,
+            "requests": 100,
+            "non_2xx": 0,
+            "socket_errors": {"connect": 0},
+        }
+
+    runs = [run("floor", 1000, 100), run("gateway", 500, 200), run("gateway@abc1234", 250, 500)]
+    summary = report.summarize(runs, ["floor", "gateway", "gateway@abc1234"], ["plain-200-c1"])
+    rows = {row["target"]: row for row in summary}
+    assert rows["gateway"]["gateway_vs_revision"] is None
+    assert rows["gateway@abc1234"]["gateway_vs_revision"] == {"throughput_ratio": 2.0, "cpu_ratio": 0.4}
+    assert rows["gateway@abc1234"]["vs_floor"]["throughput_ratio"] == 0.25
+    lines = report.table(summary).splitlines()
+    assert "gw/rev req/s" in lines[0]
+    assert lines[-1].startswith("gateway@abc1234 ") and lines[-1].split()[-2:] == ["2.00", "0.40"]
