@@ -41,6 +41,26 @@ RECORD = UsageRecord(
 )
 
 
+def test_a_row_holds_every_field_in_column_order() -> None:
+    from dataclasses import astuple
+
+    from gateway.ledger.records import USAGE_COLUMNS
+
+    # Every field a different value, so a swapped or missing one shows.
+    record = replace(
+        RECORD,
+        team_id="t",
+        error_code="e",
+        client_request_id="c",
+        cost_usd=0.25,
+        attempts=3,
+        upstream_model="u",
+        prompt_tokens=9,
+    )
+    assert record.row() == astuple(record)
+    assert len(record.row()) == len(USAGE_COLUMNS)
+
+
 @pytest.fixture(params=["postgres", "sqlite"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, database_url: str

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 
 
@@ -39,7 +39,33 @@ class UsageRecord:
     attempts: int = 0
 
     def row(self) -> tuple[object, ...]:
-        return astuple(self)
+        # By hand, in USAGE_COLUMNS order: dataclasses.astuple deep-copies every value,
+        # which cost more than anything else the ledger does per record.
+        return (
+            self.request_id,
+            self.created_at,
+            self.key_id,
+            self.user_id,
+            self.team_id,
+            self.route,
+            self.model,
+            self.provider,
+            self.upstream_model,
+            self.stream,
+            self.status,
+            self.error_code,
+            self.prompt_tokens_estimated,
+            self.prompt_estimate_exact,
+            self.reserved_tokens,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.usage_source,
+            self.latency_ms,
+            self.upstream_latency_ms,
+            self.client_request_id,
+            self.cost_usd,
+            self.attempts,
+        )
 
 
 USAGE_COLUMNS: tuple[str, ...] = tuple(field.name for field in fields(UsageRecord))
