@@ -25,6 +25,7 @@ log = logging.getLogger("gateway.relay")
 
 _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _DONE = b"[DONE]"
+UNPARSED_LIMIT_BYTES = 256 * 1024
 
 
 TALLY_FLUSH_CHARS = 64 * 1024
@@ -62,7 +63,9 @@ class StreamObserver(Protocol):
     """Reads each event of one wire format: usage, text, and whether to pass it on."""
 
     usage: Usage | None
-    text: TextTally
+
+    @property
+    def text(self) -> TextTally: ...
 
     def observe(self, event: bytes) -> bool: ...
 
@@ -70,30 +73,51 @@ class StreamObserver(Protocol):
 
 
 class OpenAIStream:
-    """Chat and completions chunks; the final usage chunk may be ours to withhold."""
+    """Chat and completions chunks; the final usage chunk may be ours to withhold.
+
+    Text is counted only if the provider's usage never arrives (we always ask for it),
+    so chunks are kept unparsed until then: parsing every chunk of every stream for a
+    count that is almost never needed was the largest cost of relaying a stream. What
+    is kept is bounded; past UNPARSED_LIMIT_BYTES it is counted and dropped.
+    """
 
     def __init__(self, count: Callable[[str], int], withhold_usage_chunk: bool) -> None:
         self.usage: Usage | None = None
-        self.text = TextTally(count)
+        self._text = TextTally(count)
         self._withhold = withhold_usage_chunk
+        self._unparsed: list[bytes] = []
+        self._unparsed_bytes = 0
+
+    @property
+    def text(self) -> TextTally:
+        self._tally_unparsed()
+        return self._text
 
     def observe(self, event: bytes) -> bool:
         payload = event_data(event)
         if payload is None or payload == _DONE:
             return True
-        chunk = None
         if _HAS_USAGE.search(payload):
             chunk = chunk_object(payload)
             usage = usage_from_object(chunk)
             if usage is not None:
                 self.usage = usage
+                self._unparsed, self._unparsed_bytes = [], 0
                 if self._withhold and chunk is not None and chunk.get("choices") == []:
                     return False
         if self.usage is None:
-            chunk = chunk if chunk is not None else chunk_object(payload)
-            if chunk is not None:
-                self.text.add(openai_wire.chunk_text(chunk))
+            self._unparsed.append(payload)
+            self._unparsed_bytes += len(payload)
+            if self._unparsed_bytes >= UNPARSED_LIMIT_BYTES:
+                self._tally_unparsed()
         return True
+
+    def _tally_unparsed(self) -> None:
+        for payload in self._unparsed:
+            chunk = chunk_object(payload)
+            if chunk is not None:
+                self._text.add(openai_wire.chunk_text(chunk))
+        self._unparsed, self._unparsed_bytes = [], 0
 
     def error_event(self, message: str, code: str) -> bytes:
         return openai_wire.error_event(message, code)
@@ -193,12 +217,13 @@ async def relay_stream(
         # Inside the try: a client may be gone before the headers go out.
         await response.prepare(request)
         async for data in reply.chunks:
-            for event in splitter.feed(data):
-                if observer.observe(event):
-                    await response.write(event)
-                    if first_event:
-                        first_event = False
-                        exchange.first_event_at = time.monotonic()
+            # Events that arrived together leave together: one write, not one per event.
+            passed = [event for event in splitter.feed(data) if observer.observe(event)]
+            if passed:
+                await response.write(b"".join(passed))
+                if first_event:
+                    first_event = False
+                    exchange.first_event_at = time.monotonic()
         exchange.upstream_finished()
         if splitter.remainder().strip():
             await response.write(splitter.remainder() + b"\n\n")

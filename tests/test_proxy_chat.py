@@ -9,6 +9,7 @@ import aiohttp
 import asyncpg
 import openai
 import pytest
+import tiktoken
 
 from tests.conftest import PROVIDER_KEY, USER_KEY, ConfigWriter, RunningGateway, StartGateway
 from tests.fakes.openai_upstream import FakeUpstream
@@ -166,6 +167,21 @@ async def test_stream_cut_by_the_provider_ends_with_an_error_event_and_is_settle
     assert row["error_code"] == "upstream_stream_cut"
     assert row["usage_source"] == "counted"
     assert (row["prompt_tokens"], row["completion_tokens"]) == (MESSAGES_PROMPT_TOKENS, 4)
+
+
+async def test_a_long_stream_without_usage_is_counted_whole(
+    gateway: RunningGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    # Chunks wait unparsed for the usage; past 256 KB of them they are counted as they come.
+    fake_upstream.reply = "hello " * 20_000
+    fake_upstream.mode = "no_usage"
+    body = await raw_stream(gateway, max_tokens=50_000)
+    assert len(body) > 1_000_000
+    await gateway.settle()
+    (row,) = await ledger_rows(pg)
+    expected = len(tiktoken.get_encoding("o200k_base").encode(fake_upstream.reply))
+    assert (row["usage_source"], row["completion_tokens"]) == ("counted", expected)
+    assert expected == 20_001
 
 
 async def test_model_alias_is_renamed_for_the_provider(
