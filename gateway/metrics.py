@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -20,6 +21,27 @@ UNKNOWN_MODEL = "unknown"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Relative error of pre-flight prompt counts; 0 is exact, negative under-reserves.
 ESTIMATE_ERROR_BUCKETS = (-0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
+
+
+class Labelled(Generic[_Metric]):
+    """A labelled metric whose children are looked up once per label set.
+
+    prometheus_client validates and locks on every labels() call (~3 µs); the request
+    path makes a dozen such calls, for label sets that repeat.
+    """
+
+    def __init__(self, metric: _Metric) -> None:
+        self.metric: _Metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def labels(self, *values: str) -> _Metric:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 @dataclass
@@ -47,29 +69,37 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
-        self.requests = Counter(
-            "gateway_requests_total",
-            "Requests answered, by route, model and HTTP status.",
-            ["route", "model", "status"],
-            registry=r,
+        self.requests = Labelled(
+            Counter(
+                "gateway_requests_total",
+                "Requests answered, by route, model and HTTP status.",
+                ["route", "model", "status"],
+                registry=r,
+            )
         )
-        self.prompt_tokens = Counter(
-            "gateway_prompt_tokens_total",
-            "Prompt (input) tokens, as the provider reported them.",
-            ["model"],
-            registry=r,
+        self.prompt_tokens = Labelled(
+            Counter(
+                "gateway_prompt_tokens_total",
+                "Prompt (input) tokens, as the provider reported them.",
+                ["model"],
+                registry=r,
+            )
         )
-        self.completion_tokens = Counter(
-            "gateway_completion_tokens_total",
-            "Completion (output) tokens, as the provider reported them.",
-            ["model"],
-            registry=r,
+        self.completion_tokens = Labelled(
+            Counter(
+                "gateway_completion_tokens_total",
+                "Completion (output) tokens, as the provider reported them.",
+                ["model"],
+                registry=r,
+            )
         )
-        self.estimated_prompt_tokens = Counter(
-            "gateway_prompt_tokens_estimated_total",
-            "Prompt tokens counted by the gateway before forwarding.",
-            ["model"],
-            registry=r,
+        self.estimated_prompt_tokens = Labelled(
+            Counter(
+                "gateway_prompt_tokens_estimated_total",
+                "Prompt tokens counted by the gateway before forwarding.",
+                ["model"],
+                registry=r,
+            )
         )
         self.estimate_error = Histogram(
             "gateway_prompt_estimate_error_ratio",
@@ -85,11 +115,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
-        self.cost = Counter(
-            "gateway_cost_usd_total",
-            "Cost of the provider's usage at the model's configured price, in US dollars.",
-            ["model"],
-            registry=r,
+        self.cost = Labelled(
+            Counter(
+                "gateway_cost_usd_total",
+                "Cost of the provider's usage at the model's configured price, in US dollars.",
+                ["model"],
+                registry=r,
+            )
         )
         self.quota_admissions = Counter(
             "gateway_quota_admissions_total",
@@ -135,19 +167,23 @@ class Metrics:
             ["operation"],
             registry=r,
         )
-        self.request_duration = Histogram(
-            "gateway_request_duration_seconds",
-            "Time from request arrival to the last byte sent.",
-            ["route", "model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.request_duration = Labelled(
+            Histogram(
+                "gateway_request_duration_seconds",
+                "Time from request arrival to the last byte sent.",
+                ["route", "model"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
         )
-        self.upstream_duration = Histogram(
-            "gateway_upstream_duration_seconds",
-            "Time the provider took, from sending the request to its last byte.",
-            ["provider", "model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.upstream_duration = Labelled(
+            Histogram(
+                "gateway_upstream_duration_seconds",
+                "Time the provider took, from sending the request to its last byte.",
+                ["provider", "model"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
         )
         self.upstream_failures = Counter(
             "gateway_upstream_failures_total",
@@ -168,26 +204,32 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-        self.time_to_first_token = Histogram(
-            "gateway_time_to_first_token_seconds",
-            "Streams: time from request arrival to the first event relayed to the client.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.time_to_first_token = Labelled(
+            Histogram(
+                "gateway_time_to_first_token_seconds",
+                "Streams: time from request arrival to the first event relayed to the client.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
         )
-        self.overhead = Histogram(
-            "gateway_overhead_seconds",
-            "What the gateway adds: total time minus the provider's time.",
-            ["route"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-            registry=r,
+        self.overhead = Labelled(
+            Histogram(
+                "gateway_overhead_seconds",
+                "What the gateway adds: total time minus the provider's time.",
+                ["route"],
+                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+                registry=r,
+            )
         )
-        self.backend_seconds = Histogram(
-            "gateway_backend_call_seconds",
-            "Calls to Redis (quota scripts) and the database (ledger batches).",
-            ["backend", "operation"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
-            registry=r,
+        self.backend_seconds = Labelled(
+            Histogram(
+                "gateway_backend_call_seconds",
+                "Calls to Redis (quota scripts) and the database (ledger batches).",
+                ["backend", "operation"],
+                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+                registry=r,
+            )
         )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served now.", registry=r)
         self.event_loop_tasks = Gauge(

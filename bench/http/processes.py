@@ -139,6 +139,15 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return seconds
 
 
+def reset_peak_rss(pids: list[int]) -> None:
+    """Start each process's VmHWM again from its current RSS (Linux: clear_refs 5)."""
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            continue
+
+
 def peak_rss_kb(pids: list[int]) -> dict[int, int]:
     """VmHWM (peak resident set since the process started) of each process still alive."""
     peaks = {}
