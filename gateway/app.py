@@ -177,6 +177,7 @@ def _limiter(clock_ms: Callable[[], int] | None) -> Callable[[web.Application], 
             limiter, app[state.POLICIES], app[state.METRICS], quota_config, app[state.STORE]
         )
         yield
+        await limiter.close()
         await redis.aclose()
 
     return open_limiter

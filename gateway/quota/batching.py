@@ -27,6 +27,8 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
+from gateway.quota.resp import RespConnection, pack
+
 
 class Script(Protocol):
     """A Lua script known by its SHA-1 (redis-py's registered scripts are such)."""
@@ -44,8 +46,17 @@ class _Call:
 
 
 class ScriptBatcher:
-    def __init__(self, redis: Redis, max_batch: int = 128, defer_seconds: float = 0.005) -> None:
+    """connection: a pipelined connection to the same Redis, used when given (see resp.py)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        max_batch: int = 128,
+        defer_seconds: float = 0.005,
+        connection: RespConnection | None = None,
+    ) -> None:
         self._redis = redis
+        self._connection = connection
         self._max_batch = max_batch
         self._defer_seconds = defer_seconds
         self._waiting: list[_Call] = []
@@ -79,6 +90,10 @@ class ScriptBatcher:
             task = asyncio.ensure_future(self._send(batch))
             task.add_done_callback(_retrieve)
 
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
     async def _send(self, batch: list[_Call]) -> None:
         try:
             replies = await self._exchange([_evalsha_command(call) for call in batch])
@@ -101,6 +116,8 @@ class ScriptBatcher:
         A reply that is an error comes back as the exception, not raised, so one
         failing call does not fail the others.
         """
+        if self._connection is not None:
+            return await self._connection.send(commands)
         pool = self._redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -121,15 +138,9 @@ class ScriptBatcher:
 
 
 def _evalsha_command(call: _Call) -> bytes:
-    """EVALSHA in Redis's wire format (RESP), packed here: redis-py's general packer
-    costs more per argument than everything else a request does with Redis."""
-    arguments = [b"EVALSHA", call.script.sha.encode(), b"%d" % len(call.keys)]
-    arguments += [key.encode() for key in call.keys]
-    arguments += [str(arg).encode() for arg in call.args]
-    parts = [b"*%d\r\n" % len(arguments)]
-    for argument in arguments:
-        parts.append(b"$%d\r\n%b\r\n" % (len(argument), argument))
-    return b"".join(parts)
+    # Packed here: redis-py's general packer cost more per argument than everything
+    # else a request does with Redis.
+    return pack(b"EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
 
 
 def _deliver(call: _Call, reply: Any) -> None:

@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.quota.batching import ScriptBatcher
 from gateway.quota.policy import AppliedLimit
+from gateway.quota.resp import RespConnection
 
 
 def _lua(name: str) -> str:
@@ -159,7 +160,9 @@ class QuotaLimiter:
             max_connections = int(self.redis.connection_kwargs.get("max_connections") or 64)
             self._calls = asyncio.Semaphore(max_connections)
         else:
-            self._batcher = ScriptBatcher(self.redis)
+            pool = self.redis.connection_pool
+            connection = RespConnection.for_pool(pool.connection_class, pool.connection_kwargs)
+            self._batcher = ScriptBatcher(self.redis, connection=connection)
 
     async def _run(
         self, operation: str, script: Any, keys: list[str], args: list[str | int], defer: bool = False
@@ -178,6 +181,10 @@ class QuotaLimiter:
         finally:
             if self.observe is not None:
                 self.observe(operation, time.monotonic() - started)
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
 
     @property
     def clustered(self) -> bool:

@@ -1,0 +1,147 @@
+"""The pipelined Redis connection of the quota scripts (gateway/quota/resp.py), on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import fakeredis
+import pytest
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.quota.resp import RespConnection, pack
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def connection_for(redis_url: str, **overrides: object) -> RespConnection:
+    pool = BlockingConnectionPool.from_url(redis_url, **overrides)
+    connection = RespConnection.for_pool(pool.connection_class, pool.connection_kwargs)
+    assert connection is not None
+    return connection
+
+
+def test_commands_are_packed_as_resp() -> None:
+    assert pack(b"SET", "k", 12) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
+    assert pack("ECHO", "żółw") == b"*2\r\n$4\r\nECHO\r\n$7\r\n\xc5\xbc\xc3\xb3\xc5\x82w\r\n"
+
+
+async def test_replies_come_back_in_order_and_errors_are_returned(redis: Redis, redis_url: str) -> None:
+    key = f"test:resp:{uuid.uuid4().hex}"
+    connection = connection_for(redis_url)
+    replies = await connection.send(
+        [pack("INCRBY", key, 5), pack("LPUSH", key, "x"), pack("INCRBY", key, 2), pack("GET", key)]
+    )
+    assert replies[0] == 5 and replies[2] == 7 and replies[3] == b"7"
+    assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+    # Concurrent senders share the connection; each gets its own replies.
+    results = await asyncio.gather(*(connection.send([pack("INCRBY", key, 1)]) for _ in range(100)))
+    assert sorted(reply for (reply,) in results) == list(range(8, 108))
+    await connection.close()
+    await redis.delete(key)
+
+
+async def test_an_unknown_script_is_a_noscript_error(redis_url: str) -> None:
+    connection = connection_for(redis_url)
+    (reply,) = await connection.send([pack("EVALSHA", "0" * 40, 0)])
+    assert isinstance(reply, NoScriptError)
+    await connection.close()
+
+
+async def test_the_database_of_the_url_is_selected(redis: Redis, redis_url: str) -> None:
+    key = f"test:resp:{uuid.uuid4().hex}"
+    connection = connection_for(redis_url.rsplit("/", 1)[0] + "/5")
+    await connection.send([pack("SET", key, "in-5")])
+    other = Redis.from_url(redis_url.rsplit("/", 1)[0] + "/5")
+    assert await other.get(key) == b"in-5"
+    assert await redis.get(key) is None
+    await other.delete(key)
+    await other.aclose()
+    await connection.close()
+
+
+async def test_a_killed_connection_fails_what_waits_and_the_next_call_reconnects(
+    redis: Redis, redis_url: str
+) -> None:
+    connection = connection_for(redis_url)
+    (client_id,) = await connection.send([pack("CLIENT", "ID")])
+    # A call waiting on Redis when its connection dies.
+    waiting = asyncio.ensure_future(connection.send([pack("BLPOP", f"test:resp:{client_id}", 5)]))
+    await asyncio.sleep(0.1)
+    assert await redis.execute_command("CLIENT", "KILL", "ID", client_id) == 1
+    with pytest.raises(RedisConnectionError):
+        await waiting
+    assert await connection.send([pack("PING")]) == [b"PONG"]
+    await connection.close()
+
+
+async def test_a_reply_that_never_comes_times_out_and_the_connection_starts_afresh(redis_url: str) -> None:
+    connection = connection_for(redis_url, socket_timeout=0.3)
+    with pytest.raises(RedisTimeoutError):
+        await connection.send([pack("BLPOP", f"test:resp:{uuid.uuid4().hex}", 3)])
+    # The late BLPOP reply must not be taken for this PING's.
+    assert await connection.send([pack("PING")]) == [b"PONG"]
+    await connection.close()
+
+
+async def test_nothing_listening_is_a_connection_error() -> None:
+    connection = RespConnection(host="127.0.0.1", port=1, connect_timeout=1)
+    with pytest.raises(RedisConnectionError):
+        await connection.send([pack("PING")])
+
+
+def test_servers_it_cannot_speak_to_are_left_to_redis_py() -> None:
+    tls = BlockingConnectionPool.from_url("rediss://127.0.0.1:6380/0")
+    assert RespConnection.for_pool(tls.connection_class, tls.connection_kwargs) is None
+    fake = fakeredis.FakeAsyncRedis().connection_pool
+    assert RespConnection.for_pool(fake.connection_class, fake.connection_kwargs) is None
+    unix = BlockingConnectionPool.from_url("unix:///run/redis.sock?db=2")
+    assert RespConnection.for_pool(unix.connection_class, unix.connection_kwargs) is not None
+
+
+async def test_the_script_batcher_runs_on_it(redis: Redis, redis_url: str) -> None:
+    from gateway.quota.batching import ScriptBatcher
+
+    key = f"test:resp:{uuid.uuid4().hex}"
+    batcher = ScriptBatcher(redis, connection=connection_for(redis_url))
+    script = redis.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    failing = redis.register_script("return redis.error_reply('refused')")
+    await redis.script_flush()
+    # The first batch finds neither script loaded: each call is loaded and run again.
+    results = await asyncio.gather(
+        *(batcher.call(script, [key], [1]) for _ in range(20)),
+        batcher.call(failing, [], []),
+        return_exceptions=True,
+    )
+    assert sorted(results[:20]) == list(range(1, 21))  # type: ignore[type-var]
+    assert isinstance(results[20], ResponseError) and "refused" in str(results[20])
+    assert int(await redis.get(key)) == 20
+    await batcher.close()
+    await redis.delete(key)
+
+
+def test_it_runs_on_uvloop_as_gateway_serve_does(redis_url: str) -> None:
+    import uvloop
+
+    async def main() -> list[object]:
+        connection = connection_for(redis_url)
+        replies = await connection.send([pack("PING"), pack("ECHO", "on uvloop")])
+        (client_id,) = await connection.send([pack("CLIENT", "ID")])
+        killer = Redis.from_url(redis_url)
+        await killer.execute_command("CLIENT", "KILL", "ID", client_id)
+        await killer.aclose()
+        await asyncio.sleep(0.05)
+        replies += await connection.send([pack("PING")])  # reconnected
+        await connection.close()
+        return replies
+
+    assert uvloop.run(main()) == [b"PONG", b"on uvloop", b"PONG"]
