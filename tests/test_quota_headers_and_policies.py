@@ -65,3 +65,21 @@ def test_every_matching_policy_applies(tmp_path: Path) -> None:
     ]
     # A team policy never applies to a caller without a team.
     assert applied(Principal("k3", "carol", None)) == [("everyone", "carol", "requests_per_minute")]
+
+
+def test_decisions_are_remembered_per_caller_and_model(tmp_path: Path) -> None:
+    from gateway.quota import policy as policy_module
+
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICIES)
+    policies = load_policies((path,))
+    alice, bob = Principal("k1", "alice", "research"), Principal("k2", "bob", None)
+    first = policies.for_request(alice, "gpt-4o")
+    assert policies.for_request(Principal("k1", "alice", "research"), "gpt-4o") is first
+    assert policies.for_request(alice, "gpt-4o-mini") is not first
+    assert policies.for_request(bob, "gpt-4o").limits != first.limits
+    # Bounded: past the limit the memory starts again rather than growing.
+    for index in range(policy_module.DECISIONS_REMEMBERED + 5):
+        policies.for_request(Principal(f"k{index}", "u", None), "m")
+    assert len(policies._decisions) <= policy_module.DECISIONS_REMEMBERED
+    assert policies.for_request(alice, "gpt-4o") == first

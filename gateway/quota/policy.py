@@ -8,7 +8,7 @@ models and max_tokens. Every limit of every matching policy applies to a request
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.auth import Principal
@@ -148,12 +148,29 @@ class RequestPolicy:
     requires_max_tokens: str | None = None
 
 
+# Decisions remembered per policy set (a reload makes a new set, so a fresh memory).
+DECISIONS_REMEMBERED = 10_000
+
+
 @dataclass(frozen=True)
 class PolicySet:
     policies: tuple[Policy, ...]
     files: tuple[Path, ...]
+    # (principal, model) -> decision: the same few callers ask again and again.
+    _decisions: dict[tuple[Principal, str], RequestPolicy] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def for_request(self, principal: Principal, model: str) -> RequestPolicy:
+        key = (principal, model)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) >= DECISIONS_REMEMBERED:
+                self._decisions.clear()
+            decision = self._decisions[key] = self._decide(principal, model)
+        return decision
+
+    def _decide(self, principal: Principal, model: str) -> RequestPolicy:
         limits: list[AppliedLimit] = []
         denied_by: str | None = None
         cap: int | None = None
