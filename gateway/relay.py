@@ -94,11 +94,9 @@ class OpenAIStream:
         return self._text
 
     def observe(self, event: bytes) -> bool:
-        payload = event_data(event)
-        if payload is None or payload == _DONE:
-            return True
-        if _HAS_USAGE.search(payload):
-            chunk = chunk_object(payload)
+        if _HAS_USAGE.search(event):
+            payload = event_data(event)
+            chunk = chunk_object(payload) if payload is not None and payload != _DONE else None
             usage = usage_from_object(chunk)
             if usage is not None:
                 self.usage = usage
@@ -106,15 +104,17 @@ class OpenAIStream:
                 if self._withhold and chunk is not None and chunk.get("choices") == []:
                     return False
         if self.usage is None:
-            self._unparsed.append(payload)
-            self._unparsed_bytes += len(payload)
+            # Kept whole; its data is taken out only if it must be counted.
+            self._unparsed.append(event)
+            self._unparsed_bytes += len(event)
             if self._unparsed_bytes >= UNPARSED_LIMIT_BYTES:
                 self._tally_unparsed()
         return True
 
     def _tally_unparsed(self) -> None:
-        for payload in self._unparsed:
-            chunk = chunk_object(payload)
+        for event in self._unparsed:
+            payload = event_data(event)
+            chunk = chunk_object(payload) if payload is not None and payload != _DONE else None
             if chunk is not None:
                 self._text.add(openai_wire.chunk_text(chunk))
         self._unparsed, self._unparsed_bytes = [], 0
