@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -95,8 +95,7 @@ class OpenAIStream:
 
     def observe(self, event: bytes) -> bool:
         if _HAS_USAGE.search(event):
-            payload = event_data(event)
-            chunk = chunk_object(payload) if payload is not None and payload != _DONE else None
+            chunk = _chunk_of(event)
             usage = usage_from_object(chunk)
             if usage is not None:
                 self.usage = usage
@@ -113,14 +112,19 @@ class OpenAIStream:
 
     def _tally_unparsed(self) -> None:
         for event in self._unparsed:
-            payload = event_data(event)
-            chunk = chunk_object(payload) if payload is not None and payload != _DONE else None
+            chunk = _chunk_of(event)
             if chunk is not None:
                 self._text.add(openai_wire.chunk_text(chunk))
         self._unparsed, self._unparsed_bytes = [], 0
 
     def error_event(self, message: str, code: str) -> bytes:
         return openai_wire.error_event(message, code)
+
+
+def _chunk_of(event: bytes) -> Mapping[str, Any] | None:
+    """The JSON object an event carries, or None ([DONE], comments, not JSON)."""
+    payload = event_data(event)
+    return chunk_object(payload) if payload is not None and payload != _DONE else None
 
 
 class ResponsesStream(OpenAIStream):
