@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,14 +22,10 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.http.processes import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 KEY = "gw-demo-key-change-me"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sample(pid: int) -> dict[str, int]:

@@ -471,19 +471,19 @@ def _use_shared_tiktoken_cache() -> None:
 
 
 async def _create_database(server_url: str, name: str) -> str:
-    connection = await asyncpg.connect(server_url, timeout=5)
-    try:
-        await connection.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await connection.close()
+    await _execute(server_url, f'CREATE DATABASE "{name}"')
     base, _, _ = server_url.rpartition("/")
     return f"{base}/{name}"
 
 
 async def _drop_database(server_url: str, name: str) -> None:
+    await _execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _execute(server_url: str, statement: str) -> None:
     connection = await asyncpg.connect(server_url, timeout=5)
     try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await connection.execute(statement)
     finally:
         await connection.close()
 
