@@ -93,6 +93,19 @@ async def test_a_reply_that_never_comes_times_out_and_the_connection_starts_afre
     await connection.close()
 
 
+async def test_a_reply_owed_on_a_new_connection_is_watched_too(redis: Redis, redis_url: str) -> None:
+    connection = connection_for(redis_url, socket_timeout=0.3)
+    (client_id,) = await connection.send([pack("CLIENT", "ID")])  # arms the watchdog
+    assert await redis.execute_command("CLIENT", "KILL", "ID", client_id) == 1
+    await asyncio.sleep(0.05)
+    # Sent on the next connection while the first one's watchdog is still armed.
+    blocked = connection.send([pack("BLPOP", f"test:resp:{uuid.uuid4().hex}", 20)])
+    with pytest.raises(RedisTimeoutError):
+        await asyncio.wait_for(blocked, 5)
+    assert await connection.send([pack("PING")]) == [b"PONG"]
+    await connection.close()
+
+
 async def test_nothing_listening_is_a_connection_error() -> None:
     connection = RespConnection(host="127.0.0.1", port=1, connect_timeout=1)
     with pytest.raises(RedisConnectionError):

@@ -20,7 +20,7 @@ shares the trip, and Redis runs its scripts one after another in the order sent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,7 +37,7 @@ class Script(Protocol):
     sha: str
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     script: Script
     keys: Sequence[str]
@@ -66,6 +66,16 @@ class ScriptBatcher:
     async def call(
         self, script: Script, keys: Sequence[str], args: Sequence[str | int], *, defer: bool = False
     ) -> Any:
+        try:
+            return await self._enqueue(script, keys, args, defer)
+        except NoScriptError:
+            # Redis restarted or its scripts were flushed: load it, then run this call again.
+            await self._redis.script_load(script.script)
+        return await self._enqueue(script, keys, args, False)
+
+    def _enqueue(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int], defer: bool
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
         self._waiting.append(_Call(script, keys, args, reply))
@@ -76,7 +86,7 @@ class ScriptBatcher:
             self._flush_scheduled = True
             # After every callback ready in this turn has run, so their calls join in.
             loop.call_soon(self._flush)
-        return await reply
+        return reply
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -84,24 +94,25 @@ class ScriptBatcher:
             self._deferred_flush.cancel()
             self._deferred_flush = None
         waiting, self._waiting = self._waiting, []
+        if self._connection is not None:
+            # Replies resolve the callers' futures from the socket callback: no task here.
+            commands = b"".join([_evalsha_command(call) for call in waiting])
+            futures = [call.reply for call in waiting]
+            if not self._connection.submit(commands, futures):
+                _spawn(self._connection.submit_when_connected(commands, futures))
+            return
         for start in range(0, len(waiting), self._max_batch):
-            batch = waiting[start : start + self._max_batch]
-            # Held by the loop until done; a failure is delivered through each future.
-            task = asyncio.ensure_future(self._send(batch))
-            task.add_done_callback(_retrieve)
+            _spawn(self._send(waiting[start : start + self._max_batch]))
 
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
 
     async def _send(self, batch: list[_Call]) -> None:
+        """One batch through redis-py's pool (servers the pipelined connection cannot speak to)."""
         try:
             replies = await self._exchange([_evalsha_command(call) for call in batch])
             for call, reply in zip(batch, replies, strict=True):
-                if isinstance(reply, NoScriptError):
-                    # Redis restarted or its scripts were flushed: load it, then run this call again.
-                    await self._redis.script_load(call.script.script)
-                    (reply,) = await self._exchange([_evalsha_command(call)])
                 _deliver(call, reply)
         except BaseException as exc:
             for call in batch:
@@ -116,8 +127,6 @@ class ScriptBatcher:
         A reply that is an error comes back as the exception, not raised, so one
         failing call does not fail the others.
         """
-        if self._connection is not None:
-            return await self._connection.send(commands)
         pool = self._redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -138,8 +147,8 @@ class ScriptBatcher:
 
 
 def _evalsha_command(call: _Call) -> bytes:
-    # Packed here: redis-py's general packer cost more per argument than everything
-    # else a request does with Redis.
+    # Packed here, by hiredis: redis-py's general packer cost more per argument than
+    # everything else a request does with Redis.
     return pack(b"EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
 
 
@@ -150,6 +159,12 @@ def _deliver(call: _Call, reply: Any) -> None:
         call.reply.set_exception(reply)
     else:
         call.reply.set_result(reply)
+
+
+def _spawn(work: Coroutine[Any, Any, None]) -> None:
+    # Held by the loop until done; a failure is delivered through each caller's future.
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieve)
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

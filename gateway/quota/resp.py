@@ -4,8 +4,13 @@ Every request makes two script calls. Through redis-py's pool each batch of them
 takes a connection (a lock, a readiness check), sends under a timeout task, reads each
 reply under its own timeout and gives the connection back; that, not Redis, was most
 of what quota admission cost. Here commands are written to one connection as they
-come and replies are matched to callers in order (Redis answers in order), parsed by
-hiredis. Nothing else is done per call.
+come and each reply resolves its caller's future straight from the socket callback
+(Redis answers in order), parsed by hiredis. No task, timer or copy is made per call.
+
+Replies are watched by one timer per connection, not one per call: it fires every
+`reply_timeout` while replies are owed, and if a command sent before the last firing is
+still unanswered, the connection is dropped and everything waiting on it fails. A
+reply that never comes is thus noticed within one to two `reply_timeout`s.
 
 Plain TCP and Unix sockets, with AUTH and SELECT. Anything else (TLS, a fake Redis)
 gets None from `for_pool` and the caller keeps using redis-py.
@@ -26,12 +31,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 def pack(*arguments: bytes | str | int) -> bytes:
-    """A command in Redis's wire format (RESP)."""
-    parts = [b"*%d\r\n" % len(arguments)]
-    for argument in arguments:
-        data = argument if isinstance(argument, bytes) else str(argument).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+    """A command in Redis's wire format (RESP); hiredis packs it in C."""
+    # hiredis's stub declares a one-item tuple; any length is packed.
+    return cast(bytes, hiredis.pack_command(cast(Any, arguments)))
 
 
 class _Protocol(asyncio.Protocol):
@@ -39,22 +41,39 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.lost = False
+        # Commands written and replies read since connecting: what the watchdog compares.
+        self.sent = 0
+        self.answered = 0
         self._reader = hiredis.Reader(replyError=ResponseError)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio's, only alike.
         self.transport = cast(asyncio.Transport, transport)
 
+    def write(self, commands: bytes, futures: Sequence[asyncio.Future[Any]]) -> None:
+        assert self.transport is not None
+        self.waiting.extend(futures)
+        self.sent += len(futures)
+        self.transport.write(commands)
+
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
+        waiting = self.waiting
         while (reply := self._reader.gets()) is not False:
-            future = self.waiting.popleft()
-            if not future.done():
+            self.answered += 1
+            future = waiting.popleft()
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(reply, ResponseError):
+                future.set_exception(_error_class(reply))
+            else:
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"Connection to Redis lost ({exc or 'closed by server'})."))
+
+    def fail(self, error: Exception) -> None:
         self.lost = True
-        error = RedisConnectionError(f"Connection to Redis lost ({exc or 'closed by server'}).")
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -79,6 +98,7 @@ class RespConnection:
         self._connect_timeout, self._reply_timeout = connect_timeout, reply_timeout
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @classmethod
     def for_pool(cls, connection_class: type, kwargs: dict[str, Any]) -> RespConnection | None:
@@ -100,38 +120,69 @@ class RespConnection:
             reply_timeout=float(kwargs.get("socket_timeout") or 5.0),
         )
 
-    async def send(self, commands: Sequence[bytes]) -> list[Any]:
-        """Replies to these commands, in order; error replies are returned, not raised."""
+    def submit(self, commands: bytes, futures: Sequence[asyncio.Future[Any]]) -> bool:
+        """Write packed commands now, one future per command, if connected; else False.
+
+        Each future gets its reply; an error reply is set as its exception (a
+        NoScriptError for NOSCRIPT), as is a lost connection or a reply timeout.
+        """
         protocol = self._protocol
         if protocol is None or protocol.lost:
-            protocol = await self._connect()
-        replies = await self._exchange(protocol, commands)
-        return [_error_class(reply) for reply in replies]
+            return False
+        protocol.write(commands, futures)
+        if self._watchdog is None:
+            self._watch(protocol)
+        return True
+
+    async def submit_when_connected(self, commands: bytes, futures: Sequence[asyncio.Future[Any]]) -> None:
+        """`submit`, connecting first; a failure to connect is set on every future."""
+        try:
+            while not self.submit(commands, futures):
+                await self.connect()
+        except BaseException as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def send(self, commands: Sequence[bytes]) -> list[Any]:
+        """Replies to these commands, in order; error replies are returned, not raised."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        await self.submit_when_connected(b"".join(commands), futures)
+        return [await _reply_or_error(future) for future in futures]
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
 
-    async def _exchange(self, protocol: _Protocol, commands: Sequence[bytes]) -> list[Any]:
+    def _watch(self, protocol: _Protocol) -> None:
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
-        protocol.waiting.extend(futures)
-        assert protocol.transport is not None
-        protocol.transport.write(b"".join(commands))
-        try:
-            async with asyncio.timeout(self._reply_timeout):
-                return [await future for future in futures]
-        except TimeoutError:
-            # Later replies would be matched to the wrong callers: start afresh.
-            protocol.lost = True
-            protocol.transport.abort()
-            raise RedisTimeoutError(f"Redis did not answer within {self._reply_timeout:g} s.") from None
+        self._watchdog = loop.call_later(self._reply_timeout, self._check, protocol, protocol.sent)
 
-    async def _connect(self) -> _Protocol:
+    def _check(self, protocol: _Protocol, sent_before: int) -> None:
+        self._watchdog = None
+        current = self._protocol
+        if current is None or current.lost:
+            return
+        if protocol is current and current.answered < sent_before:
+            # Later replies would be matched to the wrong callers: start afresh.
+            current.fail(RedisTimeoutError(f"Redis did not answer within {self._reply_timeout:g} s."))
+            if current.transport is not None:
+                current.transport.abort()
+        elif current.waiting:
+            # Armed for an earlier connection, the count restarts with this one.
+            self._watch(current)
+
+    async def connect(self) -> None:
         async with self._connecting:
             if self._protocol is not None and not self._protocol.lost:
-                return self._protocol
+                return
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout):
@@ -142,23 +193,44 @@ class RespConnection:
             except (OSError, TimeoutError) as exc:
                 where = self._path or f"{self._host}:{self._port}"
                 raise RedisConnectionError(f"Error connecting to Redis at {where}: {exc}") from exc
-            handshake: list[bytes] = []
-            if self._password is not None:
-                credentials = [self._username, self._password] if self._username else [self._password]
-                handshake.append(pack("AUTH", *credentials))
-            if self._db:
-                handshake.append(pack("SELECT", self._db))
-            if handshake:
-                for reply in await self._exchange(protocol, handshake):
-                    if isinstance(reply, ResponseError):
-                        assert protocol.transport is not None
-                        protocol.transport.close()
-                        raise RedisConnectionError(f"Redis refused the connection setup: {reply}")
+            try:
+                await self._handshake(protocol)
+            except BaseException:
+                assert protocol.transport is not None
+                protocol.transport.close()
+                raise
             self._protocol = protocol
-            return protocol
+
+    async def _handshake(self, protocol: _Protocol) -> None:
+        handshake: list[bytes] = []
+        if self._password is not None:
+            credentials = [self._username, self._password] if self._username else [self._password]
+            handshake.append(pack("AUTH", *credentials))
+        if self._db:
+            handshake.append(pack("SELECT", self._db))
+        if not handshake:
+            return
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in handshake]
+        protocol.write(b"".join(handshake), futures)
+        try:
+            async with asyncio.timeout(self._reply_timeout):
+                for future in futures:
+                    reply = await _reply_or_error(future)
+                    if isinstance(reply, ResponseError):
+                        raise RedisConnectionError(f"Redis refused the connection setup: {reply}")
+        except TimeoutError:
+            raise RedisTimeoutError(f"Redis did not answer within {self._reply_timeout:g} s.") from None
 
 
-def _error_class(reply: Any) -> Any:
-    if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+async def _reply_or_error(future: asyncio.Future[Any]) -> Any:
+    try:
+        return await future
+    except ResponseError as error:
+        return error
+
+
+def _error_class(reply: ResponseError) -> ResponseError:
+    if str(reply).startswith("NOSCRIPT"):
         return NoScriptError(str(reply))
     return reply
