@@ -142,6 +142,7 @@ class QuotaLimiter:
     _sync: Any = field(init=False, repr=False)
     _read: Any = field(init=False, repr=False)
     _zone: ZoneInfo = field(init=False, repr=False)
+    _periods: dict[str, tuple[int, int]] = field(init=False, repr=False, default_factory=dict)
     _calls: asyncio.Semaphore | None = field(init=False, repr=False, default=None)
     _batcher: ScriptBatcher | None = field(init=False, repr=False, default=None)
     # Called with (operation, seconds) after every script call, for the metrics.
@@ -202,9 +203,16 @@ class QuotaLimiter:
         if rule.window is None:
             return kind, "rolling", 1, 1
         if rule.calendar:
-            start, end = period_bounds(rule.window, now_ms, self._zone)
+            start, end = self._period(rule.window, now_ms)
             return kind, "calendar", start, end
         return kind, "rolling", rule.window_ms, rule.bucket_ms
+
+    def _period(self, window: str, now_ms: int) -> tuple[int, int]:
+        """period_bounds, computed once per day or month rather than once per request."""
+        known = self._periods.get(window)
+        if known is None or not known[0] <= now_ms < known[1]:
+            known = self._periods[window] = period_bounds(window, now_ms, self._zone)
+        return known
 
     def _groups(self, count: int, charges: Sequence[Charge]) -> list[list[int]]:
         """Indexes of charges per Redis call: one call, or one per cluster slot."""
@@ -271,8 +279,7 @@ class QuotaLimiter:
         keys: list[str] = []
         args: list[str | int] = [self._now_arg(), reservation_id, self.reservation_ttl_ms]
         for charge, (kind, window, span_a, span_b) in zip(charges, spans, strict=True):
-            keys.extend(charge.limit.redis_keys(self.key_prefix))
-            keys.append(charge.limit.sync_marker(self.key_prefix))
+            keys.extend(charge.limit.script_keys(self.key_prefix))
             args += [kind, window, charge.limit.rule.capacity, span_a, span_b, charge.amount]
             args.append(1 if charge.limit.enforced else 0)
         reply: list[Any] = await self._run("reserve", self._reserve, keys, args)
@@ -316,7 +323,7 @@ class QuotaLimiter:
         for charge, (kind, window, span_a, span_b), state, actual in entries:
             if state is None or not state.charged:
                 continue
-            keys.extend(charge.limit.redis_keys(self.key_prefix))
+            keys.extend(charge.limit.script_keys(self.key_prefix)[:2])
             args += [kind, window, span_a, span_b, state.bucket, charge.amount, actual]
         if not keys:
             return

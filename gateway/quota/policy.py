@@ -137,6 +137,15 @@ class AppliedLimit:
         """Set once this subject's calendar counters were rebuilt from the ledger."""
         return f"{prefix}{self.hash_tag}:synced"
 
+    def script_keys(self, prefix: str) -> tuple[str, str, str]:
+        """`redis_keys` and `sync_marker`, made once: remembered decisions reuse their limits."""
+        made = self.__dict__.get("_script_keys")
+        if made is None or made[0] != prefix:
+            made = (prefix, *self.redis_keys(prefix), self.sync_marker(prefix))
+            # Frozen, so past __setattr__; not a field, so outside equality and hashing.
+            self.__dict__["_script_keys"] = made
+        return made[1], made[2], made[3]
+
 
 @dataclass(frozen=True)
 class RequestPolicy:
