@@ -338,3 +338,70 @@ async def test_usage_reports_from_the_rollups(
         ("gpt-4", 1, 1),
         ("gpt-4o-mini", 3, 9),
     ]
+
+
+def test_the_writer_reads_this_process_records_from_memory(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    written = records(5, "kept")
+    for record in written:
+        spool.append(record)
+    segment = spool.directory / f"segment-{spool.segments()[-1]:012d}.jsonl"
+    size = segment.stat().st_size
+    segment.write_bytes(b"")  # had it read the disk, it would find nothing
+    taken, end = spool.read(3)
+    assert taken == written[:3]
+    spool.commit(end, 3)
+    taken, end = spool.read(10)
+    assert taken == written[3:] and (end.segment, end.offset) == (spool.segments()[-1], size)
+    spool.close()
+
+
+def test_an_earlier_run_is_read_from_disk_then_this_run_from_memory(tmp_path: Path) -> None:
+    first = Spool(tmp_path / "spool")
+    first.open()
+    earlier = records(4, "earlier")
+    for record in earlier:
+        first.append(record)
+    first.close()
+    second = Spool(tmp_path / "spool")
+    second.open()
+    now = records(3, "now")
+    for record in now:
+        second.append(record)
+    collected: list[UsageRecord] = []
+    for _ in range(5):
+        taken, end = second.read(100)
+        collected += taken
+        second.commit(end, len(taken))
+    assert collected == earlier + now
+    assert second.caught_up and second.read(100)[0] == []
+    later = records(2, "later")
+    for record in later:
+        second.append(record)
+    segment = second.directory / f"segment-{second.segments()[-1]:012d}.jsonl"
+    segment.write_bytes(b"")
+    assert second.read(100)[0] == later  # caught up: from memory
+    second.close()
+
+
+def test_past_the_memory_bound_the_disk_serves_and_keeping_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.ledger.spool.MEMORY_RECORDS", 5)
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    backlog = records(12, "outage")
+    for record in backlog:
+        spool.append(record)
+    taken, end = spool.read(100)
+    assert taken == backlog  # decoded from disk: equal field for field
+    spool.commit(end, len(taken))
+    assert spool.caught_up
+    later = records(2, "after")
+    for record in later:
+        spool.append(record)
+    segment = spool.directory / f"segment-{spool.segments()[-1]:012d}.jsonl"
+    segment.write_bytes(b"")
+    assert spool.read(100)[0] == later  # from memory again
+    spool.close()

@@ -6,11 +6,18 @@ the request path. The writer reads segments back in order, fsyncs once per batch
 writes the batch to the database, and only then moves a checkpoint past it. After a
 crash or an outage everything past the checkpoint is simply written again; the
 database skips request ids it already has.
+
+The records this process appended are also kept in memory until committed (up to
+MEMORY_RECORDS of them), so in the normal case the writer never reads back and
+decodes what it has just written. The disk is read for what an earlier run left, and
+whenever the memory copy does not start exactly at the cursor.
 """
 
 from __future__ import annotations
 
+import collections
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -18,7 +25,7 @@ import re
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.ledger.records import UsageRecord
 
@@ -28,6 +35,9 @@ _SEGMENT = re.compile(r"^segment-(\d{12})\.jsonl$")
 CHECKPOINT = "checkpoint.json"
 REJECTED = "rejected.jsonl"
 READ_CHUNK_BYTES = 1 << 20
+# Records kept in memory for the writer; past this (a long database outage) it reads
+# them back from disk, and starts keeping them again once it has caught up.
+MEMORY_RECORDS = 20_000
 
 
 @dataclass(frozen=True, order=True)
@@ -38,19 +48,34 @@ class Position:
     offset: int
 
 
+_FIELDS = tuple(field.name for field in fields(UsageRecord))
+_KNOWN_FIELDS = frozenset(_FIELDS)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(record: UsageRecord) -> bytes:
     values: dict[str, Any] = {}
-    for field in fields(record):
-        value = getattr(record, field.name)
-        values[field.name] = value.isoformat() if isinstance(value, datetime) else value
-    return json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    for name in _FIELDS:
+        value = getattr(record, name)
+        values[name] = value.isoformat() if isinstance(value, datetime) else value
+    return _ENCODER.encode(values).encode() + b"\n"
 
 
 def decode(line: bytes) -> UsageRecord:
     values = json.loads(line)
     values["created_at"] = datetime.fromisoformat(values["created_at"])
-    known = {field.name for field in fields(UsageRecord)}
-    return UsageRecord(**{name: value for name, value in values.items() if name in known})
+    return UsageRecord(**{name: value for name, value in values.items() if name in _KNOWN_FIELDS})
+
+
+class _Kept(NamedTuple):
+    """A record appended by this process, with where its line starts and ends.
+
+    (segment, offset) pairs rather than Positions: one is made per request.
+    """
+
+    start: tuple[int, int]
+    end: tuple[int, int]
+    record: UsageRecord
 
 
 class Spool:
@@ -74,6 +99,9 @@ class Spool:
         self.committed = 0
         # Bytes past the checkpoint when this process started: records of an earlier run.
         self.replay_until = Position(0, 0)
+        # This process's records past the cursor, in order (see the module's docstring).
+        self._kept: collections.deque[_Kept] = collections.deque()
+        self._keeping = True
 
     # Opening --------------------------------------------------------------------
 
@@ -86,7 +114,8 @@ class Spool:
         if segments:
             self.replay_until = Position(segments[-1], self._size(segments[-1]))
         else:
-            self.replay_until = Position(self._active, 0)
+            # Nothing to replay: the cursor starts where this run's records will.
+            self.cursor = self.replay_until = Position(self._active, 0)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -147,8 +176,15 @@ class Spool:
         written = os.write(self._fd, data)
         if written != len(data):
             raise OSError(f"short write to the spool ({written} of {len(data)} bytes)")
+        start = self._active_size
         self._active_size += written
         self.appended += 1
+        if self._keeping:
+            if len(self._kept) < MEMORY_RECORDS:
+                self._kept.append(_Kept((self._active, start), (self._active, self._active_size), record))
+            else:
+                self._kept.clear()
+                self._keeping = False
         if self._active_size >= self._segment_bytes:
             self._rotate()
 
@@ -175,6 +211,12 @@ class Spool:
 
     def read(self, max_records: int) -> tuple[list[UsageRecord], Position]:
         """Records after the cursor (at most max_records) and where they end."""
+        if self._kept and self._kept[0].start == (self.cursor.segment, self.cursor.offset):
+            taken = list(itertools.islice(self._kept, max_records))
+            return [kept.record for kept in taken], Position(*taken[-1].end)
+        return self._read_disk(max_records)
+
+    def _read_disk(self, max_records: int) -> tuple[list[UsageRecord], Position]:
         records: list[UsageRecord] = []
         position = self.cursor
         while len(records) < max_records:
@@ -216,6 +258,10 @@ class Spool:
         """The database has everything before `position`: save it, drop finished segments."""
         self.cursor = position
         self.committed += records
+        while self._kept and self._kept[0].end <= (position.segment, position.offset):
+            self._kept.popleft()
+        if not self._keeping and self.caught_up:
+            self._keeping = True
         temporary = self.directory / (CHECKPOINT + ".tmp")
         with open(temporary, "w", encoding="utf-8") as checkpoint:
             json.dump({"segment": position.segment, "offset": position.offset}, checkpoint)
