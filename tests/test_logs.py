@@ -90,3 +90,39 @@ async def test_prompts_are_logged_only_when_asked(
     (line,) = request_lines(caplog)
     assert SECRET_PROMPT in str(line["prompt"])
     assert USER_KEY not in json.dumps(line)
+
+
+def test_the_direct_request_line_is_the_formatter_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import re
+
+    from gateway.logs import JsonLinesHandler, log_request, setup_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    setup_logging("info", True)
+    (handler,) = root.handlers
+    assert isinstance(handler, JsonLinesHandler)
+    written = io.StringIO()
+    handler.setStream(written)
+    fields = {"request_id": "r-1", "status": 200, "latency_ms": 1.5, "user": "żaba", "key_id": None}
+
+    def no_record(*args: object, **kwargs: object) -> logging.LogRecord:
+        raise AssertionError("the request line went through a LogRecord")
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", no_record)
+    log_request(fields)
+    direct = written.getvalue()
+    # The same line through a LogRecord and the formatter, as any other handler would get it.
+    record = logging.LogRecord(REQUEST_LOGGER, logging.INFO, __file__, 1, "request", None, None)
+    record.fields = fields
+    through_logging = JsonFormatter().format(record) + "\n"
+    time_pattern = r'"time": "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"'
+    assert re.match("^{" + time_pattern, direct) and re.match("^{" + time_pattern, through_logging)
+    assert re.sub(time_pattern, "", direct) == re.sub(time_pattern, "", through_logging)
+    assert direct.count("\n") == 1 and '"user": "żaba"' in direct
+    # A level above info silences request lines on the direct path too.
+    root.setLevel("WARNING")
+    log_request(fields)
+    assert written.getvalue() == direct
