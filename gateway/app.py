@@ -23,7 +23,7 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.ledger import LedgerWriter, open_store
 from gateway.ledger.spool import Spool
 from gateway.metrics import MULTIPROCESS_ENV, Metrics
-from gateway.middlewares import authenticate, authenticate_admin, errors_and_metrics, in_flight
+from gateway.middlewares import authenticate, authenticate_admin, errors_and_metrics
 from gateway.policies import PolicyHolder
 from gateway.providers import build_provider
 from gateway.quota.limiter import QuotaLimiter
@@ -41,7 +41,7 @@ POLICY_RELOAD_SECONDS = 2.0
 def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = None) -> web.Application:
     """The gateway application; `clock_ms` pins the quota clock (tests only)."""
     app = web.Application(
-        middlewares=[errors_and_metrics, in_flight, authenticate, authenticate_admin],
+        middlewares=[errors_and_metrics, authenticate, authenticate_admin],
         client_max_size=config.server.max_body_bytes,
     )
     app[state.CONFIG] = config

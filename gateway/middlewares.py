@@ -78,11 +78,17 @@ def _translate(exc: web.HTTPException) -> GatewayError:
 
 @web.middleware
 async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: every answer gets a request id, errors get OpenAI's shape, all are counted."""
+    """Outermost: every answer gets a request id, errors get OpenAI's shape, all are counted.
+
+    API requests (not scrapes or health checks) are counted in flight here too.
+    """
     started = time.monotonic()
     request_id = new_request_id()
     request[REQUEST_ID] = request_id
     metrics = request.app[state.METRICS]
+    api = request.path.startswith(API_PREFIX)
+    if api:
+        metrics.in_flight.inc()
     status = 500
     error_code: str | None = None
     try:
@@ -110,7 +116,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         error = ServerError("The gateway had an internal error.")
         return error_response(error, request_id, request.path.startswith(ANTHROPIC_PREFIX))
     finally:
-        if request.path.startswith(API_PREFIX):
+        if api:
+            metrics.in_flight.dec()
             route = request.match_info.route.resource
             route_label = route.canonical if route is not None else "unmatched"
             model = request.get(MODEL_LABEL, UNKNOWN_MODEL)
@@ -161,19 +168,6 @@ async def authenticate_admin(request: web.Request, handler: Handler) -> web.Stre
         if not hmac.compare_digest(hash_key(token), expected):
             raise InvalidApiKey("Incorrect admin key.")
     return await handler(request)
-
-
-@web.middleware
-async def in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts API requests being served (not scrapes or health checks)."""
-    if not request.path.startswith(API_PREFIX):
-        return await handler(request)
-    gauge = request.app[state.METRICS].in_flight
-    gauge.inc()
-    try:
-        return await handler(request)
-    finally:
-        gauge.dec()
 
 
 def request_log_fields(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import asyncpg
 import openai
@@ -233,3 +235,22 @@ async def test_team_labels_only_when_opted_in(
 async def scrape_text(url: str) -> str:
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
         return await response.text()
+
+
+async def test_requests_being_served_are_in_flight(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    gateway = await start_gateway()
+    client = gateway.client()
+    fake_upstream.delay_seconds = 0.5
+    waiting = [
+        asyncio.ensure_future(client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2))
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0.25)
+    during = value(await scrape(gateway.url), "gateway_requests_in_flight")
+    await asyncio.gather(*waiting)
+    await gateway.settle()
+    # Scrapes and health checks are not API requests: only the three count.
+    assert during == 3
+    assert value(await scrape(gateway.url), "gateway_requests_in_flight") == 0
