@@ -188,12 +188,14 @@ def relay_body(
         exchange.usage = anthropic_wire.message_usage(
             body.get("usage") if isinstance(body, Mapping) else None
         )
-        text = anthropic_wire.message_text(body)
     else:
         exchange.usage = usage_from_object(body)
-        text = openai_wire.body_text(body)
-    if exchange.usage is None and text:
-        exchange.relayed_tokens = exchange.profile.tokenizer.count(text)
+    if exchange.usage is None:
+        # No usage from the provider: what it wrote is counted instead.
+        anthropic = wire_format == "anthropic"
+        text = anthropic_wire.message_text(body) if anthropic else openai_wire.body_text(body)
+        if text:
+            exchange.relayed_tokens = exchange.profile.tokenizer.count(text)
     return web.Response(status=200, body=reply.body, content_type="application/json", headers=headers)
 
 
