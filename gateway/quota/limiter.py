@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -225,7 +225,7 @@ class QuotaLimiter:
 
     async def reserve(self, charges: Sequence[Charge]) -> Admission:
         """Admit against every charge or none; raises QuotaStoreUnavailable if Redis fails."""
-        reservation_id = uuid.uuid4().hex
+        reservation_id = os.urandom(16).hex()
         if not charges:
             return Admission(admitted=True, reservation=Reservation(reservation_id, (), (), 0))
         now_ms = self._now_ms()
