@@ -39,6 +39,24 @@ async def test_growing_conversation_counts_only_its_new_messages() -> None:
     assert counter.cache.hits == sum(1 + 2 * turns for turns in range(1, 51)) - counter.cache.misses
 
 
+async def test_the_cache_never_takes_one_message_for_another() -> None:
+    counter = make_counter()
+    profile = counter.registry.profile("gpt-4o")
+    lookalikes = [
+        {"role": "user", "content": "one two three"},
+        {"role": "user", "content": "one two three", "name": "bob"},  # a name costs tokens
+        {"role": "user", "content": [{"type": "text", "text": "one two three"}]},
+        {"role": "use", "content": "rone two three"},  # same bytes if role and content ran together
+        {"role": "user", "content": "one two three four"},
+    ]
+    for _ in range(2):  # the second pass is served from the cache
+        for message in lookalikes:
+            body = {"messages": [message]}
+            counted = await counter.count("chat", body, profile, 100)
+            assert counted.tokens == count_chat(body, profile, (1024, 1024)).tokens, message
+    assert (counter.cache.misses, counter.cache.hits) == (5, 5)
+
+
 async def test_large_bodies_are_counted_in_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     counter = make_counter(thread_threshold_bytes=1000)
     profile = counter.registry.profile("gpt-4o")

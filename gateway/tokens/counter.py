@@ -38,10 +38,7 @@ class MessageCache:
     def get_or_count(self, model: str, message: Mapping[str, Any], count: MessageCounter) -> RawCount:
         if self._max_entries == 0:
             return count(message)
-        digest = hashlib.blake2b(
-            json.dumps(message, sort_keys=True, ensure_ascii=False).encode(), digest_size=16
-        ).digest()
-        key = (model, digest)
+        key = (model, hashlib.blake2b(_message_bytes(message), digest_size=16).digest())
         with self._lock:
             found = self._entries.get(key)
             if found is not None:
@@ -55,6 +52,20 @@ class MessageCache:
             while len(self._entries) > self._max_entries:
                 self._entries.popitem(last=False)
         return result
+
+
+def _message_bytes(message: Mapping[str, Any]) -> bytes:
+    """What identifies a message for the cache.
+
+    The common text message is taken as is: serialising it (sorted, as JSON) cost more
+    than hashing it. Its leading 0x01 can never start JSON, so the forms cannot collide,
+    and the role's length ends where the role does.
+    """
+    role, content = message.get("role"), message.get("content")
+    if len(message) == 2 and isinstance(role, str) and isinstance(content, str):
+        role_bytes = role.encode()
+        return b"\x01%d:%b%b" % (len(role_bytes), role_bytes, content.encode())
+    return json.dumps(message, sort_keys=True, ensure_ascii=False).encode()
 
 
 class PromptCounter:
