@@ -80,6 +80,7 @@ def test_smoke_run_covers_every_target_and_scenario(
         "p50",
         "p99",
         "stream",
+        "others",
         "rss",
         "workers",
     }
@@ -135,3 +136,36 @@ def test_gateway_over_each_revision_in_the_summary_and_the_table() -> None:
     lines = report.table(summary).splitlines()
     assert "gw/rev req/s" in lines[0]
     assert lines[-1].startswith("gateway@abc1234 ") and lines[-1].split()[-2:] == ["2.00", "0.40"]
+
+
+def test_ratios_are_paired_by_round() -> None:
+    """Drift between rounds must cancel: each round's ratio first, then their median."""
+    from bench.http import report
+
+    def run(target: str, number: int, rps: float) -> dict[str, object]:
+        return {
+            "target": target,
+            "scenario": "plain-200-c32",
+            "round": number,
+            "requests_per_second": rps,
+            "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
+            "cpu_us_per_request": 1e6 / rps,
+            "rss_peak_mb": {"max": 50.0, "sum": 50.0},
+            "processes": 1,
+            "requests": 100,
+            "non_2xx": 0,
+            "socket_errors": {"connect": 0},
+        }
+
+    floor = [run("floor", n, rps) for n, rps in ((1, 1000), (2, 2000), (3, 3000))]
+    gateway = [run("gateway", n, rps) for n, rps in ((1, 500), (2, 1000), (3, 600))]
+    workers = [run("gateway-w2", n, rps) for n, rps in ((1, 800), (2, 1700), (3, 1500))]
+    summary = report.summarize(
+        floor + gateway + workers, ["floor", "gateway", "gateway-w2"], ["plain-200-c32"]
+    )
+    rows = {row["target"]: row for row in summary}
+    # Round by round 0.5, 0.5 and 0.2: the median is 0.5 (medians alone would say 600/2000 = 0.3).
+    assert rows["gateway"]["vs_floor"]["throughput_ratio"] == 0.5
+    assert rows["gateway"]["vs_floor"]["cpu_ratio"] == 2.0
+    # Two workers over one, round by round 1.6, 1.7 and 2.5.
+    assert rows["gateway-w2"]["workers_scaling"] == 1.7

@@ -1,14 +1,17 @@
 """Figures of a run: medians per target x scenario, ratios to the floor, the table and the verdict.
 
-Each figure's median is taken over the rounds on its own; the ratios to the floor
-compare those medians within the same run. A gateway@REV row (another git revision
-of the gateway, measured in the same run) also has the gateway's ratios to it:
-this tree's req/s and CPU-us per request over the revision's, "HEAD vs REV".
+Each figure's median is taken over the rounds on its own. Ratios are paired by round:
+a target's ratio to the floor is the median, over the rounds, of that round's ratio
+(the two ran seconds apart, so the machine's drift between rounds, often ±20% here,
+cancels out instead of landing in the ratio). A gateway@REV row (another git revision
+of the gateway, measured in the same run) also has the gateway's ratios to it, paired
+the same way: this tree's req/s and CPU-us per request over the revision's.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +24,7 @@ RSS_LIMIT_MB = 120.0
 
 def summarize(runs: list[dict[str, Any]], targets: list[str], scenarios: list[str]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
+    rounds: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for scenario in scenarios:
         for target in targets:
             mine = [run for run in runs if run["target"] == target and run["scenario"] == scenario]
@@ -46,14 +50,41 @@ def summarize(runs: list[dict[str, Any]], targets: list[str], scenarios: list[st
                 "non_2xx": sum(run["non_2xx"] for run in mine),
                 "socket_errors": sum(sum(run["socket_errors"].values()) for run in mine),
             }
+            rounds[target, scenario] = {int(run.get("round", 1)): run for run in mine}
     for (target, scenario), row in rows.items():
-        floor = rows.get((FLOOR, scenario))
-        row["vs_floor"] = None if floor is None else _ratios(row, floor)
-        gateway = rows.get((GATEWAY, scenario))
+        mine = rounds[target, scenario]
+        floor = rounds.get((FLOOR, scenario))
+        row["vs_floor"] = None if floor is None else _paired(mine, floor, _ratios)
+        gateway = rounds.get((GATEWAY, scenario))
         row["gateway_vs_revision"] = (
-            _gateway_vs(gateway, row) if gateway is not None and target.startswith(REVISION_PREFIX) else None
+            _paired(gateway, mine, _gateway_vs)
+            if gateway is not None and target.startswith(REVISION_PREFIX)
+            else None
         )
+        scaling = (
+            _paired(mine, gateway, _throughput_over)
+            if gateway is not None and target == GATEWAY_WORKERS
+            else None
+        )
+        row["workers_scaling"] = None if scaling is None else scaling["throughput_ratio"]
     return list(rows.values())
+
+
+Comparison = Callable[[dict[str, Any], dict[str, Any]], dict[str, float | None]]
+
+
+def _paired(
+    runs: dict[int, dict[str, Any]], others: dict[int, dict[str, Any]], compare: Comparison
+) -> dict[str, float | None] | None:
+    """compare(run, other) for each round both ran in; the median of each figure."""
+    each = [compare(runs[number], others[number]) for number in sorted(runs.keys() & others.keys())]
+    if not each:
+        return None
+    medians: dict[str, float | None] = {}
+    for name in each[0]:
+        values = [figures[name] for figures in each if figures[name] is not None]
+        medians[name] = statistics.median(values) if values else None
+    return medians
 
 
 def _gateway_vs(gateway: dict[str, Any], revision: dict[str, Any]) -> dict[str, float | None]:
@@ -64,16 +95,20 @@ def _gateway_vs(gateway: dict[str, Any], revision: dict[str, Any]) -> dict[str, 
     }
 
 
+def _throughput_over(run: dict[str, Any], other: dict[str, Any]) -> dict[str, float | None]:
+    return {"throughput_ratio": _ratio(run["requests_per_second"], other["requests_per_second"])}
+
+
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def _ratios(row: dict[str, Any], floor: dict[str, Any]) -> dict[str, float | None]:
+def _ratios(run: dict[str, Any], floor: dict[str, Any]) -> dict[str, float | None]:
     return {
-        "throughput_ratio": _ratio(row["requests_per_second"], floor["requests_per_second"]),
-        "cpu_ratio": _ratio(row["cpu_us_per_request"], floor["cpu_us_per_request"]),
-        "p50_added_ms": row["p50_ms"] - floor["p50_ms"],
-        "p99_ratio": _ratio(row["p99_ms"], floor["p99_ms"]),
+        "throughput_ratio": _ratio(run["requests_per_second"], floor["requests_per_second"]),
+        "cpu_ratio": _ratio(run["cpu_us_per_request"], floor["cpu_us_per_request"]),
+        "p50_added_ms": run["latency_ms"]["p50"] - floor["latency_ms"]["p50"],
+        "p99_ratio": _ratio(run["latency_ms"]["p99"], floor["latency_ms"]["p99"]),
     }
 
 
@@ -154,10 +189,10 @@ def verdict(summary: list[dict[str, Any]]) -> list[Check]:
             details.append(f"{row['scenario']} {shown}{'' if passed else ' ✗'}")
         return Check(name, goal, all(results) if results else None, details, note)
 
-    at_32 = [row for row in gateway if row["scenario"].endswith("-c32")]
-    plain_1 = [
-        row for row in gateway if row["scenario"].startswith("plain-") and row["scenario"].endswith("-c1")
-    ]
+    # The issue's targets are for non-streaming ~200-token prompts; streams have their own.
+    plain = [row for row in gateway if row["scenario"].startswith("plain-200-")]
+    plain_32 = [row for row in plain if row["scenario"].endswith("-c32")]
+    plain_1 = [row for row in plain if row["scenario"].endswith("-c1")]
     stream_1 = [
         row for row in gateway if row["scenario"].startswith("stream-") and row["scenario"].endswith("-c1")
     ]
@@ -165,16 +200,16 @@ def verdict(summary: list[dict[str, Any]]) -> list[Check]:
         check(
             "throughput",
             "req/s at 32 connections ≥ 0.35x floor",
-            at_32,
+            plain_32,
             "throughput_ratio",
             lambda v: v >= 0.35,
             "x",
         ),
-        check("cpu", "CPU-µs per request ≤ 3x floor", gateway, "cpu_ratio", lambda v: v <= 3.0, "x"),
+        check("cpu", "CPU-µs per request ≤ 3x floor", plain, "cpu_ratio", lambda v: v <= 3.0, "x"),
         check(
             "p50", "p50 at 1 connection ≤ floor + 0.5 ms", plain_1, "p50_added_ms", lambda v: v <= 0.5, "ms"
         ),
-        check("p99", "p99 at 32 connections ≤ 3x floor", at_32, "p99_ratio", lambda v: v <= 3.0, "x"),
+        check("p99", "p99 at 32 connections ≤ 3x floor", plain_32, "p99_ratio", lambda v: v <= 3.0, "x"),
         check(
             "stream",
             "stream at 1 connection: latency added ≤ 0.5 ms",
@@ -208,11 +243,26 @@ def verdict(summary: list[dict[str, Any]]) -> list[Check]:
         one = rows.get((GATEWAY, row["scenario"]))
         if row["target"] != GATEWAY_WORKERS or one is None or not row["scenario"].endswith("-c32"):
             continue
-        scaling = (
-            row["requests_per_second"] / one["requests_per_second"] if one["requests_per_second"] else 0.0
-        )
+        scaling = row["workers_scaling"] or 0.0
         results.append(scaling >= 1.6)
         details.append(f"{row['scenario']} {scaling:.2f}x" + ("" if scaling >= 1.6 else " ✗"))
+    others = [row for row in gateway if row not in plain]
+    if others:
+        checks.append(
+            Check(
+                "others",
+                "beyond the targets, req/s and CPU against the floor",
+                None,
+                [
+                    f"{row['scenario']} {row['vs_floor']['throughput_ratio']:.2f}x req/s, "
+                    f"{row['vs_floor']['cpu_ratio']:.2f}x CPU"
+                    for row in others
+                    if row["vs_floor"]["throughput_ratio"] is not None
+                    and row["vs_floor"]["cpu_ratio"] is not None
+                ],
+                note="streaming and 8k-token prompts: not judged, shown to see where they stand",
+            )
+        )
     checks.append(
         Check(
             "workers",
@@ -228,7 +278,13 @@ def verdict(summary: list[dict[str, Any]]) -> list[Check]:
 def verdict_text(checks: list[Check]) -> str:
     lines = []
     for item in checks:
-        mark = "n/a " if item.passed is None else "PASS" if item.passed else "FAIL"
+        mark = (
+            ("info" if item.name == "others" else "n/a ")
+            if item.passed is None
+            else "PASS"
+            if item.passed
+            else "FAIL"
+        )
         lines.append(f"{mark}  {item.goal}: {', '.join(item.details) or 'not measured'}")
         if item.note:
             lines.append(f"      ({item.note})")

@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temp folder (configs, logs) and the database"
     )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: derive the table, ratios and verdict again from a saved report's runs",
+    )
     args = parser.parse_args(argv)
     args.duration = args.duration or (1 if args.smoke else 5)
     args.rounds = args.rounds or (1 if args.smoke else 3)
@@ -133,6 +139,8 @@ def _targets(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report is not None:
+        return _report_again(args.report)
     # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so the cleanup below runs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     _use_shared_tiktoken_cache()
@@ -322,6 +330,24 @@ def _run(
         "gateway_logs": gateway_logs,
         "ledger": {"rows_written": ledger_rows, "chat_requests_logged": logged},
     }
+
+
+def _report_again(path: Path) -> int:
+    """Summary and verdict of a saved report recomputed from its raw runs (and saved back)."""
+    result = json.loads(path.read_text())
+    targets = [target["name"] for target in result["targets"]]
+    scenarios = [scenario["name"] for scenario in result["scenarios"]]
+    result["summary"] = report.summarize(result["runs"], targets, scenarios)
+    checks = report.verdict(result["summary"])
+    result["verdict"] = [check.as_json() for check in checks]
+    path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(report.table(result["summary"]))
+    print(
+        f"\nverdict ({'smoke run: too short to judge' if result['mode'] == 'smoke' else 'issue 7 targets'}):"
+    )
+    print(report.verdict_text(checks))
+    print(f"\nrewrote {path}")
+    return 0
 
 
 def _write_load_files(folder: Path, chosen: list[Scenario]) -> dict[str, Path]:
