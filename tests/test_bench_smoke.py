@@ -110,22 +110,28 @@ def test_compare_adds_one_target_per_revision_next_to_the_gateway() -> None:
         parse_args(["--compare", "no-such-revision"])
 
 
+def measured(target: str, scenario: str, rps: float, cpu: float, number: int = 1) -> dict[str, object]:
+    """One run as the harness records it, with made-up figures."""
+    return {
+        "target": target,
+        "scenario": scenario,
+        "round": number,
+        "requests_per_second": rps,
+        "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
+        "cpu_us_per_request": cpu,
+        "rss_peak_mb": {"max": 50.0, "sum": 50.0},
+        "processes": 1,
+        "requests": 100,
+        "non_2xx": 0,
+        "socket_errors": {"connect": 0},
+    }
+
+
 def test_gateway_over_each_revision_in_the_summary_and_the_table() -> None:
     from bench.http import report
 
     def run(target: str, rps: float, cpu: float) -> dict[str, object]:
-        return {
-            "target": target,
-            "scenario": "plain-200-c1",
-            "requests_per_second": rps,
-            "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
-            "cpu_us_per_request": cpu,
-            "rss_peak_mb": {"max": 50.0, "sum": 50.0},
-            "processes": 1,
-            "requests": 100,
-            "non_2xx": 0,
-            "socket_errors": {"connect": 0},
-        }
+        return measured(target, "plain-200-c1", rps, cpu)
 
     runs = [run("floor", 1000, 100), run("gateway", 500, 200), run("gateway@abc1234", 250, 500)]
     summary = report.summarize(runs, ["floor", "gateway", "gateway@abc1234"], ["plain-200-c1"])
@@ -143,19 +149,7 @@ def test_ratios_are_paired_by_round() -> None:
     from bench.http import report
 
     def run(target: str, number: int, rps: float) -> dict[str, object]:
-        return {
-            "target": target,
-            "scenario": "plain-200-c32",
-            "round": number,
-            "requests_per_second": rps,
-            "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
-            "cpu_us_per_request": 1e6 / rps,
-            "rss_peak_mb": {"max": 50.0, "sum": 50.0},
-            "processes": 1,
-            "requests": 100,
-            "non_2xx": 0,
-            "socket_errors": {"connect": 0},
-        }
+        return measured(target, "plain-200-c32", rps, 1e6 / rps, number)
 
     floor = [run("floor", n, rps) for n, rps in ((1, 1000), (2, 2000), (3, 3000))]
     gateway = [run("gateway", n, rps) for n, rps in ((1, 500), (2, 1000), (3, 600))]

@@ -340,15 +340,26 @@ async def test_usage_reports_from_the_rollups(
     ]
 
 
-def test_the_writer_reads_this_process_records_from_memory(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
+def open_spool(root: Path, appended: list[UsageRecord]) -> Spool:
+    spool = Spool(root)
     spool.open()
-    written = records(5, "kept")
-    for record in written:
+    for record in appended:
         spool.append(record)
+    return spool
+
+
+def empty_active_segment(spool: Spool) -> int:
+    """Truncate the segment being written; had a read gone to the disk, it would find nothing."""
     segment = spool.directory / f"segment-{spool.segments()[-1]:012d}.jsonl"
     size = segment.stat().st_size
-    segment.write_bytes(b"")  # had it read the disk, it would find nothing
+    segment.write_bytes(b"")
+    return size
+
+
+def test_the_writer_reads_this_process_records_from_memory(tmp_path: Path) -> None:
+    written = records(5, "kept")
+    spool = open_spool(tmp_path / "spool", written)
+    size = empty_active_segment(spool)
     taken, end = spool.read(3)
     assert taken == written[:3]
     spool.commit(end, 3)
@@ -358,17 +369,9 @@ def test_the_writer_reads_this_process_records_from_memory(tmp_path: Path) -> No
 
 
 def test_an_earlier_run_is_read_from_disk_then_this_run_from_memory(tmp_path: Path) -> None:
-    first = Spool(tmp_path / "spool")
-    first.open()
-    earlier = records(4, "earlier")
-    for record in earlier:
-        first.append(record)
-    first.close()
-    second = Spool(tmp_path / "spool")
-    second.open()
-    now = records(3, "now")
-    for record in now:
-        second.append(record)
+    earlier, now = records(4, "earlier"), records(3, "now")
+    open_spool(tmp_path / "spool", earlier).close()
+    second = open_spool(tmp_path / "spool", now)
     collected: list[UsageRecord] = []
     for _ in range(5):
         taken, end = second.read(100)
@@ -379,8 +382,7 @@ def test_an_earlier_run_is_read_from_disk_then_this_run_from_memory(tmp_path: Pa
     later = records(2, "later")
     for record in later:
         second.append(record)
-    segment = second.directory / f"segment-{second.segments()[-1]:012d}.jsonl"
-    segment.write_bytes(b"")
+    empty_active_segment(second)
     assert second.read(100)[0] == later  # caught up: from memory
     second.close()
 
@@ -389,11 +391,8 @@ def test_past_the_memory_bound_the_disk_serves_and_keeping_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("gateway.ledger.spool.MEMORY_RECORDS", 5)
-    spool = Spool(tmp_path / "spool")
-    spool.open()
     backlog = records(12, "outage")
-    for record in backlog:
-        spool.append(record)
+    spool = open_spool(tmp_path / "spool", backlog)
     taken, end = spool.read(100)
     assert taken == backlog  # decoded from disk: equal field for field
     spool.commit(end, len(taken))
@@ -401,7 +400,6 @@ def test_past_the_memory_bound_the_disk_serves_and_keeping_resumes(
     later = records(2, "after")
     for record in later:
         spool.append(record)
-    segment = spool.directory / f"segment-{spool.segments()[-1]:012d}.jsonl"
-    segment.write_bytes(b"")
+    empty_active_segment(spool)
     assert spool.read(100)[0] == later  # from memory again
     spool.close()
