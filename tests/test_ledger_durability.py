@@ -403,3 +403,24 @@ def test_past_the_memory_bound_the_disk_serves_and_keeping_resumes(
     empty_active_segment(spool)
     assert spool.read(100)[0] == later  # from memory again
     spool.close()
+
+
+def test_records_across_segment_rotations_come_back_once_in_order(tmp_path: Path) -> None:
+    written = records(40, "rotating")
+    spool = Spool(tmp_path / "spool", segment_bytes=2_000)  # a few records a segment
+    spool.open()
+    collected: list[UsageRecord] = []
+    for start in range(0, 40, 7):  # appends and reads interleaved, as the writer does
+        for record in written[start : start + 7]:
+            spool.append(record)
+        taken, end = spool.read(5)
+        collected += taken
+        spool.commit(end, len(taken))
+    for _ in range(40):
+        taken, end = spool.read(5)
+        collected += taken
+        spool.commit(end, len(taken))
+    assert [record.request_id for record in collected] == [record.request_id for record in written]
+    assert collected == written and spool.caught_up
+    assert len(spool.segments()) == 1  # finished segments were dropped as the cursor passed them
+    spool.close()
