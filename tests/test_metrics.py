@@ -149,38 +149,19 @@ def test_every_metric_is_in_the_catalogue_and_back() -> None:
 
 async def test_two_workers_add_up_on_one_port(config_writer, pg: asyncpg.Connection) -> None:  # type: ignore[no-untyped-def]
     import asyncio
-    import os
     import signal
-    import sys
 
     from tests.conftest import USER_KEY, free_port
+    from tests.processes import serve, wait_healthy
 
     config_writer.extra = "server: {workers: 2}\n"
-    config = config_writer.write()
+    config_writer.write()
     port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        env={**os.environ},
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    process = serve(config_writer.directory, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"{url}/health") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
-            await asyncio.sleep(1.0)  # both workers up
+        await wait_healthy(port, process)
+        await asyncio.sleep(1.0)  # both workers up
         for _ in range(40):
             # A new connection each time, so the kernel spreads them over the workers.
             async with (
@@ -212,7 +193,7 @@ async def test_two_workers_add_up_on_one_port(config_writer, pg: asyncpg.Connect
         assert len(per_slot) == 2 and sum(per_slot) == 40 and min(per_slot) > 0, per_slot
     finally:
         process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
+        process.wait(timeout=30)
     assert process.returncode == 0
 
 
