@@ -112,6 +112,28 @@ class Load:
         outcome.good_after.append(time.monotonic())
 
 
+def load_figures(outcome: Outcome, ids: list[str], restored_at: float) -> dict[str, Any]:
+    """What every fault reports: requests sent and answered, ledger rows lost or doubled, recovery."""
+    after = [t for t in outcome.good_after if t >= restored_at]
+    return {
+        "sent": outcome.sent,
+        "answered": dict(sorted(outcome.statuses.items())),
+        "unclean_errors": outcome.unclean_errors,
+        "rows_lost": len(outcome.received_ok - set(ids)),
+        "rows_doubled": len(ids) - len(set(ids)),
+        "recovery_seconds": round(after[0] - restored_at, 3) if after else None,
+        "ledger_rows": len(ids),
+    }
+
+
+def report(name: str, figures: dict[str, Any]) -> None:
+    """Printed, and kept in latest.json beside the other faults' figures."""
+    print(f"\n{name}: {json.dumps(figures)}")
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[name] = figures
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
 async def probe_burst(url: str, statuses: Counter[str]) -> None:
     """PROBE_BURST concurrent requests from bob; answers counted by status."""
 
@@ -297,32 +319,20 @@ async def test_fault(rig: Rig, pg: asyncpg.Connection, fault: str) -> None:
         "SELECT client_request_id, user_id, prompt_tokens, completion_tokens FROM usage_events"
     )
     ids = [row["client_request_id"] for row in rows if row["user_id"] == "alice"]
-    lost = outcome.received_ok - set(ids)
-    doubled = len(ids) - len(set(ids))
     billed = sum((row["prompt_tokens"] or 0) + (row["completion_tokens"] or 0) for row in rows)
     probe_admitted = sum(1 for row in rows if row["user_id"] == "bob")
     overshoot = max(0, probe_admitted - PROBE_LIMIT)
-    after = [t for t in outcome.good_after if t >= restored_at]
-    recovery = round(after[0] - restored_at, 3) if after else None
     figures = {
-        "sent": outcome.sent,
-        "answered": dict(sorted(outcome.statuses.items())),
-        "unclean_errors": outcome.unclean_errors,
-        "rows_lost": len(lost),
-        "rows_doubled": doubled,
+        **load_figures(outcome, ids, restored_at),
         "quota_probe": {"limit": PROBE_LIMIT, "admitted": probe_admitted, **dict(sorted(probe.items()))},
         "quota_overshoot_requests": overshoot,
-        "recovery_seconds": recovery,
-        "ledger_rows": len(ids),
         "tokens_billed": billed,
     }
-    print(f"\n{fault}: {json.dumps(figures)}")
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[fault] = figures
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    report(fault, figures)
+    recovery = figures["recovery_seconds"]
 
     assert outcome.unclean_errors == 0
-    assert not lost and doubled == 0
+    assert figures["rows_lost"] == 0 and figures["rows_doubled"] == 0
     assert overshoot == 0
     # Three bursts of 8 ask for 24; exactly the limit is admitted, whatever the fault did,
     # and once recovered nothing is refused but by the limit itself.
@@ -364,24 +374,10 @@ async def test_gateway_killed_and_restarted(
     process.wait(timeout=30)
 
     ids = [row["client_request_id"] for row in await pg.fetch("SELECT client_request_id FROM usage_events")]
-    lost = outcome.received_ok - set(ids)
-    doubled = len(ids) - len(set(ids))
-    after = [t for t in outcome.good_after if t >= restored_at]
-    figures = {
-        "sent": outcome.sent,
-        "answered": dict(sorted(outcome.statuses.items())),
-        "unclean_errors": outcome.unclean_errors,
-        "rows_lost": len(lost),
-        "rows_doubled": doubled,
-        "recovery_seconds": round(after[0] - restored_at, 3) if after else None,
-        "ledger_rows": len(ids),
-    }
-    print(f"\ngateway killed and restarted: {json.dumps(figures)}")
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["gateway killed and restarted"] = figures
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    figures = load_figures(outcome, ids, restored_at)
+    report("gateway killed and restarted", figures)
     assert outcome.unclean_errors == 0
-    assert not lost and doubled == 0
+    assert figures["rows_lost"] == 0 and figures["rows_doubled"] == 0
     # Requests cut by the kill may have rows too (usage spooled before the connection died).
     assert len(set(ids) - outcome.received_ok) <= outcome.statuses["connection_error"] + 6
-    assert after, figures
+    assert figures["recovery_seconds"] is not None, figures
