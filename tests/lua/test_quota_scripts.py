@@ -45,9 +45,22 @@ def limit(
     return AppliedLimit("p", "user", subject, LimitRule(kind, window, capacity))
 
 
+async def buckets_of(limiter: QuotaLimiter, applied: AppliedLimit) -> dict[bytes, bytes]:
+    """The limit's buckets, without a rolling window's running total (`sum`, `lo`)."""
+    fields = await limiter.redis.hgetall(applied.redis_keys(limiter.key_prefix)[0])
+    return {name: value for name, value in fields.items() if name.isdigit()}
+
+
+async def total_of(limiter: QuotaLimiter, applied: AppliedLimit) -> int:
+    return int(await limiter.redis.hget(applied.redis_keys(limiter.key_prefix)[0], "sum") or 0)
+
+
 async def used(limiter: QuotaLimiter, applied: AppliedLimit) -> int:
-    buckets = await limiter.redis.hgetall(applied.redis_keys(limiter.key_prefix)[0])
-    return sum(int(value) for value in buckets.values())
+    """What the buckets hold; for rolling windows, also checks that the running total agrees."""
+    held = sum(int(value) for value in (await buckets_of(limiter, applied)).values())
+    if applied.rule.window is not None and not applied.rule.calendar:
+        assert await total_of(limiter, applied) == held
+    return held
 
 
 async def test_admission_is_all_or_nothing(limiter: QuotaLimiter) -> None:
@@ -78,6 +91,44 @@ async def test_window_rolls_and_the_oldest_bucket_counts_whole(limiter: QuotaLim
     assert later.states[0].remaining == 0
     # Expired buckets are deleted, not left to grow the hash.
     assert await used(limiter, applied) == 10
+
+
+async def test_buckets_written_before_the_running_total_are_added_up_once(
+    limiter: QuotaLimiter, clock: Clock
+) -> None:
+    """A rolling window's hash from before `sum` and `lo` were kept (or one where they
+    were lost) is added up from its buckets; buckets that left the window are dropped."""
+    applied = limit(100)
+    key = applied.redis_keys(limiter.key_prefix)[0]
+    now_bucket = T0_MS // 1000
+    await limiter.redis.hset(
+        key, mapping={str(now_bucket - 61): 40, str(now_bucket - 60): 7, str(now_bucket - 1): 11}
+    )
+    admission = await limiter.reserve([Charge(applied, 5)])
+    # The bucket 60 s back still counts whole (the window is 60 buckets plus the current one).
+    assert admission.states[0].used == 7 + 11 + 5
+    assert await buckets_of(limiter, applied) == {
+        str(now_bucket - 60).encode(): b"7",
+        str(now_bucket - 1).encode(): b"11",
+        str(now_bucket).encode(): b"5",
+    }
+    assert await limiter.redis.hmget(key, ["sum", "lo"]) == [b"23", str(now_bucket - 60).encode()]
+    # One second on, the total drops the bucket that left, without adding up again.
+    clock.now_ms = T0_MS + 1_000
+    assert (await limiter.reserve([Charge(applied, 1)])).states[0].used == 11 + 5 + 1
+    assert await used(limiter, applied) == 17
+
+
+async def test_a_clock_that_goes_back_adds_the_window_up_again(limiter: QuotaLimiter, clock: Clock) -> None:
+    applied = limit(100)
+    clock.now_ms = T0_MS + 120_000
+    assert (await limiter.reserve([Charge(applied, 30)])).admitted
+    # Redis failed over to a replica whose clock is 2 minutes behind.
+    clock.now_ms = T0_MS
+    assert (await limiter.reserve([Charge(applied, 4)])).states[0].used == 34
+    clock.now_ms = T0_MS + 1_000
+    assert (await limiter.reserve([Charge(applied, 2)])).states[0].used == 36
+    assert await used(limiter, applied) == 36
 
 
 async def test_no_double_burst_at_a_minute_boundary(limiter: QuotaLimiter, clock: Clock) -> None:
@@ -119,8 +170,7 @@ async def test_settle_refunds_and_overshoots_in_the_reserved_bucket(
     clock.now_ms = T0_MS + 20_000
     await limiter.settle(reservation, [20])
     assert await used(limiter, applied) == 20
-    buckets = await limiter.redis.hgetall(applied.redis_keys(limiter.key_prefix)[0])
-    assert buckets == {str(T0_MS // 1000).encode(): b"20"}
+    assert await buckets_of(limiter, applied) == {str(T0_MS // 1000).encode(): b"20"}
 
     overshoot = (await limiter.reserve([Charge(applied, 30)])).reservation
     await limiter.settle(overshoot, [120])
@@ -138,8 +188,7 @@ async def test_settle_after_the_window_has_passed_changes_nothing(
     assert (await limiter.reserve([Charge(applied, 10)])).admitted
     clock.now_ms = T0_MS + 62_000
     await limiter.settle(reservation, [0])
-    buckets = await limiter.redis.hgetall(applied.redis_keys(limiter.key_prefix)[0])
-    assert buckets[str(T0_MS // 1000).encode()] == b"50"
+    assert (await buckets_of(limiter, applied))[str(T0_MS // 1000).encode()] == b"50"
     # What the window still holds: the 10 of T0 + 30 s, plus this request's 1.
     assert (await limiter.reserve([Charge(applied, 1)])).states[0].used == 11
 

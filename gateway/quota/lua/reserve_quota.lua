@@ -5,6 +5,11 @@
 -- Rolling windows index buckets by floor(ms / bucket_ms) and count the partly expired
 -- oldest bucket whole, so admitted amounts never exceed the capacity over any rolling
 -- window. Calendar windows (day, month) have one bucket, keyed by the period's start.
+-- A rolling window's B also holds its running total: field `sum` adds up every bucket
+-- from field `lo` on, and no bucket older than `lo` is left. Admission thus reads two
+-- fields and drops the buckets that just left the window, instead of reading and
+-- adding up all sixty. A B without `lo` (new, or written before the total was kept)
+-- is added up once from its buckets.
 -- Concurrent limits count the reservations in flight.
 -- Every reservation is a member of the limit's sorted set P, scored by its expiry; a
 -- member that expires (its gateway died before settling) is refunded the next time
@@ -42,8 +47,11 @@ local function refund_expired(limit)
     for _, member in ipairs(expired) do
       local bucket, amount = string.match(member, '^(%d+):(%d+):')
       if bucket and redis.call('HEXISTS', limit.buckets, bucket) == 1 then
-        if redis.call('HINCRBY', limit.buckets, bucket, -tonumber(amount)) <= 0 then
-          redis.call('HDEL', limit.buckets, bucket)
+        local left = redis.call('HINCRBY', limit.buckets, bucket, -tonumber(amount))
+        if left <= 0 then redis.call('HDEL', limit.buckets, bucket) end
+        if limit.window == 'rolling' then
+          -- The bucket counts in the total for what it held; a deleted one for nothing.
+          redis.call('HINCRBY', limit.buckets, 'sum', -tonumber(amount) - math.min(left, 0))
         end
       end
     end
@@ -51,35 +59,77 @@ local function refund_expired(limit)
   redis.call('ZREMRANGEBYSCORE', limit.pending, '-inf', now_ms)
 end
 
-local function load_usage(limit)
-  if limit.kind == 'concurrent' then
-    limit.used = redis.call('ZCARD', limit.pending)
-    limit.entries = {}
-    return
-  end
-  local oldest
-  if limit.window == 'rolling' then
-    limit.span = math.floor(limit.a / limit.b)
-    limit.current = math.floor(now_ms / limit.b)
-    oldest = limit.current - limit.span
-  else
-    limit.current = limit.a
-    oldest = limit.a
-  end
+-- Buckets (index, amount) of B at or after `oldest`, in order; older ones are deleted.
+local function live_buckets(limit, oldest)
   local flat = redis.call('HGETALL', limit.buckets)
-  local entries, stale, used = {}, {}, 0
+  local entries, stale = {}, {}
   for j = 1, #flat, 2 do
-    local index, amount = tonumber(flat[j]), tonumber(flat[j + 1])
-    if index < oldest then
-      stale[#stale + 1] = flat[j]
-    else
-      entries[#entries + 1] = {index, amount}
-      used = used + amount
+    local index = tonumber(flat[j])
+    if index then  -- not `sum` or `lo`
+      if index < oldest then
+        stale[#stale + 1] = flat[j]
+      else
+        entries[#entries + 1] = {index, tonumber(flat[j + 1])}
+      end
     end
   end
   if #stale > 0 then redis.call('HDEL', limit.buckets, unpack(stale)) end
   table.sort(entries, function(x, y) return x[1] < y[1] end)
-  limit.entries, limit.used = entries, used
+  return entries
+end
+
+-- A rolling window's total, after dropping the buckets older than `oldest`.
+local function rolling_total(limit, oldest)
+  local meta = redis.call('HMGET', limit.buckets, 'sum', 'lo')
+  local total, lo = tonumber(meta[1]), tonumber(meta[2])
+  if lo == oldest then return total or 0 end
+  if lo and lo < oldest and oldest - lo <= 8 then
+    local fields = {}
+    for index = lo, oldest - 1 do fields[#fields + 1] = index end
+    local amounts = redis.call('HMGET', limit.buckets, unpack(fields))
+    local gone = {}
+    for j, amount in ipairs(amounts) do
+      if amount then
+        total = (total or 0) - tonumber(amount)
+        gone[#gone + 1] = fields[j]
+      end
+    end
+    if #gone > 0 then redis.call('HDEL', limit.buckets, unpack(gone)) end
+    total = total or 0
+  else
+    -- No total yet, idle for a while, or a clock that went back: add the buckets up.
+    total = 0
+    for _, entry in ipairs(live_buckets(limit, oldest)) do total = total + entry[2] end
+  end
+  -- %d: a Lua number past 14 digits would otherwise be written as 1e+14.
+  redis.call('HSET', limit.buckets, 'sum', string.format('%d', total), 'lo', oldest)
+  return total
+end
+
+local function load_usage(limit)
+  if limit.kind == 'concurrent' then
+    limit.used = redis.call('ZCARD', limit.pending)
+    return
+  end
+  if limit.window == 'rolling' then
+    limit.span = math.floor(limit.a / limit.b)
+    limit.current = math.floor(now_ms / limit.b)
+    limit.oldest = limit.current - limit.span
+    limit.used = rolling_total(limit, limit.oldest)
+  else
+    limit.current = limit.a
+    limit.oldest = limit.a
+    limit.entries = live_buckets(limit, limit.oldest)
+    local used = 0
+    for _, entry in ipairs(limit.entries) do used = used + entry[2] end
+    limit.used = used
+  end
+end
+
+-- The limit's buckets in order, read when needed (rolling windows do not keep them).
+local function entries_of(limit)
+  if not limit.entries then limit.entries = live_buckets(limit, limit.oldest) end
+  return limit.entries
 end
 
 -- When the bucket at `index` stops counting.
@@ -92,7 +142,7 @@ local function wait_ms(limit)
   if limit.amount > limit.capacity then return -1 end
   if limit.kind == 'concurrent' then return 0 end
   local still_used = limit.used
-  for _, entry in ipairs(limit.entries) do
+  for _, entry in ipairs(entries_of(limit)) do
     still_used = still_used - entry[2]
     if still_used + limit.amount <= limit.capacity then
       return leaves_at(limit, entry[1]) - now_ms
@@ -150,17 +200,22 @@ for _, limit in ipairs(limits) do
         keep_ms = limit.b - now_ms + 1000
       end
       redis.call('HINCRBY', limit.buckets, bucket, limit.amount)
+      if limit.window == 'rolling' then redis.call('HINCRBY', limit.buckets, 'sum', limit.amount) end
       redis.call('PEXPIRE', limit.buckets, keep_ms)
       redis.call('ZADD', limit.pending, expires_at, bucket .. ':' .. limit.amount .. ':' .. reservation)
       redis.call('PEXPIRE', limit.pending, math.max(keep_ms, lifetime_ms))
-      limit.entries[#limit.entries + 1] = {bucket, limit.amount}
     end
     limit.used = limit.used + limit.amount
   end
   local reset = 0
   if limit.kind == 'amount' and limit.used > 0 then
+    -- Charged now: this bucket is the newest. Otherwise the newest one left.
     local newest = 0
-    for _, entry in ipairs(limit.entries) do newest = math.max(newest, entry[1]) end
+    if charged then
+      newest = bucket
+    else
+      for _, entry in ipairs(entries_of(limit)) do newest = math.max(newest, entry[1]) end
+    end
     reset = leaves_at(limit, newest) - now_ms
   end
   result[#result + 1] = limit.used
