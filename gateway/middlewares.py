@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -80,7 +81,9 @@ def _translate(exc: web.HTTPException) -> GatewayError:
 async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: every answer gets a request id, errors get OpenAI's shape, all are counted.
 
-    API requests (not scrapes or health checks) are counted in flight here too.
+    API requests (not scrapes or health checks) are counted in flight here too. Their
+    answer is sent before they are counted and logged: that bookkeeping then overlaps
+    the client reading the answer instead of delaying it.
     """
     started = time.monotonic()
     request_id = new_request_id()
@@ -103,32 +106,51 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         if exchange is not None and exchange.client_disconnected:
             # A stream whose client left: its 200 went out, but it was not delivered.
             status, error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
-        return response
     except GatewayError as exc:
         status, error_code = exc.status, exc.code
-        return error_response(exc, request_id, request.path.startswith(ANTHROPIC_PREFIX))
+        response = error_response(exc, request_id, request.path.startswith(ANTHROPIC_PREFIX))
     except asyncio.CancelledError:
         status = CLIENT_CLOSED_REQUEST
+        if api:
+            _count_and_log(request, request_id, started, status, error_code)
         raise
     except Exception:
         error_code = "server_error"
         log.exception("unhandled error serving %s %s", request.method, request.path)
         error = ServerError("The gateway had an internal error.")
-        return error_response(error, request_id, request.path.startswith(ANTHROPIC_PREFIX))
-    finally:
-        if api:
-            metrics.in_flight.dec()
-            route = request.match_info.route.resource
-            route_label = route.canonical if route is not None else "unmatched"
-            model = request.get(MODEL_LABEL, UNKNOWN_MODEL)
-            elapsed = time.monotonic() - started
-            metrics.requests.labels(route_label, model, str(status)).inc()
-            metrics.request_duration.labels(route_label, model).observe(elapsed)
-            exchange = request.get(EXCHANGE)
-            upstream = exchange.upstream_seconds if exchange is not None else None
-            if upstream is not None:
-                metrics.overhead.labels(route_label).observe(max(0.0, elapsed - upstream))
-            log_request(request_log_fields(request, request_id, route_label, status, elapsed, error_code))
+        response = error_response(error, request_id, request.path.startswith(ANTHROPIC_PREFIX))
+    if api:
+        try:
+            await _send(request, response)
+        finally:
+            _count_and_log(request, request_id, started, status, error_code)
+    return response
+
+
+async def _send(request: web.Request, response: web.StreamResponse) -> None:
+    """Send the whole answer now (aiohttp would do it after the middlewares return)."""
+    # A client that is gone: aiohttp's own send would fail the same way and drop it.
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
+
+
+def _count_and_log(
+    request: web.Request, request_id: str, started: float, status: int, error_code: str | None
+) -> None:
+    metrics = request.app[state.METRICS]
+    metrics.in_flight.dec()
+    route = request.match_info.route.resource
+    route_label = route.canonical if route is not None else "unmatched"
+    model = request.get(MODEL_LABEL, UNKNOWN_MODEL)
+    elapsed = time.monotonic() - started
+    metrics.requests.labels(route_label, model, str(status)).inc()
+    metrics.request_duration.labels(route_label, model).observe(elapsed)
+    exchange = request.get(EXCHANGE)
+    upstream = exchange.upstream_seconds if exchange is not None else None
+    if upstream is not None:
+        metrics.overhead.labels(route_label).observe(max(0.0, elapsed - upstream))
+    log_request(request_log_fields(request, request_id, route_label, status, elapsed, error_code))
 
 
 @web.middleware

@@ -126,3 +126,40 @@ def test_the_direct_request_line_is_the_formatter_line(monkeypatch: pytest.Monke
     root.setLevel("WARNING")
     log_request(fields)
     assert written.getvalue() == direct
+
+
+async def test_the_answer_is_sent_before_the_request_is_logged(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting and logging a request overlap the client reading its answer."""
+    import asyncio
+    import time
+
+    from gateway import middlewares
+
+    gateway = await start_gateway()
+    logged: list[tuple[float, float]] = []
+    log_request = middlewares.log_request
+
+    def slow_log(fields: dict[str, object]) -> None:
+        began = time.monotonic()
+        time.sleep(0.3)  # holds the event loop: nothing else the gateway does can run
+        logged.append((began, time.monotonic()))
+        log_request(fields)
+
+    monkeypatch.setattr(middlewares, "log_request", slow_log)
+
+    def ask() -> float:
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=USER_KEY, max_retries=0)
+        try:
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            return time.monotonic()
+        finally:
+            client.close()
+
+    answered_at = await asyncio.to_thread(ask)
+    ((began, ended),) = logged
+    # The client had the whole answer while the log line was still being written.
+    assert began < answered_at < ended
