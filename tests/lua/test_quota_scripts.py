@@ -13,6 +13,9 @@ from gateway.quota.limiter import Charge, QuotaLimiter
 from gateway.quota.policy import AppliedLimit, LimitRule
 from tests.conftest import T0_MS
 
+# A rolling window's running total and the bucket it starts at (see reserve_quota.lua).
+RUNNING_TOTAL_FIELDS = (b"0", b"1")
+
 
 class Clock:
     def __init__(self) -> None:
@@ -46,13 +49,13 @@ def limit(
 
 
 async def buckets_of(limiter: QuotaLimiter, applied: AppliedLimit) -> dict[bytes, bytes]:
-    """The limit's buckets, without a rolling window's running total (`sum`, `lo`)."""
+    """The limit's buckets, without a rolling window's running total (fields "0" and "1")."""
     fields = await limiter.redis.hgetall(applied.redis_keys(limiter.key_prefix)[0])
-    return {name: value for name, value in fields.items() if name.isdigit()}
+    return {name: value for name, value in fields.items() if name not in RUNNING_TOTAL_FIELDS}
 
 
 async def total_of(limiter: QuotaLimiter, applied: AppliedLimit) -> int:
-    return int(await limiter.redis.hget(applied.redis_keys(limiter.key_prefix)[0], "sum") or 0)
+    return int(await limiter.redis.hget(applied.redis_keys(limiter.key_prefix)[0], "0") or 0)
 
 
 async def used(limiter: QuotaLimiter, applied: AppliedLimit) -> int:
@@ -96,8 +99,8 @@ async def test_window_rolls_and_the_oldest_bucket_counts_whole(limiter: QuotaLim
 async def test_buckets_written_before_the_running_total_are_added_up_once(
     limiter: QuotaLimiter, clock: Clock
 ) -> None:
-    """A rolling window's hash from before `sum` and `lo` were kept (or one where they
-    were lost) is added up from its buckets; buckets that left the window are dropped."""
+    """A rolling window's hash from before its running total was kept (or one whose total
+    an older gateway dropped) is added up from its buckets; expired buckets are deleted."""
     applied = limit(100)
     key = applied.redis_keys(limiter.key_prefix)[0]
     now_bucket = T0_MS // 1000
@@ -112,11 +115,30 @@ async def test_buckets_written_before_the_running_total_are_added_up_once(
         str(now_bucket - 1).encode(): b"11",
         str(now_bucket).encode(): b"5",
     }
-    assert await limiter.redis.hmget(key, ["sum", "lo"]) == [b"23", str(now_bucket - 60).encode()]
+    assert await limiter.redis.hmget(key, ["0", "1"]) == [b"23", str(now_bucket - 60).encode()]
     # One second on, the total drops the bucket that left, without adding up again.
     clock.now_ms = T0_MS + 1_000
     assert (await limiter.reserve([Charge(applied, 1)])).states[0].used == 11 + 5 + 1
     assert await used(limiter, applied) == 17
+
+
+async def test_the_running_total_is_added_up_afresh_once_per_window(
+    limiter: QuotaLimiter, clock: Clock
+) -> None:
+    """A total that went wrong (say, a settlement by an older gateway that did not keep
+    it) is right again once a new window length begins, and not before."""
+    applied = limit(1_000)
+    key = applied.redis_keys(limiter.key_prefix)[0]
+    # T0 is on a whole minute, so the buckets from T0 - 60 s on start a new window length.
+    assert (T0_MS // 1000) % 60 == 0
+    clock.now_ms = T0_MS - 2_000
+    assert (await limiter.reserve([Charge(applied, 10)])).admitted
+    await limiter.redis.hincrby(key, "0", 500)
+    clock.now_ms = T0_MS - 1_000
+    assert (await limiter.reserve([Charge(applied, 1)])).states[0].used == 511
+    clock.now_ms = T0_MS
+    assert (await limiter.reserve([Charge(applied, 1)])).states[0].used == 12
+    assert await used(limiter, applied) == 12
 
 
 async def test_a_clock_that_goes_back_adds_the_window_up_again(limiter: QuotaLimiter, clock: Clock) -> None:

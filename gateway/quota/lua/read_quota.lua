@@ -35,7 +35,7 @@ for i = 1, #KEYS / 2 do
     local newest = nil
     for j = 1, #flat, 2 do
       local index = tonumber(flat[j])
-      if index and index >= oldest then  -- not a rolling window's `sum` or `lo`
+      if index >= oldest then
         used = used + tonumber(flat[j + 1])
         if not newest or index > newest then newest = index end
       end

@@ -5,11 +5,14 @@
 -- Rolling windows index buckets by floor(ms / bucket_ms) and count the partly expired
 -- oldest bucket whole, so admitted amounts never exceed the capacity over any rolling
 -- window. Calendar windows (day, month) have one bucket, keyed by the period's start.
--- A rolling window's B also holds its running total: field `sum` adds up every bucket
--- from field `lo` on, and no bucket older than `lo` is left. Admission thus reads two
--- fields and drops the buckets that just left the window, instead of reading and
--- adding up all sixty. A B without `lo` (new, or written before the total was kept)
--- is added up once from its buckets.
+-- A rolling window's B also holds its running total: field "0" adds up every bucket
+-- from the one named in field "1" on, and no bucket older than that is left. Admission
+-- thus reads two fields and drops the buckets that just left the window, instead of
+-- reading and adding up all sixty. The total is added up afresh from the buckets when
+-- it is missing and once per window length, so it cannot drift for longer than that.
+-- The two names are numbers below any real bucket: a gateway from before the total
+-- (mid-upgrade, sharing this Redis) takes them for expired buckets and deletes them,
+-- rather than failing on them, and the next admission here adds the window up again.
 -- Concurrent limits count the reservations in flight.
 -- Every reservation is a member of the limit's sorted set P, scored by its expiry; a
 -- member that expires (its gateway died before settling) is refunded the next time
@@ -40,6 +43,9 @@ if not now_ms then
 end
 local reservation, lifetime_ms = ARGV[2], tonumber(ARGV[3])
 
+-- Field names of a rolling window's running total and of its oldest counted bucket.
+local TOTAL, FROM = '0', '1'
+
 local function refund_expired(limit)
   local expired = redis.call('ZRANGEBYSCORE', limit.pending, '-inf', now_ms)
   if #expired == 0 then return end
@@ -51,7 +57,7 @@ local function refund_expired(limit)
         if left <= 0 then redis.call('HDEL', limit.buckets, bucket) end
         if limit.window == 'rolling' then
           -- The bucket counts in the total for what it held; a deleted one for nothing.
-          redis.call('HINCRBY', limit.buckets, 'sum', -tonumber(amount) - math.min(left, 0))
+          redis.call('HINCRBY', limit.buckets, TOTAL, -tonumber(amount) - math.min(left, 0))
         end
       end
     end
@@ -64,13 +70,13 @@ local function live_buckets(limit, oldest)
   local flat = redis.call('HGETALL', limit.buckets)
   local entries, stale = {}, {}
   for j = 1, #flat, 2 do
-    local index = tonumber(flat[j])
-    if index then  -- not `sum` or `lo`
-      if index < oldest then
-        stale[#stale + 1] = flat[j]
-      else
-        entries[#entries + 1] = {index, tonumber(flat[j + 1])}
-      end
+    local index, amount = tonumber(flat[j]), tonumber(flat[j + 1])
+    if flat[j] == TOTAL or flat[j] == FROM then
+      -- Not a bucket.
+    elseif index < oldest then
+      stale[#stale + 1] = flat[j]
+    else
+      entries[#entries + 1] = {index, amount}
     end
   end
   if #stale > 0 then redis.call('HDEL', limit.buckets, unpack(stale)) end
@@ -80,29 +86,28 @@ end
 
 -- A rolling window's total, after dropping the buckets older than `oldest`.
 local function rolling_total(limit, oldest)
-  local meta = redis.call('HMGET', limit.buckets, 'sum', 'lo')
-  local total, lo = tonumber(meta[1]), tonumber(meta[2])
-  if lo == oldest then return total or 0 end
-  if lo and lo < oldest and oldest - lo <= 8 then
+  local meta = redis.call('HMGET', limit.buckets, TOTAL, FROM)
+  local total, from = tonumber(meta[1]), tonumber(meta[2])
+  if from == oldest and total then return total end
+  if from and total and from < oldest and math.floor(from / limit.span) == math.floor(oldest / limit.span) then
     local fields = {}
-    for index = lo, oldest - 1 do fields[#fields + 1] = index end
+    for index = from, oldest - 1 do fields[#fields + 1] = index end
     local amounts = redis.call('HMGET', limit.buckets, unpack(fields))
     local gone = {}
     for j, amount in ipairs(amounts) do
       if amount then
-        total = (total or 0) - tonumber(amount)
+        total = total - tonumber(amount)
         gone[#gone + 1] = fields[j]
       end
     end
     if #gone > 0 then redis.call('HDEL', limit.buckets, unpack(gone)) end
-    total = total or 0
   else
-    -- No total yet, idle for a while, or a clock that went back: add the buckets up.
+    -- Missing, a new window length begun, or a clock that went back: add it up afresh.
     total = 0
     for _, entry in ipairs(live_buckets(limit, oldest)) do total = total + entry[2] end
   end
   -- %d: a Lua number past 14 digits would otherwise be written as 1e+14.
-  redis.call('HSET', limit.buckets, 'sum', string.format('%d', total), 'lo', oldest)
+  redis.call('HSET', limit.buckets, TOTAL, string.format('%d', total), FROM, oldest)
   return total
 end
 
@@ -200,7 +205,7 @@ for _, limit in ipairs(limits) do
         keep_ms = limit.b - now_ms + 1000
       end
       redis.call('HINCRBY', limit.buckets, bucket, limit.amount)
-      if limit.window == 'rolling' then redis.call('HINCRBY', limit.buckets, 'sum', limit.amount) end
+      if limit.window == 'rolling' then redis.call('HINCRBY', limit.buckets, TOTAL, limit.amount) end
       redis.call('PEXPIRE', limit.buckets, keep_ms)
       redis.call('ZADD', limit.pending, expires_at, bucket .. ':' .. limit.amount .. ':' .. reservation)
       redis.call('PEXPIRE', limit.pending, math.max(keep_ms, lifetime_ms))

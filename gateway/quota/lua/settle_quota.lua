@@ -39,9 +39,9 @@ for i = 1, #KEYS / 2 do
     if delta ~= 0 and counts then
       local amount = redis.call('HINCRBY', buckets, bucket, delta)
       if window == 'rolling' then
-        -- The running total (see reserve_quota.lua) follows the bucket; a deleted
-        -- bucket counts for nothing.
-        redis.call('HINCRBY', buckets, 'sum', delta - math.min(amount, 0))
+        -- The running total (field "0", see reserve_quota.lua) follows the bucket;
+        -- a deleted bucket counts for nothing.
+        redis.call('HINCRBY', buckets, '0', delta - math.min(amount, 0))
       end
       if amount <= 0 then
         redis.call('HDEL', buckets, bucket)
