@@ -6,9 +6,10 @@ codes and limit names. Never a key, a user, a request id or a raw path.
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -23,25 +24,101 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ESTIMATE_ERROR_BUCKETS = (-0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
-_Metric = TypeVar("_Metric", Counter, Histogram)
+_Child = TypeVar("_Child")
 
 
-class Labelled(Generic[_Metric]):
+class CounterChild(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class HistogramChild(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class CounterTally:
+    """A counter's increments, added up here and handed to prometheus_client when read.
+
+    prometheus_client takes a lock and checks the metric on every increment, and walks
+    a histogram's buckets one by one in Python; a request makes about twenty such
+    updates. Tallies make each a plain addition. Only for one process: with several
+    workers, metrics go through prometheus_client's shared files as they happen.
+    """
+
+    __slots__ = ("_pending", "_target")
+
+    def __init__(self, target: Counter | Gauge) -> None:
+        self._target = target
+        self._pending = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self._pending += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self._pending -= amount
+
+    def flush(self) -> None:
+        if self._pending:
+            self._target.inc(self._pending)
+            self._pending = 0.0
+
+
+class HistogramTally:
+    """A histogram's observations, counted per bucket here until read (see CounterTally)."""
+
+    __slots__ = ("_bounds", "_counts", "_sum", "_target")
+
+    def __init__(self, target: Histogram) -> None:
+        self._target = target
+        # prometheus_client's own bounds and per-bucket values (not cumulative), the
+        # ones its observe() adds to.
+        self._bounds: list[float] = target._upper_bounds
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self._sum += amount
+        self._counts[bisect.bisect_left(self._bounds, amount)] += 1
+
+    def flush(self) -> None:
+        buckets = self._target._buckets
+        for index, count in enumerate(self._counts):
+            if count:
+                buckets[index].inc(count)
+                self._counts[index] = 0
+        if self._sum:
+            self._target._sum.inc(self._sum)
+            self._sum = 0.0
+
+
+class Labelled(Generic[_Child]):
     """A labelled metric whose children are looked up once per label set.
 
     prometheus_client validates and locks on every labels() call (~3 µs); the request
-    path makes a dozen such calls, for label sets that repeat.
+    path makes a dozen such calls, for label sets that repeat. With `tallies`, each
+    child is a tally (see CounterTally) kept in that list until flushed.
     """
 
-    def __init__(self, metric: _Metric) -> None:
-        self.metric: _Metric = metric
-        self._children: dict[tuple[str, ...], _Metric] = {}
+    def __init__(
+        self, metric: Counter | Histogram, tallies: list[CounterTally | HistogramTally] | None
+    ) -> None:
+        self.metric = metric
+        self._tallies = tallies
+        self._children: dict[tuple[str, ...], _Child] = {}
 
-    def labels(self, *values: str) -> _Metric:
+    def labels(self, *values: str) -> _Child:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = self.metric.labels(*values)
+            made = self.metric.labels(*values)
+            if self._tallies is not None:
+                made = _tally(made, self._tallies)
+            child = self._children[values] = cast(_Child, made)
         return child
+
+
+def _tally(metric: Counter | Gauge | Histogram, tallies: list[CounterTally | HistogramTally]) -> Any:
+    tally = HistogramTally(metric) if isinstance(metric, Histogram) else CounterTally(metric)
+    tallies.append(tally)
+    return tally
 
 
 @dataclass
@@ -53,13 +130,19 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.team_tokens: Counter | None = None
+        # With several workers each update goes to the shared files at once (see CounterTally).
+        self._tallies: list[CounterTally | HistogramTally] | None = (
+            None if os.environ.get(MULTIPROCESS_ENV) else []
+        )
+        self.team_tokens: Labelled[CounterChild] | None = None
         if self.team_labels:
-            self.team_tokens = Counter(
-                "gateway_team_tokens_total",
-                "Prompt and completion tokens by team (only with metrics.team_labels).",
-                ["team", "type"],
-                registry=r,
+            self.team_tokens = self._counters(
+                Counter(
+                    "gateway_team_tokens_total",
+                    "Prompt and completion tokens by team (only with metrics.team_labels).",
+                    ["team", "type"],
+                    registry=r,
+                )
             )
         self.build_info = Gauge(
             "gateway_build_info",
@@ -69,7 +152,7 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
-        self.requests = Labelled(
+        self.requests = self._counters(
             Counter(
                 "gateway_requests_total",
                 "Requests answered, by route, model and HTTP status.",
@@ -77,7 +160,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.prompt_tokens = Labelled(
+        self.prompt_tokens = self._counters(
             Counter(
                 "gateway_prompt_tokens_total",
                 "Prompt (input) tokens, as the provider reported them.",
@@ -85,7 +168,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.completion_tokens = Labelled(
+        self.completion_tokens = self._counters(
             Counter(
                 "gateway_completion_tokens_total",
                 "Completion (output) tokens, as the provider reported them.",
@@ -93,7 +176,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.estimated_prompt_tokens = Labelled(
+        self.estimated_prompt_tokens = self._counters(
             Counter(
                 "gateway_prompt_tokens_estimated_total",
                 "Prompt tokens counted by the gateway before forwarding.",
@@ -115,7 +198,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
-        self.cost = Labelled(
+        self.cost = self._counters(
             Counter(
                 "gateway_cost_usd_total",
                 "Cost of the provider's usage at the model's configured price, in US dollars.",
@@ -123,10 +206,12 @@ class Metrics:
                 registry=r,
             )
         )
-        self.quota_admissions = Counter(
-            "gateway_quota_admissions_total",
-            "Requests admitted by the quota engine (every limit that applied had room).",
-            registry=r,
+        self.quota_admissions = self._tallied(
+            Counter(
+                "gateway_quota_admissions_total",
+                "Requests admitted by the quota engine (every limit that applied had room).",
+                registry=r,
+            )
         )
         self.quota_rejections = Counter(
             "gateway_quota_rejections_total",
@@ -167,7 +252,7 @@ class Metrics:
             ["operation"],
             registry=r,
         )
-        self.request_duration = Labelled(
+        self.request_duration = self._histograms(
             Histogram(
                 "gateway_request_duration_seconds",
                 "Time from request arrival to the last byte sent.",
@@ -176,7 +261,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.upstream_duration = Labelled(
+        self.upstream_duration = self._histograms(
             Histogram(
                 "gateway_upstream_duration_seconds",
                 "Time the provider took, from sending the request to its last byte.",
@@ -204,7 +289,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-        self.time_to_first_token = Labelled(
+        self.time_to_first_token = self._histograms(
             Histogram(
                 "gateway_time_to_first_token_seconds",
                 "Streams: time from request arrival to the first event relayed to the client.",
@@ -213,7 +298,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.overhead = Labelled(
+        self.overhead = self._histograms(
             Histogram(
                 "gateway_overhead_seconds",
                 "What the gateway adds: total time minus the provider's time.",
@@ -222,7 +307,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self.backend_seconds = Labelled(
+        self.backend_seconds = self._histograms(
             Histogram(
                 "gateway_backend_call_seconds",
                 "Calls to Redis (quota scripts) and the database (ledger batches).",
@@ -231,7 +316,10 @@ class Metrics:
                 registry=r,
             )
         )
-        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served now.", registry=r)
+        in_flight = Gauge("gateway_requests_in_flight", "Requests being served now.", registry=r)
+        self.in_flight: Gauge | CounterTally = (
+            in_flight if self._tallies is None else _tally(in_flight, self._tallies)
+        )
         self.event_loop_tasks = Gauge(
             "gateway_event_loop_tasks",
             "asyncio tasks alive in the event loop, sampled when /metrics is scraped.",
@@ -264,8 +352,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.ledger_spooled = Counter(
-            "gateway_ledger_spooled_records_total", "Usage records appended to the on-disk spool.", registry=r
+        self.ledger_spooled = self._tallied(
+            Counter(
+                "gateway_ledger_spooled_records_total",
+                "Usage records appended to the on-disk spool.",
+                registry=r,
+            )
         )
         self.ledger_spool_bytes = Gauge(
             "gateway_ledger_spool_bytes",
@@ -289,8 +381,24 @@ class Metrics:
             registry=r,
         )
 
+    def _counters(self, metric: Counter) -> Labelled[CounterChild]:
+        return Labelled(metric, self._tallies)
+
+    def _histograms(self, metric: Histogram) -> Labelled[HistogramChild]:
+        return Labelled(metric, self._tallies)
+
+    def _tallied(self, metric: Counter) -> CounterChild:
+        """An unlabelled counter, tallied like the labelled ones."""
+        return metric if self._tallies is None else _tally(metric, self._tallies)
+
+    def flush(self) -> None:
+        """Hand every tally to prometheus_client (before anything reads the registry)."""
+        for tally in self._tallies or ():
+            tally.flush()
+
     def exposition(self) -> bytes:
         """This process's metrics, or, with several workers, every worker's added up."""
+        self.flush()
         if os.environ.get(MULTIPROCESS_ENV):
             combined = CollectorRegistry()
             multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]

@@ -235,3 +235,47 @@ async def test_requests_being_served_are_in_flight(
     # Scrapes and health checks are not API requests: only the three count.
     assert during == 3
     assert value(await scrape(gateway.url), "gateway_requests_in_flight") == 0
+
+
+def test_tallied_metrics_read_as_prometheus_client_counts_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process tallies updates and hands them over when read: same figures, never twice."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from gateway.metrics import LATENCY_BUCKETS, MULTIPROCESS_ENV, Metrics
+
+    monkeypatch.delenv(MULTIPROCESS_ENV, raising=False)
+    metrics = Metrics()
+    direct_registry = CollectorRegistry()
+    direct = Histogram(
+        "gateway_request_duration_seconds",
+        "direct",
+        ["route", "model"],
+        buckets=LATENCY_BUCKETS,
+        registry=direct_registry,
+    )
+    # Bounds themselves, just past them, zero and past the last bound.
+    observed = [0.0, 0.005, 0.0050001, 0.3, 1, 1.0000001, 299.9, 300, 301, 1e9]
+    for seconds in observed:
+        metrics.request_duration.labels("r", "m").observe(seconds)
+        direct.labels("r", "m").observe(seconds)
+    metrics.requests.labels("r", "m", "200").inc()
+    metrics.requests.labels("r", "m", "200").inc(2.5)
+    metrics.in_flight.inc()
+    metrics.in_flight.inc()
+    metrics.in_flight.dec()
+
+    def lines(text: bytes, prefix: str) -> list[str]:
+        return [
+            line for line in text.decode().splitlines() if line.startswith(prefix) and "_created" not in line
+        ]
+
+    first = metrics.exposition()
+    expected = lines(generate_latest(direct_registry), "gateway_request_duration_seconds")
+    assert len(expected) == len(LATENCY_BUCKETS) + 3  # the buckets, +Inf, count and sum
+    assert lines(first, "gateway_request_duration_seconds") == expected
+    assert 'gateway_requests_total{model="m",route="r",status="200"} 3.5' in lines(first, "gateway_requests")
+    assert lines(first, "gateway_requests_in_flight ") == ["gateway_requests_in_flight 1.0"]
+    # Read again with nothing new: nothing is handed over twice.
+    assert lines(metrics.exposition(), "gateway_re") == lines(first, "gateway_re")
+    metrics.in_flight.dec()
+    assert lines(metrics.exposition(), "gateway_requests_in_flight ") == ["gateway_requests_in_flight 0.0"]
