@@ -11,7 +11,6 @@ import errno
 import signal
 import subprocess
 import sys
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -195,7 +194,7 @@ async def ledger_store(
 
 def records(count: int, prefix: str) -> list[UsageRecord]:
     moment = datetime.now(UTC)
-    return [replace(RECORD, request_id=f"{prefix}-{i}", created_at=moment) for i in range(count)]
+    return [RECORD._replace(request_id=f"{prefix}-{i}", created_at=moment) for i in range(count)]
 
 
 async def test_a_refused_row_does_not_block_the_others(ledger_store: LedgerStore, tmp_path: Path) -> None:
@@ -206,7 +205,7 @@ async def test_a_refused_row_does_not_block_the_others(ledger_store: LedgerStore
     )
     writer.start()
     batch = records(100, "ok")
-    batch[37] = replace(batch[37], status=2**70)  # no column type holds this
+    batch[37] = batch[37]._replace(status=2**70)  # no column type holds this
     for record in batch:
         writer.record(record)
     assert await writer.flush(10)

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,16 +48,14 @@ class Position:
     offset: int
 
 
-_FIELDS = tuple(field.name for field in fields(UsageRecord))
+_FIELDS = UsageRecord._fields
 _KNOWN_FIELDS = frozenset(_FIELDS)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def encode(record: UsageRecord) -> bytes:
-    values: dict[str, Any] = {}
-    for name in _FIELDS:
-        value = getattr(record, name)
-        values[name] = value.isoformat() if isinstance(value, datetime) else value
+    values: dict[str, Any] = dict(zip(_FIELDS, record, strict=True))
+    values["created_at"] = record.created_at.isoformat()
     return _ENCODER.encode(values).encode() + b"\n"
 
 
