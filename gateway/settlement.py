@@ -12,7 +12,6 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 from gateway.exchange import Exchange
@@ -52,8 +51,7 @@ class Settlement:
         self._ledger = ledger
         self._metrics = metrics
         self._calibration = calibration
-        # Settlements under way: queued script calls, or tasks where one is needed.
-        self._pending: set[asyncio.Future[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def settle_later(self, exchange: Exchange) -> None:
         """Record now (spooled before the handler returns), settle quota in a task.
@@ -67,68 +65,26 @@ class Settlement:
             final = final_usage(exchange)
         finally:
             self._ledger.record(_record(exchange, final))
-        if self._quota.limiter.queues_settlements:
-            self._queue(exchange, final)
-        else:
-            self._spawn(self._settle(exchange, final))
-
-    def _queue(self, exchange: Exchange, final: FinalUsage) -> None:
-        """The settlement queued for Redis's next batch, without a task or coroutine.
-
-        One is made per request; a task and its chain of coroutines cost more than
-        queuing the call. What happens after the reply is in `_queued_done`.
-        """
-        try:
-            queued = self._quota.queue_settle(exchange.ticket, actual_amounts(exchange.model, final.usage))
-        except Exception:
-            self._failed(exchange)
-            return
-        if queued is None:
-            self._observe(exchange, final)
-            return
-        self._pending.add(queued)
-        queued.add_done_callback(partial(self._queued_done, exchange, final, time.monotonic()))
-
-    def _queued_done(
-        self, exchange: Exchange, final: FinalUsage, started: float, outcome: asyncio.Future[Any]
-    ) -> None:
-        self._pending.discard(outcome)
-        try:
-            if self._quota.settled(exchange.ticket, outcome, time.monotonic() - started):
-                self._spawn(self._settle(exchange, final, again=True))
-                return
-            self._observe(exchange, final)
-        except Exception:
-            self._failed(exchange)
+        self._spawn(self._settle(exchange, final))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    @property
-    def in_progress(self) -> int:
-        """Settlements started and not finished."""
-        return len(self._pending)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
         """Wait for every settlement started so far."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _settle(self, exchange: Exchange, final: FinalUsage, again: bool = False) -> None:
-        """The settlement as a task: where it cannot be queued, or run again after a queued one."""
-        settle = self._quota.settle_again if again else self._quota.settle
+    async def _settle(self, exchange: Exchange, final: FinalUsage) -> None:
         try:
-            await settle(exchange.ticket, actual_amounts(exchange.model, final.usage))
+            await self._quota.settle(exchange.ticket, actual_amounts(exchange.model, final.usage))
             self._observe(exchange, final)
         except Exception:
-            self._failed(exchange)
-
-    def _failed(self, exchange: Exchange) -> None:
-        # The reservation stays charged until it expires and is refunded.
-        self._metrics.quota_errors.labels("settle").inc()
-        log.exception("quota settlement failed for request %s", exchange.request_id)
+            # The reservation stays charged until it expires and is refunded.
+            self._metrics.quota_errors.labels("settle").inc()
+            log.exception("quota settlement failed for request %s", exchange.request_id)
 
     def _observe(self, exchange: Exchange, final: FinalUsage) -> None:
         model = exchange.model.name

@@ -219,32 +219,6 @@ async def test_overshoot_is_measured(
     assert gateway.app[state.METRICS].quota_overshoot_tokens._value.get() == 30
 
 
-async def test_a_settlement_is_applied_after_redis_forgot_its_scripts(
-    start_gateway: StartGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
-) -> None:
-    """Settlements are queued without a task; one that finds its script gone runs again
-    through the path that loads it, and is counted once, as settled, not as a failure."""
-    gateway = await start_gateway(
-        "policies:\n  - {name: minute, scope: user, limits: [{tokens: 10000, per: minute}]}\n",
-        clock_ms=pinned,
-    )
-    fake_upstream.completion_tokens = 3
-    fake_upstream.delay_seconds = 0.3
-    request = asyncio.create_task(complete(gateway, max_tokens=50))
-    while not fake_upstream.requests:
-        await asyncio.sleep(0.01)
-    # Reserved (8 + 50) with the script; Redis then forgets every script.
-    await gateway.app[state.QUOTA].limiter.redis.script_flush()
-    await request
-    await gateway.settle()
-    readings = await gateway.app[state.QUOTA].limiter.read(
-        gateway.app[state.POLICIES].current.limits_of_subject("user", "alice")
-    )
-    assert [(r.limit.rule.label, r.used, r.reserved) for r in readings] == [("tokens_per_minute", 11, 0)]
-    errors = gateway.app[state.METRICS].quota_errors
-    assert errors.labels("settle")._value.get() == 0
-
-
 async def test_an_unsettled_reservation_expires_and_is_refunded(
     start_gateway: StartGateway, config_writer: ConfigWriter, pg: asyncpg.Connection
 ) -> None:

@@ -67,16 +67,15 @@ class ScriptBatcher:
         self, script: Script, keys: Sequence[str], args: Sequence[str | int], *, defer: bool = False
     ) -> Any:
         try:
-            return await self.enqueue(script, keys, args, defer)
+            return await self._enqueue(script, keys, args, defer)
         except NoScriptError:
             # Redis restarted or its scripts were flushed: load it, then run this call again.
             await self._redis.script_load(script.script)
-        return await self.enqueue(script, keys, args, False)
+        return await self._enqueue(script, keys, args, False)
 
-    def enqueue(
-        self, script: Script, keys: Sequence[str], args: Sequence[str | int], defer: bool = False
+    def _enqueue(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int], defer: bool
     ) -> asyncio.Future[Any]:
-        """The call queued for the next batch; its reply (or error, NoScriptError too) in the future."""
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
         self._waiting.append(_Call(script, keys, args, reply))

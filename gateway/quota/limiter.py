@@ -303,43 +303,21 @@ class QuotaLimiter:
         """Replace each charge's reserved amount with `actual[i]` (same order as charges)."""
         if not reservation.charges:
             return
-        entries = _settle_entries(reservation, actual)
+        entries = [
+            (charge, spans, state, amount)
+            for charge, state, amount, spans in zip(
+                reservation.charges, reservation.states, actual, reservation.spans, strict=True
+            )
+            if state.charged
+        ]
         for group in self._groups(len(entries), [entry[0] for entry in entries]):
             await self._call_settle(reservation.id, [entries[i] for i in group])
-
-    @property
-    def queues_settlements(self) -> bool:
-        """Whether `queue_settle` can be used (one Redis, through the batcher)."""
-        return self._batcher is not None
-
-    def queue_settle(self, reservation: Reservation, actual: Sequence[int]) -> asyncio.Future[Any] | None:
-        """`settle` without a coroutine: the script call is queued now, its future returned.
-
-        None when nothing was charged. Failures come through the future as they come
-        from Redis (no QuotaStoreUnavailable); after a NoScriptError, call `settle`,
-        which loads the script. Only when `queues_settlements`.
-        """
-        assert self._batcher is not None, "queue_settle needs the batcher (a single Redis)"
-        keys, args = self._settle_call(reservation.id, _settle_entries(reservation, actual))
-        if not keys:
-            return None
-        return self._batcher.enqueue(self._settle, keys, args, defer=True)
 
     async def _call_settle(
         self,
         reservation_id: str,
         entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
     ) -> None:
-        keys, args = self._settle_call(reservation_id, entries)
-        if not keys:
-            return
-        await self._run("settle", self._settle, keys, args, defer=True)
-
-    def _settle_call(
-        self,
-        reservation_id: str,
-        entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
-    ) -> tuple[list[str], list[str | int]]:
         keys: list[str] = []
         args: list[str | int] = [self._now_arg(), reservation_id]
         for charge, (kind, window, span_a, span_b), state, actual in entries:
@@ -347,7 +325,9 @@ class QuotaLimiter:
                 continue
             keys.extend(charge.limit.script_keys(self.key_prefix)[:2])
             args += [kind, window, span_a, span_b, state.bucket, charge.amount, actual]
-        return keys, args
+        if not keys:
+            return
+        await self._run("settle", self._settle, keys, args, defer=True)
 
     async def sync_calendar(self, limits: Sequence[AppliedLimit], recorded: Sequence[int]) -> bool:
         """Write a subject's calendar counters as the ledger recorded them, unless done already."""
@@ -405,19 +385,6 @@ class QuotaLimiter:
             except Exception as exc:
                 raise QuotaStoreUnavailable(str(exc)) from exc
         return deleted
-
-
-def _settle_entries(
-    reservation: Reservation, actual: Sequence[int]
-) -> list[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]]:
-    """What settle_quota.lua needs per charged limit: charge, spans, state, actual amount."""
-    return [
-        (charge, spans, state, amount)
-        for charge, state, amount, spans in zip(
-            reservation.charges, reservation.states, actual, reservation.spans, strict=True
-        )
-        if state.charged
-    ]
 
 
 async def _drop_idle_connections(redis: Redis) -> None:

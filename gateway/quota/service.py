@@ -6,17 +6,13 @@ The quota code reads the ledger (through `UsageSource`) but never writes it.
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from typing import Protocol
 
 from gateway.auth import Principal
 from gateway.config import ModelConfig, QuotaConfig
@@ -192,63 +188,22 @@ class QuotaService:
 
     async def settle(self, ticket: Ticket, actual: Amounts) -> None:
         """Replace the reservation with what was used (zeros: release it)."""
-        if self._needs_redis(ticket, actual):
-            await self.settle_again(ticket, actual)
-
-    def queue_settle(self, ticket: Ticket, actual: Amounts) -> asyncio.Future[Any] | None:
-        """`settle` without a coroutine, where the limiter can queue (`queues_settlements`).
-
-        None when it is done already (nothing charged, or settled in this process);
-        otherwise hand the future, once done, to `settled`.
-        """
-        if not self._needs_redis(ticket, actual):
-            return None
-        return self.limiter.queue_settle(ticket.admission.reservation, self._figures(ticket, actual))
-
-    def settled(self, ticket: Ticket, outcome: asyncio.Future[Any], seconds: float) -> bool:
-        """Time and check a queued settlement; True if it must run again with `settle_again`.
-
-        That is after a lost connection or lost scripts: `settle_again` goes through the
-        limiter's full path, which reconnects, loads scripts and, if Redis is still
-        away, counts the failure.
-        """
-        if self.limiter.observe is not None:
-            self.limiter.observe("settle", seconds)
-        if not outcome.cancelled() and isinstance(outcome.exception(), NoScriptError | RedisConnectionError):
-            return True
-        if outcome.cancelled() or outcome.exception() is not None:
-            self._settle_failed(ticket.admission.reservation)
-        return False
-
-    async def settle_again(self, ticket: Ticket, actual: Amounts) -> None:
-        """Settle in Redis (overshoot and local tickets are dealt with by then)."""
-        reservation = ticket.admission.reservation
-        try:
-            await self.limiter.settle(reservation, self._figures(ticket, actual))
-        except QuotaStoreUnavailable:
-            self._settle_failed(reservation)
-
-    def _settle_failed(self, reservation: Reservation) -> None:
-        # The reservation stays until it expires; then it is refunded.
-        self._metrics.quota_errors.labels("settle").inc()
-        log.warning("quota settlement failed for reservation %s", reservation.id)
-
-    def _needs_redis(self, ticket: Ticket, actual: Amounts) -> bool:
-        """Count any overshoot and settle a local ticket here; True if Redis holds the reservation."""
         reservation = ticket.admission.reservation
         if not reservation.charges:
-            return False
+            return
+        figures = [actual.of(charge.limit.rule.kind) for charge in reservation.charges]
         overshoot = actual.completion_tokens - ticket.reserved.completion_tokens
         if overshoot > 0:
             self._metrics.quota_overshoot_tokens.inc(overshoot)
         if ticket.local:
-            self._local.settle(reservation, self._figures(ticket, actual))
-            return False
-        return True
-
-    @staticmethod
-    def _figures(ticket: Ticket, actual: Amounts) -> list[int]:
-        return [actual.of(charge.limit.rule.kind) for charge in ticket.admission.reservation.charges]
+            self._local.settle(reservation, figures)
+            return
+        try:
+            await self.limiter.settle(reservation, figures)
+        except QuotaStoreUnavailable:
+            # The reservation stays until it expires; then it is refunded.
+            self._metrics.quota_errors.labels("settle").inc()
+            log.warning("quota settlement failed for reservation %s", reservation.id)
 
     async def rebuild_calendar_counters(self, scope: str, subject: str) -> None:
         """Counters of day and month limits as the ledger recorded them this period."""
