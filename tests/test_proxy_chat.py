@@ -194,11 +194,8 @@ async def test_model_alias_is_renamed_for_the_provider(
     assert completion.choices[0].message.content == "Hello from"
 
 
-async def test_an_unchanged_body_is_forwarded_as_the_callers_bytes(
-    gateway: RunningGateway, fake_upstream: FakeUpstream
-) -> None:
-    # Odd spacing and key order: re-serialising would change them.
-    sent = b'{ "max_tokens":2,  "messages": [{"content": "hi", "role": "user"}], "model": "gpt-4o-mini" }'
+async def post_bytes(gateway: RunningGateway, sent: bytes) -> None:
+    """A chat completion whose body is exactly `sent`, read to the end."""
     async with (
         aiohttp.ClientSession() as session,
         session.post(
@@ -208,6 +205,15 @@ async def test_an_unchanged_body_is_forwarded_as_the_callers_bytes(
         ) as response,
     ):
         assert response.status == 200
+        await response.read()
+
+
+async def test_an_unchanged_body_is_forwarded_as_the_callers_bytes(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    # Odd spacing and key order: re-serialising would change them.
+    sent = b'{ "max_tokens":2,  "messages": [{"content": "hi", "role": "user"}], "model": "gpt-4o-mini" }'
+    await post_bytes(gateway, sent)
     assert fake_upstream.raw_requests == [sent]
 
 
@@ -216,24 +222,11 @@ async def test_a_renamed_model_and_a_usage_request_are_spliced_into_the_callers_
 ) -> None:
     """The alias is renamed and a stream asks for usage, in the caller's own bytes;
     a body where "model" appears twice is serialised again instead."""
-
-    async def post(sent: bytes) -> None:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{gateway.url}/v1/chat/completions",
-                headers={"Authorization": f"Bearer {USER_KEY}", "Content-Type": "application/json"},
-                data=sent,
-            ) as response,
-        ):
-            assert response.status == 200
-            await response.read()
-
     renamed = b'{ "max_tokens":2,  "messages": [{"content": "hi", "role": "user"}], "model": "team-model" }'
     streamed = b'{"model":"gpt-4o-mini", "stream": true, "max_tokens": 2, "messages": [{"role":"user","content":"hi"}]}'
     doubtful = b'{"model": "team-model", "max_tokens": 2, "messages": [{"role": "user", "content": "model"}]}'
     for sent in (renamed, streamed, doubtful):
-        await post(sent)
+        await post_bytes(gateway, sent)
     assert fake_upstream.raw_requests[0] == renamed.replace(
         b'"model": "team-model"', b'"model":"gpt-4o-mini"'
     )
