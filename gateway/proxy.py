@@ -39,7 +39,6 @@ from gateway.requests import (
     read_json_object,
     resolve_model,
 )
-from gateway.rewrite import spliced_body
 from gateway.tokens.prompts import prompt_multiplicity
 
 # Caller headers a provider may see; everything else (credentials, cookies, hop-by-hop) stays here.
@@ -247,12 +246,8 @@ async def _forward(
                 **(options if isinstance(options, dict) else {}),
                 "include_usage": True,
             }
-        raw = None
-        if unchanged_bytes:
-            # The same edit on the caller's bytes, where that is safe: no json.dumps.
-            raw = spliced_body(unchanged_bytes, deployment.upstream_model, adds_usage_option)
         return UpstreamRequest(
-            spec.path, upstream_body, exchange.stream, deployment.upstream_model, passed_headers, raw=raw
+            spec.path, upstream_body, exchange.stream, deployment.upstream_model, passed_headers
         )
 
     exchange.upstream_began()

@@ -35,8 +35,8 @@ class UpstreamRequest:
     upstream_model: str = ""
     # Only headers on an allow-list (anthropic-version, anthropic-beta), never credentials.
     headers: Mapping[str, str] = field(default_factory=dict)
-    # `body` as bytes, when the caller's bytes are (or were edited into) exactly it:
-    # forwarded as they are, since serialising the same JSON again costs time for nothing.
+    # The caller's bytes when `body` is exactly what they sent: forwarded as they are,
+    # since serialising the same JSON again costs time for nothing.
     raw: bytes | None = None
 
 
