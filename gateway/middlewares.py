@@ -25,7 +25,7 @@ from gateway.errors import (
 )
 from gateway.exchange import CLIENT_CLOSED_REQUEST
 from gateway.logs import log_request
-from gateway.metrics import UNKNOWN_MODEL
+from gateway.metrics import UNKNOWN_MODEL, Metrics
 from gateway.quota.headers import anthropic_ratelimit_headers
 from gateway.requests import EXCHANGE, MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
 
@@ -112,7 +112,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     except asyncio.CancelledError:
         status = CLIENT_CLOSED_REQUEST
         if api:
-            _count_and_log(request, request_id, started, status, error_code)
+            _count_and_log(request, metrics, request_id, started, status, error_code)
         raise
     except Exception:
         error_code = "server_error"
@@ -123,7 +123,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         try:
             await _send(request, response)
         finally:
-            _count_and_log(request, request_id, started, status, error_code)
+            _count_and_log(request, metrics, request_id, started, status, error_code)
     return response
 
 
@@ -136,9 +136,13 @@ async def _send(request: web.Request, response: web.StreamResponse) -> None:
 
 
 def _count_and_log(
-    request: web.Request, request_id: str, started: float, status: int, error_code: str | None
+    request: web.Request,
+    metrics: Metrics,
+    request_id: str,
+    started: float,
+    status: int,
+    error_code: str | None,
 ) -> None:
-    metrics = request.app[state.METRICS]
     metrics.in_flight.dec()
     route = request.match_info.route.resource
     route_label = route.canonical if route is not None else "unmatched"

@@ -34,13 +34,11 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]
     """The body as a JSON object and as bytes, or a 400/413 that says what is wrong."""
     server = request.app[state.CONFIG].server
     try:
-        if request.content.is_eof():
-            # All of it arrived with the headers (the common case): nothing to wait for.
+        # A client that trickles its body (slowloris) holds a connection: bound the wait.
+        # A body that arrived with the headers (the common case) needs no timer.
+        wait = None if request.content.is_eof() else server.body_timeout_seconds
+        async with asyncio.timeout(wait):
             raw = await request.read()
-        else:
-            # A client that trickles its body (slowloris) holds a connection: bound the wait.
-            async with asyncio.timeout(server.body_timeout_seconds):
-                raw = await request.read()
     except TimeoutError as exc:
         raise RequestTimeout(
             f"The request body did not arrive within {server.body_timeout_seconds:g} s."

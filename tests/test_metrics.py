@@ -148,7 +148,6 @@ def test_every_metric_is_in_the_catalogue_and_back() -> None:
 
 
 async def test_two_workers_add_up_on_one_port(config_writer, pg: asyncpg.Connection) -> None:  # type: ignore[no-untyped-def]
-    import asyncio
     import signal
 
     from tests.conftest import USER_KEY, free_port
