@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import fakeredis
 import pytest
@@ -138,6 +139,44 @@ async def test_the_script_batcher_runs_on_it(redis: Redis, redis_url: str) -> No
     assert sorted(results[:20]) == list(range(1, 21))  # type: ignore[type-var]
     assert isinstance(results[20], ResponseError) and "refused" in str(results[20])
     assert int(await redis.get(key)) == 20
+    await batcher.close()
+    await redis.delete(key)
+
+
+async def test_a_call_while_nothing_is_owed_goes_at_once_and_the_rest_batch(
+    redis: Redis, redis_url: str
+) -> None:
+    from gateway.quota.batching import ScriptBatcher
+
+    key = f"test:resp:{uuid.uuid4().hex}"
+    connection = connection_for(redis_url)
+    batcher = ScriptBatcher(redis, connection=connection, defer_seconds=30.0)
+    script = redis.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    assert not connection.owes_nothing  # not connected yet
+    await batcher.call(script, [key], [0])
+    assert connection.owes_nothing
+    protocol = connection._protocol
+    assert protocol is not None
+    writes: list[int] = []
+    write = protocol.write
+
+    def counted(commands: bytes, futures: Sequence[asyncio.Future[Any]]) -> None:
+        writes.append(len(futures))
+        write(commands, futures)
+
+    protocol.write = counted  # type: ignore[method-assign]
+    # Started within one turn of the loop: the first finds nothing owed and is written
+    # before the turn ends; the other 49 find its reply owed and share the next write.
+    replies = await asyncio.gather(*(batcher.call(script, [key], [1]) for _ in range(50)))
+    assert replies == list(range(1, 51))
+    assert writes == [1, 49]
+    # A deferred call waits, even with nothing owed, and rides with the next call.
+    deferred = asyncio.ensure_future(batcher.call(script, [key], [10], defer=True))
+    await asyncio.sleep(0.05)
+    assert writes == [1, 49] and connection.owes_nothing
+    call = batcher.call(script, [key], [1])
+    assert await call == 61 and await deferred == 60
+    assert writes == [1, 49, 2]
     await batcher.close()
     await redis.delete(key)
 

@@ -4,8 +4,9 @@ Each request makes two script calls (reserve, settle). Through redis-py each cal
 costs far more client CPU than Redis spends running it: a connection taken from the
 pool, the command packed, written, read and parsed on its own. Calls made in the same
 turn of the event loop are sent instead as one pipeline: one connection, one write,
-one read for all of them. A call that is alone goes straight through, so a quiet
-gateway waits no longer than before; under load, batches form by themselves.
+one read for all of them. A call made while Redis owes no reply goes at once (on our
+own connection, below), so a quiet gateway does not wait a turn of the loop; under
+load, replies are always owed and batches form by themselves.
 
 Calls nobody waits on (settlements: the response is already on its way) may be
 deferred: they wait up to `defer_seconds` for the next call that is sent anyway, and
@@ -82,7 +83,15 @@ class ScriptBatcher:
         if defer and self._defer_seconds > 0:
             if not self._flush_scheduled and self._deferred_flush is None:
                 self._deferred_flush = loop.call_later(self._defer_seconds, self._flush)
-        elif not self._flush_scheduled:
+        elif self._flush_scheduled:
+            pass
+        elif self._connection is not None and self._connection.owes_nothing:
+            # As Nagle's algorithm does: with nothing in flight there is no trip to share
+            # and nobody to wait for, so the call goes now rather than a loop turn later
+            # (at one request at a time, that turn was the whole wait). Calls made later
+            # in this turn, while Redis owes a reply, batch as before.
+            self._flush()
+        else:
             self._flush_scheduled = True
             # After every callback ready in this turn has run, so their calls join in.
             loop.call_soon(self._flush)

@@ -120,6 +120,12 @@ class RespConnection:
             reply_timeout=float(kwargs.get("socket_timeout") or 5.0),
         )
 
+    @property
+    def owes_nothing(self) -> bool:
+        """Connected, with every command sent so far answered."""
+        protocol = self._protocol
+        return protocol is not None and not protocol.lost and not protocol.waiting
+
     def submit(self, commands: bytes, futures: Sequence[asyncio.Future[Any]]) -> bool:
         """Write packed commands now, one future per command, if connected; else False.
 
