@@ -39,22 +39,35 @@ HEADER_FAMILY = {
 }
 
 
-def _tightest(states: tuple[LimitState, ...], family: str) -> LimitState | None:
-    relevant = [state for state in states if HEADER_FAMILY.get(state.limit.rule.kind) == family]
-    if not relevant:
-        return None
-    return min(relevant, key=lambda state: (state.remaining, -state.reset_ms))
+# Header names of each family's trio: limit, remaining, reset.
+_TRIOS = {
+    family: tuple(f"x-ratelimit-{part}-{family}" for part in ("limit", "remaining", "reset"))
+    for family in ("requests", "tokens")
+}
 
 
 def ratelimit_headers(admission: Admission) -> dict[str, str]:
-    """The -requests and -tokens trios, each describing the tightest limit of its kind."""
+    """The -requests and -tokens trios, each describing the tightest limit of its kind.
+
+    Tightest: the least remaining, then the latest reset; on a tie, the first listed.
+    """
+    # One pass, made for every request: a state per family and the key it won with.
+    tightest: dict[str, tuple[tuple[int, int], LimitState]] = {}
+    for state in admission.states:
+        family = HEADER_FAMILY.get(state.limit.rule.kind)
+        if family is None:
+            continue
+        rank = (state.remaining, -state.reset_ms)
+        known = tightest.get(family)
+        if known is None or rank < known[0]:
+            tightest[family] = (rank, state)
     headers: dict[str, str] = {}
-    for kind in ("requests", "tokens"):
-        state = _tightest(admission.states, kind)
-        if state is not None:
-            headers[f"x-ratelimit-limit-{kind}"] = str(state.capacity)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
-            headers[f"x-ratelimit-reset-{kind}"] = go_duration(state.reset_ms)
+    for family, (limit_name, remaining_name, reset_name) in _TRIOS.items():
+        if family in tightest:
+            (remaining, _), state = tightest[family]
+            headers[limit_name] = str(state.capacity)
+            headers[remaining_name] = str(remaining)
+            headers[reset_name] = go_duration(state.reset_ms)
     return headers
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
@@ -70,8 +70,9 @@ class LimitState(NamedTuple):
         return max(0, self.capacity - self.used)
 
 
-@dataclass(frozen=True)
-class Reservation:
+# Named tuples too, for the same reason: a frozen dataclass's __init__ sets each field
+# through object.__setattr__, and these two are made for every admission.
+class Reservation(NamedTuple):
     """What was charged at admission, so it can be settled later."""
 
     id: str
@@ -82,8 +83,7 @@ class Reservation:
     spans: tuple[tuple[str, str, int, int], ...] = ()
 
 
-@dataclass(frozen=True)
-class Admission:
+class Admission(NamedTuple):
     admitted: bool
     reservation: Reservation
     states: tuple[LimitState, ...] = ()
@@ -239,13 +239,16 @@ class QuotaLimiter:
             reply = await self._call_reserve(
                 reservation_id, [charges[i] for i in group], [spans[i] for i in group]
             )
-            admitted, reserved_at, rejecting, retry_after_ms, unsynced = (int(value) for value in reply[:5])
+            admitted, reserved_at, rejecting, retry_after_ms, unsynced = reply[:5]
             if unsynced:
                 await self._roll_back(reservation_id, charges, spans, states, done)
                 raise CountersNotSynced(charges[group[unsynced - 1]].limit)
+            # hiredis hands Lua's numbers over as ints already.
             for position, index in enumerate(group):
-                used, reset_ms, charged, bucket = map(int, reply[5 + 4 * position : 9 + 4 * position])
-                states[index] = LimitState(charges[index].limit, used, reset_ms, bool(charged), bucket)
+                at = 5 + 4 * position
+                states[index] = LimitState(
+                    charges[index].limit, reply[at], reply[at + 1], reply[at + 2] == 1, reply[at + 3]
+                )
             if not admitted:
                 await self._roll_back(reservation_id, charges, spans, states, done)
                 _report_rolled_back(states, charges, done)
@@ -260,12 +263,8 @@ class QuotaLimiter:
                     requested=charges[rejected_index].amount,
                 )
             done.append(group)
-        final = tuple(state for state in states if state is not None)
-        shadow = tuple(
-            state
-            for state, charge in zip(final, charges, strict=True)
-            if not charge.limit.enforced and not state.charged
-        )
+        final = cast(tuple[LimitState, ...], tuple(states))  # every group filled its states
+        shadow = tuple(state for state in final if not state.limit.enforced and not state.charged)
         return Admission(
             admitted=True,
             reservation=Reservation(reservation_id, tuple(charges), final, reserved_at, tuple(spans)),
