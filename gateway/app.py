@@ -41,7 +41,7 @@ POLICY_RELOAD_SECONDS = 2.0
 def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = None) -> web.Application:
     """The gateway application; `clock_ms` pins the quota clock (tests only)."""
     app = web.Application(
-        middlewares=[errors_and_metrics, authenticate, authenticate_admin],
+        middlewares=[errors_and_metrics, authenticate],
         client_max_size=config.server.max_body_bytes,
     )
     app[state.CONFIG] = config

@@ -33,6 +33,7 @@ log = logging.getLogger("gateway.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 API_PREFIX = "/v1/"
+ADMIN_PREFIX = "/admin/"
 
 
 # Anthropic's error types by status; its routes answer errors in its own shape.
@@ -159,41 +160,54 @@ def _count_and_log(
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Resolve the caller's gateway key on API routes; health and metrics are open."""
-    if request.path.startswith(API_PREFIX):
-        failures = request.app[state.AUTH_FAILURES]
-        address = request.remote or "unknown"
-        wait = failures.retry_after(address)
-        if wait is not None:
-            raise RateLimited(
-                "Too many failed authentications from this address; try again later.",
-                code="too_many_failed_authentications",
-                error_type="requests",
-                headers={"retry-after": str(max(1, round(wait))), "x-should-retry": "false"},
-            )
-        try:
-            token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
-            request[PRINCIPAL] = await request.app[state.AUTH].authenticate(token)
-        except InvalidApiKey:
-            failures.failed(address)
-            raise
+    """The caller's gateway key on API routes, the admin key on admin routes; the rest is open.
+
+    One middleware for both: each layer is one more frame that every resumption of the
+    request's coroutine passes through.
+    """
+    path = request.path
+    if path.startswith(API_PREFIX):
+        await _authenticate_caller(request)
+    elif path.startswith(ADMIN_PREFIX):
+        _authenticate_admin(request)
     return await handler(request)
-
-
-ADMIN_PREFIX = "/admin/"
 
 
 @web.middleware
 async def authenticate_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The admin API needs the admin key (never a caller's key); without one it is off."""
+    """The admin site's: the admin key on admin routes (the site serves nothing else)."""
     if request.path.startswith(ADMIN_PREFIX):
-        expected = request.app[state.CONFIG].admin_key_sha256
-        if expected is None:
-            raise RouteNotFound("The admin API is disabled: set admin.key_sha256 in gateway.yaml.")
-        token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
-        if not hmac.compare_digest(hash_key(token), expected):
-            raise InvalidApiKey("Incorrect admin key.")
+        _authenticate_admin(request)
     return await handler(request)
+
+
+async def _authenticate_caller(request: web.Request) -> None:
+    failures = request.app[state.AUTH_FAILURES]
+    address = request.remote or "unknown"
+    wait = failures.retry_after(address)
+    if wait is not None:
+        raise RateLimited(
+            "Too many failed authentications from this address; try again later.",
+            code="too_many_failed_authentications",
+            error_type="requests",
+            headers={"retry-after": str(max(1, round(wait))), "x-should-retry": "false"},
+        )
+    try:
+        token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+        request[PRINCIPAL] = await request.app[state.AUTH].authenticate(token)
+    except InvalidApiKey:
+        failures.failed(address)
+        raise
+
+
+def _authenticate_admin(request: web.Request) -> None:
+    """The admin API needs the admin key (never a caller's key); without one it is off."""
+    expected = request.app[state.CONFIG].admin_key_sha256
+    if expected is None:
+        raise RouteNotFound("The admin API is disabled: set admin.key_sha256 in gateway.yaml.")
+    token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+    if not hmac.compare_digest(hash_key(token), expected):
+        raise InvalidApiKey("Incorrect admin key.")
 
 
 def request_log_fields(

@@ -8,6 +8,7 @@ this module only puts them in order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -113,10 +114,8 @@ ROUTES = {
 
 
 def handler(spec: RouteSpec) -> Callable[[web.Request], Any]:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await proxy(request, spec)
-
-    return handle
+    # A partial, not a wrapping coroutine: one frame fewer on every resumption.
+    return functools.partial(proxy, spec=spec)
 
 
 async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
