@@ -40,9 +40,7 @@ class Script(Protocol):
 
 @dataclass(slots=True)
 class _Call:
-    script: Script
-    keys: Sequence[str]
-    args: Sequence[str | int]
+    command: bytes  # EVALSHA, packed
     reply: asyncio.Future[Any]
 
 
@@ -64,22 +62,24 @@ class ScriptBatcher:
         self._flush_scheduled = False
         self._deferred_flush: asyncio.TimerHandle | None = None
 
-    async def call(
+    def call(
         self, script: Script, keys: Sequence[str], args: Sequence[str | int], *, defer: bool = False
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
+        return self.call_packed(script, evalsha(script, keys, args), defer=defer)
+
+    async def call_packed(self, script: Script, command: bytes, *, defer: bool = False) -> Any:
+        """`command`: EVALSHA of `script`, packed (see `evalsha`)."""
         try:
-            return await self._enqueue(script, keys, args, defer)
+            return await self._enqueue(command, defer)
         except NoScriptError:
             # Redis restarted or its scripts were flushed: load it, then run this call again.
             await self._redis.script_load(script.script)
-        return await self._enqueue(script, keys, args, False)
+        return await self._enqueue(command, False)
 
-    def _enqueue(
-        self, script: Script, keys: Sequence[str], args: Sequence[str | int], defer: bool
-    ) -> asyncio.Future[Any]:
+    def _enqueue(self, command: bytes, defer: bool) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append(_Call(script, keys, args, reply))
+        self._waiting.append(_Call(command, reply))
         if defer and self._defer_seconds > 0:
             if not self._flush_scheduled and self._deferred_flush is None:
                 self._deferred_flush = loop.call_later(self._defer_seconds, self._flush)
@@ -105,7 +105,7 @@ class ScriptBatcher:
         waiting, self._waiting = self._waiting, []
         if self._connection is not None:
             # Replies resolve the callers' futures from the socket callback: no task here.
-            commands = b"".join([_evalsha_command(call) for call in waiting])
+            commands = b"".join([call.command for call in waiting])
             futures = [call.reply for call in waiting]
             if not self._connection.submit(commands, futures):
                 _spawn(self._connection.submit_when_connected(commands, futures))
@@ -120,7 +120,7 @@ class ScriptBatcher:
     async def _send(self, batch: list[_Call]) -> None:
         """One batch through redis-py's pool (servers the pipelined connection cannot speak to)."""
         try:
-            replies = await self._exchange([_evalsha_command(call) for call in batch])
+            replies = await self._exchange([call.command for call in batch])
             for call, reply in zip(batch, replies, strict=True):
                 _deliver(call, reply)
         except BaseException as exc:
@@ -155,10 +155,10 @@ class ScriptBatcher:
             await pool.release(connection)
 
 
-def _evalsha_command(call: _Call) -> bytes:
-    # Packed here, by hiredis: redis-py's general packer cost more per argument than
+def evalsha(script: Script, keys: Sequence[str], args: Sequence[str | int]) -> bytes:
+    # Packed by hiredis: redis-py's general packer cost more per argument than
     # everything else a request does with Redis.
-    return pack(b"EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+    return pack(b"EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def _deliver(call: _Call, reply: Any) -> None:

@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.quota.batching import ScriptBatcher
 from gateway.quota.policy import AppliedLimit
-from gateway.quota.resp import RespConnection
+from gateway.quota.resp import RespConnection, bulk, bulk_int
 
 
 def _lua(name: str) -> str:
@@ -97,6 +97,21 @@ class Admission(NamedTuple):
     degraded: bool = False
 
 
+_EVALSHA = bulk(b"EVALSHA")
+
+
+class _PackedLimit(NamedTuple):
+    """One limit's share of the script calls, in RESP, for one key prefix and period."""
+
+    prefix: str
+    spans: tuple[str, str, int, int]
+    reserve_keys: bytes  # B, P, S
+    settle_keys: bytes  # B, P
+    reserve_args: bytes  # kind, window, capacity, span_a, span_b
+    settle_args: bytes  # kind, window, span_a, span_b
+    enforced: bytes  # 1 | 0
+
+
 def period_bounds(rule_window: str, now_ms: int, zone: ZoneInfo) -> tuple[int, int]:
     """Start and end (ms) of the calendar day or month containing now, in `zone`."""
     local = datetime.fromtimestamp(now_ms / 1000, zone)
@@ -166,13 +181,24 @@ class QuotaLimiter:
             self._batcher = ScriptBatcher(self.redis, connection=connection)
 
     async def _run(
-        self, operation: str, script: Any, keys: list[str], args: list[str | int], defer: bool = False
+        self,
+        operation: str,
+        script: Any,
+        keys: list[str],
+        args: list[str | int],
+        defer: bool = False,
+        command: bytes | None = None,
     ) -> Any:
-        """One script call; raises QuotaStoreUnavailable if Redis fails."""
+        """One script call; raises QuotaStoreUnavailable if Redis fails.
+
+        command: the call already packed (batched calls only), in place of keys and args.
+        """
         started = time.monotonic()
         try:
             if self._batcher is not None:
-                return await self._batcher.call(script, keys, args, defer=defer)
+                if command is None:
+                    return await self._batcher.call(script, keys, args, defer=defer)
+                return await self._batcher.call_packed(script, command, defer=defer)
             async with self._calls or contextlib.nullcontext():
                 return await script(keys=keys, args=args)
         except Exception as exc:
@@ -275,14 +301,70 @@ class QuotaLimiter:
     async def _call_reserve(
         self, reservation_id: str, charges: Sequence[Charge], spans: Sequence[tuple[str, str, int, int]]
     ) -> list[Any]:
+        if self._batcher is not None:
+            command = self._reserve_command(reservation_id, charges, spans)
+            packed: list[Any] = await self._run("reserve", self._reserve, [], [], command=command)
+            return packed
+        keys, args = self._reserve_call(reservation_id, charges, spans)
+        reply: list[Any] = await self._run("reserve", self._reserve, keys, args)
+        return reply
+
+    def _reserve_call(
+        self, reservation_id: str, charges: Sequence[Charge], spans: Sequence[tuple[str, str, int, int]]
+    ) -> tuple[list[str], list[str | int]]:
+        """KEYS and ARGV of reserve_quota.lua."""
         keys: list[str] = []
         args: list[str | int] = [self._now_arg(), reservation_id, self.reservation_ttl_ms]
         for charge, (kind, window, span_a, span_b) in zip(charges, spans, strict=True):
             keys.extend(charge.limit.script_keys(self.key_prefix))
             args += [kind, window, charge.limit.rule.capacity, span_a, span_b, charge.amount]
             args.append(1 if charge.limit.enforced else 0)
-        reply: list[Any] = await self._run("reserve", self._reserve, keys, args)
-        return reply
+        return keys, args
+
+    def _reserve_command(
+        self, reservation_id: str, charges: Sequence[Charge], spans: Sequence[tuple[str, str, int, int]]
+    ) -> bytes:
+        """EVALSHA of `_reserve_call`, packed from each limit's parts packed ahead (`_packed`)."""
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        for charge, limit_spans in zip(charges, spans, strict=True):
+            parts = self._packed(charge.limit, limit_spans)
+            keys.append(parts.reserve_keys)
+            args += (parts.reserve_args, bulk_int(charge.amount), parts.enforced)
+        count = len(charges)
+        return b"".join(
+            [
+                b"*%d\r\n" % (6 + 10 * count),
+                _EVALSHA,
+                bulk(self._reserve.sha.encode()),
+                bulk_int(3 * count),
+                *keys,
+                bulk(self._now_arg().encode()),
+                bulk(reservation_id.encode()),
+                bulk_int(self.reservation_ttl_ms),
+                *args,
+            ]
+        )
+
+    def _packed(self, limit: AppliedLimit, spans: tuple[str, str, int, int]) -> _PackedLimit:
+        """A limit's keys and fixed arguments in RESP, made once per limit and period."""
+        made = limit.__dict__.get("_packed")
+        if made is None or made.prefix != self.key_prefix or made.spans != spans:
+            buckets, pending, synced = (bulk(key.encode()) for key in limit.script_keys(self.key_prefix))
+            kind_window = bulk(spans[0].encode()) + bulk(spans[1].encode())
+            span_pair = bulk_int(spans[2]) + bulk_int(spans[3])
+            made = _PackedLimit(
+                self.key_prefix,
+                spans,
+                reserve_keys=buckets + pending + synced,
+                settle_keys=buckets + pending,
+                reserve_args=kind_window + bulk_int(limit.rule.capacity) + span_pair,
+                settle_args=kind_window + span_pair,
+                enforced=bulk(b"1" if limit.enforced else b"0"),
+            )
+            # Frozen, so past __setattr__; not a field, so outside equality and hashing.
+            limit.__dict__["_packed"] = made
+        return made
 
     async def _roll_back(
         self,
@@ -317,6 +399,51 @@ class QuotaLimiter:
         reservation_id: str,
         entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
     ) -> None:
+        if self._batcher is not None:
+            command = self._settle_command(reservation_id, entries)
+            if command is not None:
+                await self._run("settle", self._settle, [], [], defer=True, command=command)
+            return
+        keys, args = self._settle_call(reservation_id, entries)
+        if keys:
+            await self._run("settle", self._settle, keys, args, defer=True)
+
+    def _settle_command(
+        self,
+        reservation_id: str,
+        entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
+    ) -> bytes | None:
+        """EVALSHA of `_settle_call`, packed as `_reserve_command` is; None if nothing was charged."""
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        for charge, spans, state, actual in entries:
+            if state is None or not state.charged:
+                continue
+            parts = self._packed(charge.limit, spans)
+            keys.append(parts.settle_keys)
+            args += (parts.settle_args, bulk_int(state.bucket), bulk_int(charge.amount), bulk_int(actual))
+        if not keys:
+            return None
+        count = len(keys)
+        return b"".join(
+            [
+                b"*%d\r\n" % (5 + 9 * count),
+                _EVALSHA,
+                bulk(self._settle.sha.encode()),
+                bulk_int(2 * count),
+                *keys,
+                bulk(self._now_arg().encode()),
+                bulk(reservation_id.encode()),
+                *args,
+            ]
+        )
+
+    def _settle_call(
+        self,
+        reservation_id: str,
+        entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
+    ) -> tuple[list[str], list[str | int]]:
+        """KEYS and ARGV of settle_quota.lua, for the charged entries."""
         keys: list[str] = []
         args: list[str | int] = [self._now_arg(), reservation_id]
         for charge, (kind, window, span_a, span_b), state, actual in entries:
@@ -324,9 +451,7 @@ class QuotaLimiter:
                 continue
             keys.extend(charge.limit.script_keys(self.key_prefix)[:2])
             args += [kind, window, span_a, span_b, state.bucket, charge.amount, actual]
-        if not keys:
-            return
-        await self._run("settle", self._settle, keys, args, defer=True)
+        return keys, args
 
     async def sync_calendar(self, limits: Sequence[AppliedLimit], recorded: Sequence[int]) -> bool:
         """Write a subject's calendar counters as the ledger recorded them, unless done already."""

@@ -36,6 +36,15 @@ def pack(*arguments: bytes | str | int) -> bytes:
     return cast(bytes, hiredis.pack_command(cast(Any, arguments)))
 
 
+def bulk(value: bytes) -> bytes:
+    """One argument of a command, in RESP: for commands packed ahead in parts."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def bulk_int(value: int) -> bytes:
+    return bulk(b"%d" % value)
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None

@@ -233,3 +233,42 @@ async def test_redis_clock_is_used_when_not_pinned(redis_client: redis_asyncio.R
 def test_keys_share_one_hash_tag_per_subject() -> None:
     key, pending = limit(10).redis_keys("gw:")
     assert (key, pending) == ("gw:{user:alice}:p:tokens:minute:b", "gw:{user:alice}:p:tokens:minute:p")
+
+
+async def test_calls_packed_from_parts_are_the_calls_hiredis_packs(
+    limiter: QuotaLimiter, redis_client: redis_asyncio.Redis, clock: Clock
+) -> None:
+    """The request path packs script calls from each limit's parts packed ahead; the
+    cluster path packs KEYS and ARGV whole. Both must be the same bytes."""
+    from gateway.quota.batching import evalsha
+    from gateway.quota.limiter import LimitState
+
+    shadow = AppliedLimit("s", "team", "blue", LimitRule("tokens", "day", 10), enforced=False)
+    limits = [
+        limit(1000),
+        limit(5, "requests"),
+        limit(9, "concurrent", None),
+        limit(10**6, "cost_usd", "month"),
+    ]
+    charges = [
+        Charge(applied, amount)
+        for applied, amount in zip([*limits, shadow], [120, 1, 1, 4500, 20], strict=True)
+    ]
+
+    def spans_now() -> list[tuple[str, str, int, int]]:
+        return [limiter._spans(charge.limit, clock.now_ms) for charge in charges]
+
+    states = [LimitState(c.limit, 7, 100, charged=i != 4, bucket=1000 + i) for i, c in enumerate(charges)]
+    for pinned in (True, False):
+        limiter.clock_ms = clock if pinned else None
+        for _ in range(2):  # the second time from the parts kept on each limit
+            spans = spans_now()
+            keys, args = limiter._reserve_call("r1", charges, spans)
+            assert limiter._reserve_command("r1", charges, spans) == evalsha(limiter._reserve, keys, args)
+            entries = [(c, s, state, 60) for c, s, state in zip(charges, spans, states, strict=True)]
+            keys, args = limiter._settle_call("r1", entries)
+            assert len(keys) == 8  # the uncharged shadow limit is left out
+            assert limiter._settle_command("r1", entries) == evalsha(limiter._settle, keys, args)
+        # A new month: the calendar limits' parts are packed again for the new period.
+        clock.now_ms += 40 * 86_400_000
+    assert limiter._settle_command("r1", [(charges[0], spans_now()[0], states[4], 1)]) is None
