@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -220,6 +221,41 @@ async def test_keys_expire_after_their_window(limiter: QuotaLimiter) -> None:
     await limiter.reserve([Charge(applied, 1)])
     ttl_ms = await limiter.redis.pttl(applied.redis_keys(limiter.key_prefix)[0])
     assert 3_600_000 < ttl_ms <= 3_600_000 + 2 * 60_000
+
+
+async def test_the_expiry_is_set_when_a_bucket_begins(limiter: QuotaLimiter, clock: Clock) -> None:
+    """Set on the first charge of each bucket, not on every charge: the key must outlive
+    its newest bucket, and a later charge of the same bucket does not make it newer."""
+    applied = limit(100)  # a minute: buckets of a second
+    buckets = applied.redis_keys(limiter.key_prefix)[0]
+    keep_ms = 60_000 + 2 * 1000
+    await limiter.reserve([Charge(applied, 1)])
+    first = await limiter.redis.pttl(buckets)
+    assert keep_ms - 1000 < first <= keep_ms
+    await asyncio.sleep(0.3)  # Redis's own clock runs the expiry
+    await limiter.reserve([Charge(applied, 1)])  # the same bucket: the expiry runs on
+    assert await limiter.redis.pttl(buckets) <= first - 250
+    clock.now_ms += 1000  # the next bucket begins: the expiry is set again
+    await limiter.reserve([Charge(applied, 1)])
+    assert await limiter.redis.pttl(buckets) > first - 250
+
+
+async def test_a_limit_never_charged_leaves_no_key(limiter: QuotaLimiter, clock: Clock) -> None:
+    """A key is only made with an expiry: one kept by a limit that never charges anything
+    (a request too large for it, or a shadow limit that would reject) would stay forever."""
+    too_small = limit(5)
+    shadow = AppliedLimit("s", "team", "blue", LimitRule("requests", "minute", 0), enforced=False)
+    for _ in range(2):
+        assert not (await limiter.reserve([Charge(too_small, 6)])).admitted
+        admission = await limiter.reserve([Charge(shadow, 1)])
+        assert admission.admitted and admission.shadow_rejections
+        clock.now_ms += 61_000
+    for applied in (too_small, shadow):
+        assert await limiter.redis.exists(applied.redis_keys(limiter.key_prefix)[0]) == 0
+    # A total kept for a window that emptied, by an earlier version without an expiry, goes too.
+    await limiter.redis.hset(too_small.redis_keys(limiter.key_prefix)[0], mapping={"0": 0, "1": 1})
+    assert not (await limiter.reserve([Charge(too_small, 6)])).admitted
+    assert await limiter.redis.exists(too_small.redis_keys(limiter.key_prefix)[0]) == 0
 
 
 async def test_redis_clock_is_used_when_not_pinned(redis_client: redis_asyncio.Redis) -> None:

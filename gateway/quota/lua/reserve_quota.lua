@@ -42,12 +42,14 @@ if not now_ms then
   now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 end
 local reservation, lifetime_ms = ARGV[2], tonumber(ARGV[3])
+-- As text, for redis.call (see expires_at below).
+local now_text = string.format('%d', now_ms)
 
 -- Field names of a rolling window's running total and of its oldest counted bucket.
 local TOTAL, FROM = '0', '1'
 
 local function refund_expired(limit)
-  local expired = redis.call('ZRANGEBYSCORE', limit.pending, '-inf', now_ms)
+  local expired = redis.call('ZRANGEBYSCORE', limit.pending, '-inf', now_text)
   if #expired == 0 then return end
   if limit.kind == 'amount' then
     for _, member in ipairs(expired) do
@@ -62,7 +64,7 @@ local function refund_expired(limit)
       end
     end
   end
-  redis.call('ZREMRANGEBYSCORE', limit.pending, '-inf', now_ms)
+  redis.call('ZREMRANGEBYSCORE', limit.pending, '-inf', now_text)
 end
 
 -- Buckets (index, amount) of B at or after `oldest`, in order; older ones are deleted.
@@ -88,6 +90,7 @@ end
 local function rolling_total(limit, oldest)
   local meta = redis.call('HMGET', limit.buckets, TOTAL, FROM)
   local total, from = tonumber(meta[1]), tonumber(meta[2])
+  local total_kept = total ~= nil
   if from == oldest and total then return total end
   if from and total and from < oldest and math.floor(from / limit.span) == math.floor(oldest / limit.span) then
     local fields = {}
@@ -103,8 +106,17 @@ local function rolling_total(limit, oldest)
     if #gone > 0 then redis.call('HDEL', limit.buckets, unpack(gone)) end
   else
     -- Missing, a new window length begun, or a clock that went back: add it up afresh.
+    local entries = live_buckets(limit, oldest)
+    if #entries == 0 then
+      -- Nothing in the window, so no total to keep. Writing one would make a key with
+      -- no expiry (expiries are set when a bucket is charged), kept forever by a limit
+      -- that is never charged.
+      if total_kept then redis.call('HDEL', limit.buckets, TOTAL, FROM) end
+      limit.untotalled = true  -- a charge below starts the total
+      return 0
+    end
     total = 0
-    for _, entry in ipairs(live_buckets(limit, oldest)) do total = total + entry[2] end
+    for _, entry in ipairs(entries) do total = total + entry[2] end
   end
   -- %d: a Lua number past 14 digits would otherwise be written as 1e+14.
   redis.call('HSET', limit.buckets, TOTAL, string.format('%d', total), FROM, oldest)
@@ -157,10 +169,13 @@ local function wait_ms(limit)
 end
 
 local limits = {}
+local synced = {}  -- markers checked: a subject's day and month limits share one
 for i = 1, #KEYS / 3 do
   local base = 4 + 7 * (i - 1)
-  if ARGV[base + 1] == 'calendar' and redis.call('EXISTS', KEYS[3 * i]) == 0 then
-    return {0, now_ms, 0, 0, i}
+  local marker = KEYS[3 * i]
+  if ARGV[base + 1] == 'calendar' and not synced[marker] then
+    if redis.call('EXISTS', marker) == 0 then return {0, now_ms, 0, 0, i} end
+    synced[marker] = true
   end
 end
 for i = 1, #KEYS / 3 do
@@ -188,15 +203,18 @@ for i, limit in ipairs(limits) do
 end
 
 local result = {rejecting == 0 and 1 or 0, now_ms, rejecting, retry_after, 0}
-for _, limit in ipairs(limits) do
+-- Arguments to redis.call are written as text once each: Lua turns a number into text
+-- anew (by sprintf) every time it is passed or joined, about a microsecond apiece.
+local expires_at = string.format('%d', now_ms + lifetime_ms)
+local lifetime = ARGV[3]
+for i, limit in ipairs(limits) do
   -- A shadow limit that would reject is reported, and not charged.
   local charged = rejecting == 0 and limit.fits and limit.amount > 0
   local bucket = limit.current or 0
-  local expires_at = now_ms + lifetime_ms
   if charged then
     if limit.kind == 'concurrent' then
       redis.call('ZADD', limit.pending, expires_at, reservation)
-      redis.call('PEXPIRE', limit.pending, lifetime_ms)
+      redis.call('PEXPIRE', limit.pending, lifetime)
     else
       local keep_ms
       if limit.window == 'rolling' then
@@ -204,11 +222,19 @@ for _, limit in ipairs(limits) do
       else
         keep_ms = limit.b - now_ms + 1000
       end
-      redis.call('HINCRBY', limit.buckets, bucket, limit.amount)
-      if limit.window == 'rolling' then redis.call('HINCRBY', limit.buckets, TOTAL, limit.amount) end
-      redis.call('PEXPIRE', limit.buckets, keep_ms)
-      redis.call('ZADD', limit.pending, expires_at, bucket .. ':' .. limit.amount .. ':' .. reservation)
-      redis.call('PEXPIRE', limit.pending, math.max(keep_ms, lifetime_ms))
+      local amount, field = ARGV[4 + 7 * (i - 1) + 5], string.format('%d', bucket)
+      local held = redis.call('HINCRBY', limit.buckets, field, amount)
+      if limit.untotalled then
+        redis.call('HSET', limit.buckets, TOTAL, amount, FROM, limit.oldest)
+      elseif limit.window == 'rolling' then
+        redis.call('HINCRBY', limit.buckets, TOTAL, amount)
+      end
+      -- The expiry follows the newest bucket, so it is set when a bucket begins: a
+      -- rolling window's key then outlives its newest bucket by two buckets, a calendar
+      -- window's its period by a second, as when it was set on every charge.
+      if held == limit.amount then redis.call('PEXPIRE', limit.buckets, keep_ms) end
+      redis.call('ZADD', limit.pending, expires_at, field .. ':' .. amount .. ':' .. reservation)
+      redis.call('PEXPIRE', limit.pending, keep_ms > lifetime_ms and keep_ms or lifetime)
     end
     limit.used = limit.used + limit.amount
   end

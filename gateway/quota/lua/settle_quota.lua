@@ -28,7 +28,8 @@ for i = 1, #KEYS / 2 do
   if kind == 'concurrent' then
     applied[i] = redis.call('ZREM', pending, reservation)
   else
-    local still_pending = redis.call('ZREM', pending, bucket .. ':' .. reserved .. ':' .. reservation)
+    -- The member as reserve_quota.lua wrote it: from the text given, not the number.
+    local still_pending = redis.call('ZREM', pending, bucket .. ':' .. ARGV[base + 5] .. ':' .. reservation)
     local delta = actual - (still_pending == 1 and reserved or 0)
     local counts
     if window == 'rolling' then
