@@ -223,6 +223,16 @@ async def test_keys_expire_after_their_window(limiter: QuotaLimiter) -> None:
     assert 3_600_000 < ttl_ms <= 3_600_000 + 2 * 60_000
 
 
+async def test_a_settlement_that_makes_its_key_again_gives_it_an_expiry(limiter: QuotaLimiter) -> None:
+    applied = limit(10, window="hour")
+    reservation = (await limiter.reserve([Charge(applied, 5)])).reservation
+    buckets, pending = applied.redis_keys(limiter.key_prefix)
+    await limiter.redis.delete(buckets, pending)  # as a reset does (or an eviction)
+    await limiter.settle(reservation, [3])
+    assert list((await buckets_of(limiter, applied)).values()) == [b"3"]
+    assert 3_600_000 < await limiter.redis.pttl(buckets) <= 3_600_000 + 2 * 60_000
+
+
 async def test_the_expiry_is_set_when_a_bucket_begins(limiter: QuotaLimiter, clock: Clock) -> None:
     """Set on the first charge of each bucket, not on every charge: the key must outlive
     its newest bucket, and a later charge of the same bucket does not make it newer."""

@@ -46,7 +46,9 @@ for i = 1, #KEYS / 2 do
       end
       if amount <= 0 then
         redis.call('HDEL', buckets, bucket)
-      elseif redis.call('PTTL', buckets) < 0 then
+      elseif amount == delta and redis.call('PTTL', buckets) < 0 then
+        -- A bucket this call made, maybe in a key it made (the hash was reset or
+        -- evicted meanwhile): a bucket that was there already is in a key with an expiry.
         local keep_ms = window == 'rolling' and a + 2 * b or b - now_ms + 1000
         redis.call('PEXPIRE', buckets, keep_ms)
       end
