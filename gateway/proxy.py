@@ -8,6 +8,7 @@ this module only puts them in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 from collections.abc import Callable, Mapping
@@ -151,7 +152,9 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     profile = counter.registry.profile(model.upstream_model, model.tokenizer)
     prompt = await counter.count(spec.count_route, body, profile, len(raw))
     completions = max_completion * _choices(body, spec)
-    ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, completions))
+    upstream = UpstreamBodies(request.headers, body, unchanged_bytes, spec, stream, model.upstream_model)
+    # The usual deployment's body is serialised while Redis decides the admission.
+    ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, completions), upstream.prepare)
     admission = ticket.admission
 
     exchange = Exchange(
@@ -176,7 +179,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     if spec.wire_format == "anthropic":
         headers = anthropic_ratelimit_headers(headers)
     try:
-        return await _forward(request, body, unchanged_bytes, spec, exchange, headers)
+        return await _forward(request, upstream, spec, exchange, headers)
     except GatewayError as exc:
         exchange.status, exchange.error_code = exc.status, exc.code
         exc.headers = {**headers, **exc.headers}
@@ -212,45 +215,89 @@ def _ids(exchange: Exchange) -> dict[str, str]:
     }
 
 
-async def _forward(
-    request: web.Request,
-    body: dict[str, Any],
-    unchanged_bytes: bytes,
-    spec: RouteSpec,
-    exchange: Exchange,
-    headers: dict[str, str],
-) -> web.StreamResponse:
-    """unchanged_bytes: the caller's bytes while `body` is still what they sent, else b""."""
-    client_wants_usage = False
-    options = body.get("stream_options")
-    if exchange.stream and spec.injects_usage:
-        client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-    passed_headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
-    # Usage must be asked for in streams: it is what the reservation is settled with.
-    adds_usage_option = exchange.stream and spec.injects_usage and not client_wants_usage
+class UpstreamBodies:
+    """What each deployment is sent, made at most once per upstream model name.
 
-    def upstream_request(deployment: DeploymentConfig) -> UpstreamRequest:
-        if unchanged_bytes and not adds_usage_option and body.get("model") == deployment.upstream_model:
+    Made before admission, so that `prepare` can serialise the usual deployment's body
+    while Redis decides; a deployment reached by failover gets its own when asked.
+    """
+
+    __slots__ = (
+        "_body",
+        "_made",
+        "_unchanged_bytes",
+        "_usual_model",
+        "adds_usage_option",
+        "client_wants_usage",
+        "headers",
+        "path",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        caller_headers: Mapping[str, str],
+        body: dict[str, Any],
+        unchanged_bytes: bytes,
+        spec: RouteSpec,
+        stream: bool,
+        usual_model: str,
+    ) -> None:
+        """unchanged_bytes: the caller's bytes while `body` is still what they sent, else b""."""
+        self._body, self._unchanged_bytes, self._usual_model = body, unchanged_bytes, usual_model
+        self.path, self.stream = spec.path, stream
+        options = body.get("stream_options")
+        self.client_wants_usage = (
+            stream
+            and spec.injects_usage
+            and isinstance(options, dict)
+            and options.get("include_usage") is True
+        )
+        # Usage must be asked for in streams: it is what the reservation is settled with.
+        self.adds_usage_option = stream and spec.injects_usage and not self.client_wants_usage
+        self.headers = {name: caller_headers[name] for name in FORWARDED_HEADERS if name in caller_headers}
+        self._made: dict[str, UpstreamRequest] = {}
+
+    def prepare(self) -> None:
+        """Serialise the usual deployment's body now; never raises (`for_model` would, later)."""
+        with contextlib.suppress(Exception):
+            self.for_model(self._usual_model)
+
+    def for_deployment(self, deployment: DeploymentConfig) -> UpstreamRequest:
+        return self.for_model(deployment.upstream_model)
+
+    def for_model(self, upstream_model: str) -> UpstreamRequest:
+        made = self._made.get(upstream_model)
+        if made is None:
+            made = self._made[upstream_model] = self._make(upstream_model)
+        return made
+
+    def _make(self, upstream_model: str) -> UpstreamRequest:
+        body = self._body
+        if self._unchanged_bytes and not self.adds_usage_option and body.get("model") == upstream_model:
             return UpstreamRequest(
-                spec.path,
-                body,
-                exchange.stream,
-                deployment.upstream_model,
-                passed_headers,
-                raw=unchanged_bytes,
+                self.path, body, self.stream, upstream_model, self.headers, raw=self._unchanged_bytes
             )
-        upstream_body = {**body, "model": deployment.upstream_model}
-        if adds_usage_option:
+        upstream_body = {**body, "model": upstream_model}
+        if self.adds_usage_option:
+            options = body.get("stream_options")
             upstream_body["stream_options"] = {
                 **(options if isinstance(options, dict) else {}),
                 "include_usage": True,
             }
-        return UpstreamRequest(
-            spec.path, upstream_body, exchange.stream, deployment.upstream_model, passed_headers
-        )
+        raw = json.dumps(upstream_body).encode()
+        return UpstreamRequest(self.path, upstream_body, self.stream, upstream_model, self.headers, raw=raw)
 
+
+async def _forward(
+    request: web.Request,
+    upstream: UpstreamBodies,
+    spec: RouteSpec,
+    exchange: Exchange,
+    headers: dict[str, str],
+) -> web.StreamResponse:
     exchange.upstream_began()
-    routed = await request.app[state.ROUTER].send(exchange.model, upstream_request, spec.wire_format)
+    routed = await request.app[state.ROUTER].send(exchange.model, upstream.for_deployment, spec.wire_format)
     exchange.deployment, exchange.attempts = routed.deployment.provider, routed.attempts
     exchange.upstream_model = routed.deployment.upstream_model
     reply = routed.reply
@@ -267,7 +314,7 @@ async def _forward(
     elif spec.count_route == "responses":
         observer = ResponsesStream(count)
     else:
-        observer = OpenAIStream(count, withhold_usage_chunk=not client_wants_usage)
+        observer = OpenAIStream(count, withhold_usage_chunk=not upstream.client_wants_usage)
     return await relay_stream(request, reply, exchange, headers, observer)
 
 

@@ -317,3 +317,32 @@ async def test_time_to_first_byte_is_bounded_for_streams(
         )
     assert caught.value.status_code == 504
     assert caught.value.response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_upstream_bodies_are_made_once_per_model_and_prepare_never_raises() -> None:
+    """The usual deployment's body is serialised while Redis decides (UpstreamBodies.prepare):
+    the same bytes as made later, once; a failover model gets its own; a body that cannot
+    be serialised fails where it is sent, not in the admission."""
+    from gateway.proxy import ROUTES, UpstreamBodies
+
+    chat = ROUTES["chat"]
+    body = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    raw = json.dumps(body).encode()
+    headers = {"anthropic-version": "2023-06-01", "authorization": "Bearer sk-caller"}
+    bodies = UpstreamBodies(headers, body, raw, chat, True, "gpt-4o-mini")
+    bodies.prepare()
+    usual = bodies.for_model("gpt-4o-mini")
+    assert bodies.for_model("gpt-4o-mini") is usual  # made once, in prepare
+    sent = json.loads(usual.raw or b"")
+    assert sent == {**body, "model": "gpt-4o-mini", "stream_options": {"include_usage": True}}
+    assert usual.raw == json.dumps(usual.body).encode()
+    assert usual.headers == {"anthropic-version": "2023-06-01"}  # never the caller's key
+    assert json.loads(bodies.for_model("gpt-4o").raw or b"")["model"] == "gpt-4o"
+    # Not renamed, not streamed: the caller's own bytes go as they are.
+    plain = {"model": "gpt-4o-mini", "messages": []}
+    same = UpstreamBodies({}, plain, b'{"model": "gpt-4o-mini", "messages": []}', chat, False, "gpt-4o-mini")
+    assert same.for_model("gpt-4o-mini").raw == b'{"model": "gpt-4o-mini", "messages": []}'
+    broken = UpstreamBodies({}, {"model": "fast", "x": object()}, b"", chat, False, "gpt-4o-mini")
+    broken.prepare()
+    with pytest.raises(TypeError):
+        broken.for_model("gpt-4o-mini")

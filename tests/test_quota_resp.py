@@ -181,6 +181,34 @@ async def test_a_call_while_nothing_is_owed_goes_at_once_and_the_rest_batch(
     await redis.delete(key)
 
 
+async def test_work_given_as_meanwhile_runs_once_the_call_is_written(redis: Redis, redis_url: str) -> None:
+    """Admission hands the batcher work that does not depend on Redis's answer: it runs
+    after the call went out and before the reply is awaited, once."""
+    from gateway.quota.batching import ScriptBatcher, evalsha
+
+    key = f"test:resp:{uuid.uuid4().hex}"
+    connection = connection_for(redis_url)
+    batcher = ScriptBatcher(redis, connection=connection)
+    script = redis.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    await batcher.call(script, [key], [0])
+    protocol = connection._protocol
+    assert protocol is not None
+    seen: list[tuple[int, int]] = []
+
+    def meanwhile() -> None:
+        seen.append((protocol.sent, protocol.answered))
+
+    sent, answered = protocol.sent, protocol.answered
+    assert await batcher.call_packed(script, evalsha(script, [key], [5]), meanwhile=meanwhile) == 5
+    # Written (sent one more), not yet answered, when the work ran.
+    assert seen == [(sent + 1, answered)]
+    await redis.script_flush()  # the call fails with NOSCRIPT and is sent again: the work is not
+    assert await batcher.call_packed(script, evalsha(script, [key], [1]), meanwhile=meanwhile) == 6
+    assert len(seen) == 2
+    await batcher.close()
+    await redis.delete(key)
+
+
 def test_it_runs_on_uvloop_as_gateway_serve_does(redis_url: str) -> None:
     import uvloop
 

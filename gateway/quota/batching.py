@@ -21,7 +21,7 @@ shares the trip, and Redis runs its scripts one after another in the order sent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,10 +67,24 @@ class ScriptBatcher:
     ) -> Coroutine[Any, Any, Any]:
         return self.call_packed(script, evalsha(script, keys, args), defer=defer)
 
-    async def call_packed(self, script: Script, command: bytes, *, defer: bool = False) -> Any:
-        """`command`: EVALSHA of `script`, packed (see `evalsha`)."""
+    async def call_packed(
+        self,
+        script: Script,
+        command: bytes,
+        *,
+        defer: bool = False,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> Any:
+        """`command`: EVALSHA of `script`, packed (see `evalsha`).
+
+        meanwhile: called once the call is queued (and, when Redis owed nothing, already
+        written), before its reply is awaited: work for the caller to do while Redis runs it.
+        """
         try:
-            return await self._enqueue(command, defer)
+            reply = self._enqueue(command, defer)
+            if meanwhile is not None:
+                meanwhile()
+            return await reply
         except NoScriptError:
             # Redis restarted or its scripts were flushed: load it, then run this call again.
             await self._redis.script_load(script.script)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib import resources
@@ -188,17 +188,19 @@ class QuotaLimiter:
         args: list[str | int],
         defer: bool = False,
         command: bytes | None = None,
+        meanwhile: Callable[[], object] | None = None,
     ) -> Any:
         """One script call; raises QuotaStoreUnavailable if Redis fails.
 
         command: the call already packed (batched calls only), in place of keys and args.
+        meanwhile: see ScriptBatcher.call_packed (batched calls only; else not called).
         """
         started = time.monotonic()
         try:
             if self._batcher is not None:
                 if command is None:
                     return await self._batcher.call(script, keys, args, defer=defer)
-                return await self._batcher.call_packed(script, command, defer=defer)
+                return await self._batcher.call_packed(script, command, defer=defer, meanwhile=meanwhile)
             async with self._calls or contextlib.nullcontext():
                 return await script(keys=keys, args=args)
         except Exception as exc:
@@ -251,8 +253,14 @@ class QuotaLimiter:
             groups.setdefault(charge.limit.hash_tag, []).append(index)
         return list(groups.values())
 
-    async def reserve(self, charges: Sequence[Charge]) -> Admission:
-        """Admit against every charge or none; raises QuotaStoreUnavailable if Redis fails."""
+    async def reserve(
+        self, charges: Sequence[Charge], meanwhile: Callable[[], object] | None = None
+    ) -> Admission:
+        """Admit against every charge or none; raises QuotaStoreUnavailable if Redis fails.
+
+        meanwhile: work the caller can do while Redis decides, called once the reserve
+        call is on its way, if it is (see ScriptBatcher.call_packed); never more than once.
+        """
         reservation_id = os.urandom(16).hex()
         if not charges:
             return Admission(admitted=True, reservation=Reservation(reservation_id, (), (), 0))
@@ -263,8 +271,9 @@ class QuotaLimiter:
         reserved_at = now_ms
         for group in self._groups(len(charges), charges):
             reply = await self._call_reserve(
-                reservation_id, [charges[i] for i in group], [spans[i] for i in group]
+                reservation_id, [charges[i] for i in group], [spans[i] for i in group], meanwhile
             )
+            meanwhile = None
             admitted, reserved_at, rejecting, retry_after_ms, unsynced = reply[:5]
             if unsynced:
                 await self._roll_back(reservation_id, charges, spans, states, done)
@@ -298,16 +307,19 @@ class QuotaLimiter:
             shadow_rejections=shadow,
         )
 
-    async def _call_reserve(
-        self, reservation_id: str, charges: Sequence[Charge], spans: Sequence[tuple[str, str, int, int]]
-    ) -> list[Any]:
+    def _call_reserve(
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        spans: Sequence[tuple[str, str, int, int]],
+        meanwhile: Callable[[], object] | None = None,
+    ) -> Coroutine[Any, Any, list[Any]]:
+        # Not a coroutine itself: one frame fewer between the reply and the request.
         if self._batcher is not None:
             command = self._reserve_command(reservation_id, charges, spans)
-            packed: list[Any] = await self._run("reserve", self._reserve, [], [], command=command)
-            return packed
+            return self._run("reserve", self._reserve, [], [], command=command, meanwhile=meanwhile)
         keys, args = self._reserve_call(reservation_id, charges, spans)
-        reply: list[Any] = await self._run("reserve", self._reserve, keys, args)
-        return reply
+        return self._run("reserve", self._reserve, keys, args)
 
     def _reserve_call(
         self, reservation_id: str, charges: Sequence[Charge], spans: Sequence[tuple[str, str, int, int]]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -127,13 +127,19 @@ class QuotaService:
             budget = min(budget, decision.max_tokens_cap)
         return budget
 
-    async def admit(self, decision: RequestPolicy, reserved: Amounts) -> Ticket:
-        """Reserve for every limit or raise the 429 (or 503) that says why not."""
+    async def admit(
+        self, decision: RequestPolicy, reserved: Amounts, meanwhile: Callable[[], object] | None = None
+    ) -> Ticket:
+        """Reserve for every limit or raise the 429 (or 503) that says why not.
+
+        meanwhile: work that does not depend on the decision, done while Redis makes it
+        if the call goes to Redis (see QuotaLimiter.reserve); it may not be called at all.
+        """
         charges = [Charge(limit, reserved.of(limit.rule.kind)) for limit in decision.limits]
         if not charges:
             return Ticket(Admission(True, Reservation("", (), (), 0)), reserved)
         try:
-            admission = await self._reserve(charges)
+            admission = await self._reserve(charges, meanwhile)
         except QuotaStoreUnavailable as exc:
             return self._admit_without_redis(charges, reserved, exc)
         for state in admission.shadow_rejections:
@@ -153,13 +159,14 @@ class QuotaService:
         self._metrics.quota_admissions.inc()
         return Ticket(admission, reserved)
 
-    async def _reserve(self, charges: list[Charge]) -> Admission:
+    async def _reserve(self, charges: list[Charge], meanwhile: Callable[[], object] | None) -> Admission:
         if time.monotonic() < self._redis_down_until:
             raise QuotaStoreUnavailable("Redis failed recently; not retried yet")
         for _ in range(SYNC_ATTEMPTS):
             try:
-                return await self.limiter.reserve(charges)
+                return await self.limiter.reserve(charges, meanwhile)
             except CountersNotSynced as missing:
+                meanwhile = None  # done, if it was to be
                 await self.rebuild_calendar_counters(missing.limit.scope, missing.limit.subject)
             except QuotaStoreUnavailable:
                 self._metrics.quota_errors.labels("reserve").inc()
