@@ -57,6 +57,9 @@ class Router:
         self._metrics = metrics
         self._breakers: dict[str, Breaker] = {}
         self._choose = choose or _weighted_order
+        for name in providers:
+            # Every provider's series from the start; after that it is set when it changes.
+            metrics.breaker_open.labels(name).set(0)
 
     def breaker(self, provider: str) -> Breaker:
         return self._breakers.setdefault(provider, Breaker())
@@ -156,6 +159,8 @@ class Router:
 
     def _succeeded(self, deployment: DeploymentConfig) -> None:
         breaker = self.breaker(deployment.provider)
+        if not (breaker.failures or breaker.open_until or breaker.probing):
+            return  # the usual case: nothing to reset, and the gauge is already 0
         if breaker.open_until:
             log.info("deployment %s is back", deployment.provider)
         breaker.failures, breaker.open_until, breaker.probing = 0, 0.0, False

@@ -59,6 +59,11 @@ async def test_failover_and_the_circuit_breaker(
     router._choose = lambda weights: list(range(len(weights)))  # primary first, deterministically
     client = gateway.client()
     fake_upstream.mode = "error_500"
+    metrics = gateway.app[state.METRICS]
+    # Every provider's breaker series is there from the start, at 0.
+    exposition = metrics.exposition().decode()
+    assert 'gateway_upstream_breaker_open{provider="fake"} 0.0' in exposition
+    assert 'gateway_upstream_breaker_open{provider="backup"} 0.0' in exposition
 
     # 1: two attempts on the primary (500, 500), then the backup answers.
     first = await client.chat.completions.create(model="routed", messages=HI, max_tokens=2)
@@ -69,6 +74,7 @@ async def test_failover_and_the_circuit_breaker(
     await client.chat.completions.create(model="routed", messages=HI, max_tokens=2)
     assert (len(fake_upstream.requests), len(backup.requests)) == (3, 2)
     assert router.breaker_states()["fake"] == "open"
+    assert metrics.breaker_open.labels("fake")._value.get() == 1
     # 3: while open, the primary is not even tried.
     await client.chat.completions.create(model="routed", messages=HI, max_tokens=2)
     assert (len(fake_upstream.requests), len(backup.requests)) == (3, 3)
@@ -90,7 +96,6 @@ async def test_failover_and_the_circuit_breaker(
         ("backup", "gpt-4o-mini-backup", 1, 200),
         ("fake", "gpt-4o-mini", 1, 200),
     ]
-    metrics = gateway.app[state.METRICS]
     assert metrics.upstream_failures.labels("fake")._value.get() == 3
     assert metrics.breaker_openings.labels("fake")._value.get() == 1
     assert metrics.breaker_open.labels("fake")._value.get() == 0
