@@ -100,6 +100,12 @@ class Admission(NamedTuple):
 _EVALSHA = bulk(b"EVALSHA")
 
 
+def _evalsha(sha: str, keys: list[bytes], key_count: int, args: list[bytes], arg_count: int) -> bytes:
+    """EVALSHA from parts already in RESP: `keys` hold key_count keys, `args` arg_count arguments."""
+    header = b"*%d\r\n" % (3 + key_count + arg_count)
+    return b"".join([header, _EVALSHA, bulk(sha.encode()), bulk_int(key_count), *keys, *args])
+
+
 class _PackedLimit(NamedTuple):
     """One limit's share of the script calls, in RESP, for one key prefix and period."""
 
@@ -338,25 +344,13 @@ class QuotaLimiter:
     ) -> bytes:
         """EVALSHA of `_reserve_call`, packed from each limit's parts packed ahead (`_packed`)."""
         keys: list[bytes] = []
-        args: list[bytes] = []
+        args = [bulk(self._now_arg().encode()), bulk(reservation_id.encode())]
+        args.append(bulk_int(self.reservation_ttl_ms))
         for charge, limit_spans in zip(charges, spans, strict=True):
             parts = self._packed(charge.limit, limit_spans)
             keys.append(parts.reserve_keys)
             args += (parts.reserve_args, bulk_int(charge.amount), parts.enforced)
-        count = len(charges)
-        return b"".join(
-            [
-                b"*%d\r\n" % (6 + 10 * count),
-                _EVALSHA,
-                bulk(self._reserve.sha.encode()),
-                bulk_int(3 * count),
-                *keys,
-                bulk(self._now_arg().encode()),
-                bulk(reservation_id.encode()),
-                bulk_int(self.reservation_ttl_ms),
-                *args,
-            ]
-        )
+        return _evalsha(self._reserve.sha, keys, 3 * len(charges), args, 3 + 7 * len(charges))
 
     def _packed(self, limit: AppliedLimit, spans: tuple[str, str, int, int]) -> _PackedLimit:
         """A limit's keys and fixed arguments in RESP, made once per limit and period."""
@@ -427,7 +421,7 @@ class QuotaLimiter:
     ) -> bytes | None:
         """EVALSHA of `_settle_call`, packed as `_reserve_command` is; None if nothing was charged."""
         keys: list[bytes] = []
-        args: list[bytes] = []
+        args = [bulk(self._now_arg().encode()), bulk(reservation_id.encode())]
         for charge, spans, state, actual in entries:
             if state is None or not state.charged:
                 continue
@@ -436,19 +430,7 @@ class QuotaLimiter:
             args += (parts.settle_args, bulk_int(state.bucket), bulk_int(charge.amount), bulk_int(actual))
         if not keys:
             return None
-        count = len(keys)
-        return b"".join(
-            [
-                b"*%d\r\n" % (5 + 9 * count),
-                _EVALSHA,
-                bulk(self._settle.sha.encode()),
-                bulk_int(2 * count),
-                *keys,
-                bulk(self._now_arg().encode()),
-                bulk(reservation_id.encode()),
-                *args,
-            ]
-        )
+        return _evalsha(self._settle.sha, keys, 2 * len(keys), args, 2 + 7 * len(keys))
 
     def _settle_call(
         self,
