@@ -163,3 +163,29 @@ def test_ratios_are_paired_by_round() -> None:
     assert rows["gateway"]["vs_floor"]["cpu_ratio"] == 2.0
     # Two workers over one, round by round 1.6, 1.7 and 2.5.
     assert rows["gateway-w2"]["workers_scaling"] == 1.7
+
+
+def test_instruction_count_smoke_run(tmp_path: Path, redis_url: str) -> None:
+    """./scripts/bench instructions --smoke: the gateway under callgrind counts a positive,
+    plausible number of instructions for each chat request it answered."""
+    for tool in ("valgrind", "wrk", "nginx"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.fail(f"{tool} is missing; run the tests with scripts/test, which installs it")
+    output = tmp_path / "instructions.json"
+    command = [sys.executable, "-m", "bench.instructions", "--smoke", "--output", str(output)]
+    command += ["--redis-url", redis_url]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=90)
+        pytest.fail(f"the smoke run took over 300 s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    (window,) = json.loads(output.read_text())
+    assert (window["target"], window["connections"]) == ("gateway", 1)
+    assert window["requests"] > 0
+    # A request costs the gateway about two million instructions; far off means a broken count.
+    assert 200_000 < window["per_request"] < 50_000_000, window
