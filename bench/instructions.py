@@ -117,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output.write_text(json.dumps(figures, indent=1) + "\n")
         return 0
     finally:
-        for process in reversed(processes):
-            stop(process)
-        for worktree in worktrees:
-            revisions.remove_worktree(REPO, worktree)
+        runner.stop_all(processes, worktrees)
         runner._delete_redis_keys(args.redis_url, f"bench:{run_id}:")
         asyncio.run(runner._drop_database(server, database))
         shutil.rmtree(folder, ignore_errors=True)

@@ -37,23 +37,10 @@ RUN_FIELDS = {
 def test_smoke_run_covers_every_target_and_scenario(
     tmp_path: Path, redis_url: str, database_url: str
 ) -> None:
-    for tool in ("wrk", "nginx", "taskset"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            pytest.fail(f"{tool} is missing; run the tests with scripts/test, which installs it")
+    _require("wrk", "nginx", "taskset")
     output = tmp_path / "smoke.json"
     command = [sys.executable, "-m", "bench.http", "--smoke", "--output", str(output)]
-    command += ["--redis-url", redis_url, "--database-url", database_url]
-    # SIGTERM on a timeout, never SIGKILL: the harness then stops every server it started.
-    process = subprocess.Popen(
-        command, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        stdout, stderr = process.communicate(timeout=60)
-        pytest.fail(f"the smoke run took over 120 s:\n{stdout[-3000:]}{stderr[-3000:]}")
-    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    _run_smoke([*command, "--redis-url", redis_url, "--database-url", database_url], timeout=120)
 
     result = json.loads(output.read_text())
     assert result["mode"] == "smoke"
@@ -168,24 +155,33 @@ def test_ratios_are_paired_by_round() -> None:
 def test_instruction_count_smoke_run(tmp_path: Path, redis_url: str) -> None:
     """./scripts/bench instructions --smoke: the gateway under callgrind counts a positive,
     plausible number of instructions for each chat request it answered."""
-    for tool in ("valgrind", "wrk", "nginx"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            pytest.fail(f"{tool} is missing; run the tests with scripts/test, which installs it")
+    _require("valgrind", "wrk", "nginx", "taskset")
     output = tmp_path / "instructions.json"
     command = [sys.executable, "-m", "bench.instructions", "--smoke", "--output", str(output)]
-    command += ["--redis-url", redis_url]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        stdout, stderr = process.communicate(timeout=90)
-        pytest.fail(f"the smoke run took over 300 s:\n{stdout[-3000:]}{stderr[-3000:]}")
-    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    _run_smoke([*command, "--redis-url", redis_url], timeout=300)
     (window,) = json.loads(output.read_text())
     assert (window["target"], window["connections"]) == ("gateway", 1)
     assert window["requests"] > 0
     # A request costs the gateway about two million instructions; far off means a broken count.
     assert 200_000 < window["per_request"] < 50_000_000, window
+
+
+def _require(*tools: str) -> None:
+    for tool in tools:
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.fail(f"{tool} is missing; run the tests with scripts/test, which installs it")
+
+
+def _run_smoke(command: list[str], timeout: float) -> None:
+    """Run a harness to its end; fail with its output if it fails or takes too long."""
+    # SIGTERM on a timeout, never SIGKILL: the harness then stops every server it started.
+    process = subprocess.Popen(
+        command, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=90)
+        pytest.fail(f"the smoke run took over {timeout:.0f} s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]

@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {args.output}")
         return 0
     finally:
-        for process in reversed(processes):
-            stop(process)
-        for worktree in worktrees:
-            revisions.remove_worktree(REPO, worktree)
+        stop_all(processes, worktrees)
         _delete_redis_keys(args.redis_url, key_prefix)
         if args.keep:
             print(f"kept {folder}" + (f" and database {created_database}" if created_database else ""))
@@ -330,6 +327,14 @@ def _run(
         "gateway_logs": gateway_logs,
         "ledger": {"rows_written": ledger_rows, "chat_requests_logged": logged},
     }
+
+
+def stop_all(processes: list[Process], worktrees: list[Path]) -> None:
+    """Every server started, last first, then every worktree made."""
+    for process in reversed(processes):
+        stop(process)
+    for worktree in worktrees:
+        revisions.remove_worktree(REPO, worktree)
 
 
 def _report_again(path: Path) -> int:
