@@ -4,7 +4,7 @@ Run: ./scripts/bench instructions [--compare REV,...] [--seconds S] [--smoke]
 
 On shared machines a timed run drifts by tens of percent between rounds; the number
 of instructions the gateway executes per request does not (two runs of one tree agree
-within 1%). Each target, this tree and then each REV from a git worktree, runs alone
+within 0.5%). Each target, this tree and then each REV from a git worktree, runs alone
 under `valgrind --tool=callgrind`, pinned to core 0, against the HTTP bench's canned
 nginx upstream, real Redis and PostgreSQL, keys and policy. Instrumentation is
 switched on after a warm-up; then, for one connection and for 32, the instructions
