@@ -25,7 +25,7 @@ def route_of(body: Mapping[str, Any]) -> str:
 
 async def count_openai_request(request: web.Request) -> web.Response:
     """POST /v1/tokens/count: the gateway's pre-flight count of an OpenAI request body."""
-    body, raw = await read_json_object(request)
+    body, raw, _ = await read_json_object(request)
     size = len(raw)
     model = resolve_model(request, body)
     route = route_of(body)
@@ -50,7 +50,7 @@ async def count_openai_request(request: web.Request) -> web.Response:
 
 async def count_anthropic_request(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens in Anthropic's shape: {"input_tokens": N}."""
-    body, raw = await read_json_object(request)
+    body, raw, _ = await read_json_object(request)
     size = len(raw)
     model = resolve_model(request, body)
     messages = body.get("messages")

@@ -21,6 +21,7 @@ from gateway import requests, state
 from gateway.config import DeploymentConfig
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.exchange import CLIENT_CLOSED_REQUEST, Exchange
+from gateway.jsontext import ObjectText
 from gateway.providers import UpstreamRequest
 from gateway.quota import ratelimit_headers
 from gateway.quota.headers import anthropic_ratelimit_headers
@@ -123,8 +124,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     app = request.app
     config = app[state.CONFIG]
     principal = request[PRINCIPAL]
-    body, raw = await read_json_object(request)
-    unchanged_bytes = raw
+    body, raw, text = await read_json_object(request, spans=True)
     model = resolve_model(request, body)
     spec.validate(body)
     app[state.ROUTER].check_serves(model, spec.wire_format)
@@ -138,6 +138,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         raise InvalidRequest("max_tokens: Field required", param="max_tokens")
     default = config.quota.default_max_completion_tokens if spec.default_max is None else spec.default_max
     max_completion = quota.completion_budget(decision, requested, default) if spec.max_fields else 0
+    capped: dict[str, int] = {}
     if (
         decision.max_tokens_cap is not None
         and spec.max_fields
@@ -145,14 +146,13 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     ):
         # The policy's cap goes upstream too, so the provider cannot bill past it.
         field = next((f for f in spec.max_fields if f in body), spec.max_fields[-1])
-        body = {**body, field: max_completion}
-        unchanged_bytes = b""
+        capped[field] = max_completion
 
     counter = app[state.COUNTER]
     profile = counter.registry.profile(model.upstream_model, model.tokenizer)
     prompt = await counter.count(spec.count_route, body, profile, len(raw))
     completions = max_completion * _choices(body, spec)
-    upstream = UpstreamBodies(request.headers, body, unchanged_bytes, spec, stream, model.upstream_model)
+    upstream = UpstreamBodies(request.headers, body, raw, text, capped, spec, stream, model.upstream_model)
     # The usual deployment's body is serialised while Redis decides the admission.
     ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, completions), upstream.prepare)
     admission = ticket.admission
@@ -220,12 +220,17 @@ class UpstreamBodies:
 
     Made before admission, so that `prepare` can serialise the usual deployment's body
     while Redis decides; a deployment reached by failover gets its own when asked.
+    The caller's bytes go as they are when nothing changes; when something does (the
+    model's alias, usage asked for in a stream, a policy's cap), a large body keeps its
+    text with those values replaced (see jsontext), a small one is serialised again.
     """
 
     __slots__ = (
         "_body",
+        "_capped",
         "_made",
-        "_unchanged_bytes",
+        "_raw",
+        "_text",
         "_usual_model",
         "adds_usage_option",
         "client_wants_usage",
@@ -238,13 +243,16 @@ class UpstreamBodies:
         self,
         caller_headers: Mapping[str, str],
         body: dict[str, Any],
-        unchanged_bytes: bytes,
+        raw: bytes,
+        text: ObjectText | None,
+        capped: dict[str, int],
         spec: RouteSpec,
         stream: bool,
         usual_model: str,
     ) -> None:
-        """unchanged_bytes: the caller's bytes while `body` is still what they sent, else b""."""
-        self._body, self._unchanged_bytes, self._usual_model = body, unchanged_bytes, usual_model
+        """body, raw, text: the caller's (see read_json_object); capped: the fields a policy capped."""
+        self._body, self._raw, self._text, self._capped = body, raw, text, capped
+        self._usual_model = usual_model
         self.path, self.stream = spec.path, stream
         options = body.get("stream_options")
         self.client_wants_usage = (
@@ -274,18 +282,20 @@ class UpstreamBodies:
 
     def _make(self, upstream_model: str) -> UpstreamRequest:
         body = self._body
-        if self._unchanged_bytes and not self.adds_usage_option and body.get("model") == upstream_model:
-            return UpstreamRequest(
-                self.path, body, self.stream, upstream_model, self.headers, raw=self._unchanged_bytes
-            )
-        upstream_body = {**body, "model": upstream_model}
+        changes: dict[str, Any] = dict(self._capped)
+        if body.get("model") != upstream_model:
+            changes["model"] = upstream_model
         if self.adds_usage_option:
             options = body.get("stream_options")
-            upstream_body["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-        raw = json.dumps(upstream_body).encode()
+            options = options if isinstance(options, dict) else {}
+            changes["stream_options"] = {**options, "include_usage": True}
+        if not changes:
+            return UpstreamRequest(self.path, body, self.stream, upstream_model, self.headers, raw=self._raw)
+        upstream_body = {**body, **changes}
+        if self._text is not None:
+            raw = self._text.with_values(changes)
+        else:
+            raw = json.dumps(upstream_body).encode()
         return UpstreamRequest(self.path, upstream_body, self.stream, upstream_model, self.headers, raw=raw)
 
 

@@ -10,10 +10,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import state
+from gateway import jsontext, state
 from gateway.auth import Principal
 from gateway.config import ModelConfig
 from gateway.errors import InvalidRequest, ModelNotFound, RequestTimeout, RequestTooLarge
+from gateway.jsontext import ObjectText
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 MODEL_LABEL = web.RequestKey("model_label", str)
@@ -30,8 +31,11 @@ def new_request_id() -> str:
     return "req_" + os.urandom(16).hex()
 
 
-async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
-    """The body as a JSON object and as bytes, or a 400/413 that says what is wrong."""
+async def read_json_object(
+    request: web.Request, *, spans: bool = False
+) -> tuple[dict[str, Any], bytes, ObjectText | None]:
+    """The body as a JSON object, as bytes and, if `spans` and large, as ObjectText;
+    or a 400/413 that says what is wrong."""
     server = request.app[state.CONFIG].server
     try:
         # A client that trickles its body (slowloris) holds a connection: bound the wait.
@@ -49,14 +53,14 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]
     if not raw:
         raise InvalidRequest("The request body is empty; expected a JSON object.")
     try:
-        body = json.loads(raw)
+        body, text = jsontext.parse(raw) if spans else (json.loads(raw), None)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. Send valid JSON (UTF-8)."
         ) from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    return body, raw
+    return body, raw, text
 
 
 def resolve_model(request: web.Request, body: Mapping[str, Any]) -> ModelConfig:

@@ -11,6 +11,7 @@ import openai
 import pytest
 import tiktoken
 
+from gateway.jsontext import SPANS_FROM_BYTES
 from tests.conftest import PROVIDER_KEY, USER_KEY, ConfigWriter, RunningGateway, StartGateway
 from tests.fakes.openai_upstream import FakeUpstream
 
@@ -232,6 +233,26 @@ async def test_a_changed_body_is_serialised_again(
     assert streamed["stream_options"] == {"include_usage": True}
 
 
+async def test_a_large_changed_body_keeps_the_callers_text_but_for_the_changed_values(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    # Serialised again, this would lose the spacing and the raw UTF-8 ("\u00e9" instead).
+    content = "Say hello to the caf\u00e9 " + "word " * SPANS_FROM_BYTES
+    sent = (
+        '{ "messages" : [{"role": "user", "content": ' + json.dumps(content, ensure_ascii=False) + "}],\n"
+        '  "model":  "team-model", "max_tokens": 2 }'
+    ).encode()
+    await post_bytes(gateway, sent)
+    assert fake_upstream.raw_requests == [sent.replace(b'"team-model"', b'"gpt-4o-mini"')]
+    streamed = sent.replace(b'"max_tokens": 2', b'"max_tokens": 2, "stream": true')
+    await post_bytes(gateway, streamed)
+    assert (
+        fake_upstream.raw_requests[1]
+        == b'{"stream_options":{"include_usage":true},'
+        + streamed.replace(b'"team-model"', b'"gpt-4o-mini"')[1:]
+    )
+
+
 async def test_slow_provider_times_out_with_504(
     start_gateway: StartGateway,
     config_writer: ConfigWriter,
@@ -329,7 +350,7 @@ def test_upstream_bodies_are_made_once_per_model_and_prepare_never_raises() -> N
     body = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     raw = json.dumps(body).encode()
     headers = {"anthropic-version": "2023-06-01", "authorization": "Bearer sk-caller"}
-    bodies = UpstreamBodies(headers, body, raw, chat, True, "gpt-4o-mini")
+    bodies = UpstreamBodies(headers, body, raw, None, {}, chat, True, "gpt-4o-mini")
     bodies.prepare()
     usual = bodies.for_model("gpt-4o-mini")
     assert bodies.for_model("gpt-4o-mini") is usual  # made once, in prepare
@@ -340,9 +361,13 @@ def test_upstream_bodies_are_made_once_per_model_and_prepare_never_raises() -> N
     assert json.loads(bodies.for_model("gpt-4o").raw or b"")["model"] == "gpt-4o"
     # Not renamed, not streamed: the caller's own bytes go as they are.
     plain = {"model": "gpt-4o-mini", "messages": []}
-    same = UpstreamBodies({}, plain, b'{"model": "gpt-4o-mini", "messages": []}', chat, False, "gpt-4o-mini")
-    assert same.for_model("gpt-4o-mini").raw == b'{"model": "gpt-4o-mini", "messages": []}'
-    broken = UpstreamBodies({}, {"model": "fast", "x": object()}, b"", chat, False, "gpt-4o-mini")
+    plain_raw = b'{"model": "gpt-4o-mini", "messages": []}'
+    same = UpstreamBodies({}, plain, plain_raw, None, {}, chat, False, "gpt-4o-mini")
+    assert same.for_model("gpt-4o-mini").raw == plain_raw
+    # A policy's cap is a change too.
+    capped = UpstreamBodies({}, plain, plain_raw, None, {"max_tokens": 5}, chat, False, "gpt-4o-mini")
+    assert capped.for_model("gpt-4o-mini").raw == json.dumps({**plain, "max_tokens": 5}).encode()
+    broken = UpstreamBodies({}, {"model": "fast", "x": object()}, b"", None, {}, chat, False, "gpt-4o-mini")
     broken.prepare()
     with pytest.raises(TypeError):
         broken.for_model("gpt-4o-mini")

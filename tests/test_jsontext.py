@@ -1,0 +1,115 @@
+"""Large request bodies keep their text: parsed as json.loads parses them, with the span of
+each top-level value, and changed by replacing values where they stand."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.jsontext import SPANS_FROM_BYTES, parse
+
+PADDING = "x" * SPANS_FROM_BYTES  # makes any body large enough to get its spans
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+layouts = st.sampled_from(
+    [
+        {},
+        {"separators": (",", ":")},
+        {"indent": 2},
+        {"indent": "\t", "ensure_ascii": False},
+        {"ensure_ascii": False, "separators": (" , ", " :  ")},
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=12), json_values, max_size=6), layouts, st.sampled_from(["", " \n\t\r "])
+)
+def test_parse_gives_what_json_loads_gives_and_each_values_span(
+    fields: dict[str, Any], layout: dict[str, Any], around: str
+) -> None:
+    raw = (around + json.dumps({**fields, "padding": PADDING}, **layout) + around).encode()
+    value, text = parse(raw)
+    assert value == json.loads(raw)
+    assert text is not None
+    assert text.spans.keys() == value.keys()
+    for key, (start, end) in text.spans.items():
+        assert json.loads(text.text[start:end]) == value[key]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": 1,}' + b" " * SPANS_FROM_BYTES,  # trailing comma
+        b'{"a": 1} {"b": 2}' + b" " * SPANS_FROM_BYTES,  # extra data
+        b'{"a": [1, 2' + b" " * SPANS_FROM_BYTES,  # cut short
+        b'{"a" 1}' + b" " * SPANS_FROM_BYTES,  # no colon
+        b"{a: 1}" + b" " * SPANS_FROM_BYTES,  # unquoted key
+        b'{"a": tru}' + b" " * SPANS_FROM_BYTES,
+        b'{"a": "\x01"}' + b" " * SPANS_FROM_BYTES,  # a control character in a string
+        b'{"a": "\xff"}' + b" " * SPANS_FROM_BYTES,  # not UTF-8
+        b"[" * 100_000 + b"]" * 100_000,  # too deep
+    ],
+)
+def test_parse_fails_where_json_loads_fails(raw: bytes) -> None:
+    with pytest.raises((ValueError, RecursionError)) as expected:
+        json.loads(raw)
+    with pytest.raises(type(expected.value)):
+        parse(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        ("[1, " + json.dumps(PADDING) + "]").encode(),  # not an object
+        ('{"a": 1, "a": 2, "p": ' + json.dumps(PADDING) + "}").encode(),  # a key twice
+        ("\ufeff" + '{"p": ' + json.dumps(PADDING) + "}").encode(),  # a byte order mark
+        ('{"p": ' + json.dumps(PADDING) + "}").encode("utf-16"),
+        ('{"a": NaN, "p": ' + json.dumps(PADDING) + "}").encode(),
+        ('{"p": ' + json.dumps(PADDING[:100]) + "}").encode(),  # small
+    ],
+)
+def test_other_bodies_are_parsed_as_json_loads_does_without_spans(raw: bytes) -> None:
+    value, text = parse(raw)
+    assert repr(value) == repr(json.loads(raw))  # repr: NaN is not equal to itself
+    if b'"a": 1, "a": 2' in raw or not raw.lstrip().startswith(b"{") or len(raw) < SPANS_FROM_BYTES:
+        assert text is None
+
+
+def test_changed_values_replace_the_old_ones_where_they_stand_and_the_rest_is_kept_byte_for_byte() -> None:
+    # Raw UTF-8, escapes json.dumps would write otherwise, a lone surrogate, odd spacing.
+    head = (
+        '{ "model" :"team-model" ,\n  "messages":[{"role":"user","content":"caf\u00e9 \\u00e9 \\ud800 \\/"}],'
+    )
+    raw = (head + ' "max_tokens": 900, "stream": true, "padding": "' + PADDING + '" }').encode()
+    value, text = parse(raw)
+    assert text is not None and value["max_tokens"] == 900
+    changed = text.with_values(
+        {"model": "gpt-4o-mini", "max_tokens": 64, "stream_options": {"include_usage": True}}
+    )
+    expected = raw.replace(b'"team-model"', b'"gpt-4o-mini"').replace(b"900", b"64")
+    assert changed == b'{"stream_options":{"include_usage":true},' + expected[1:]
+    assert json.loads(changed) == {
+        "stream_options": {"include_usage": True},
+        **value,
+        "model": "gpt-4o-mini",
+        "max_tokens": 64,
+    }
+
+
+def test_an_empty_object_gets_its_fields_inside_the_braces() -> None:
+    raw = b"{ " + b" " * SPANS_FROM_BYTES + b"}"
+    value, text = parse(raw)
+    assert value == {} and text is not None
+    assert json.loads(text.with_values({"model": "m", "n": 1})) == {"model": "m", "n": 1}
