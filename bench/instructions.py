@@ -1,6 +1,6 @@
 """Instructions per request of the gateway, counted by callgrind: a figure that holds still.
 
-Run: ./scripts/bench instructions [--compare REV,...] [--seconds S] [--smoke]
+Run: ./scripts/bench instructions [--compare REV,...] [--size 200|8k] [--seconds S] [--smoke]
 
 On shared machines a timed run drifts by tens of percent between rounds; the number
 of instructions the gateway executes per request does not (two runs of one tree agree
@@ -43,7 +43,6 @@ from bench.http.upstream import nginx_binary, start_nginx
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTIONS = (1, 32)
-SCENARIO = "plain-200-c1"  # the body sent; connections are set per window
 CHAT_REQUESTS = re.compile(r'^gateway_requests_total\{[^}]*route="/v1/chat/completions"[^}]*\} (\S+)$', re.M)
 
 
@@ -62,6 +61,9 @@ class Window:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="./scripts/bench instructions", description=__doc__.splitlines()[0])
     parser.add_argument("--compare", metavar="REV[,REV...]", help="git revisions to count as well")
+    parser.add_argument(
+        "--size", choices=tuple(workload.PROMPT_SIZES), default="200", help="prompt tokens per request"
+    )
     parser.add_argument("--seconds", type=int, help="seconds of load per window (default 25; smoke 2)")
     parser.add_argument("--smoke", action="store_true", help="short windows, one connection only")
     parser.add_argument("--output", type=Path, help="also write the figures as JSON here")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     worktrees: list[Path] = []
     try:
         database_url = asyncio.run(runner._create_database(server, database))
-        files = runner._write_load_files(folder, list(workload.scenarios(("200",))))
+        files = runner._write_load_files(folder, list(workload.scenarios((args.size,))))
         upstream_port = free_port()
         nginx = start_nginx(folder / "nginx", upstream_port, "1")
         processes.append(nginx)
@@ -161,7 +163,9 @@ def _count(
     path = "/v1/chat/completions"
 
     def load(connections: int, seconds: int) -> None:
-        wrk.run(url, path, files[SCENARIO], files["keys"], connections=connections, seconds=seconds, cpus="1")
+        # The body sent; the connections are set per window.
+        body = files[workload.Scenario("plain", args.size, 1).name]
+        wrk.run(url, path, body, files["keys"], connections=connections, seconds=seconds, cpus="1")
 
     load(1, args.seconds)  # warm-up, not counted: first requests fill caches
     _callgrind(gateway, "-i", "on")
