@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.jsontext import compact
 from gateway.tokens.counts import RawCount
 from gateway.tokens.images import image_size
 from gateway.tokens.registry import ModelProfile
@@ -35,7 +36,7 @@ def count_anthropic_messages(
     tools = body.get("tools")
     for tool in tools if isinstance(tools, list) else []:
         if isinstance(tool, Mapping):
-            schema = json.dumps(tool.get("input_schema", {}), separators=(",", ":"))
+            schema = compact(tool.get("input_schema", {}))
             tokens += (
                 TOKENS_PER_TOOL
                 + count(f"{tool.get('name', '')}:{tool.get('description', '')}")
@@ -66,7 +67,7 @@ def _blocks_tokens(content: Any, profile: ModelProfile, remote_image_size: tuple
         elif kind == "thinking":
             tokens += count(str(block.get("thinking", "")))
         else:
-            tokens += count(json.dumps(block, separators=(",", ":"))[:4096])
+            tokens += count(compact(block)[:4096])
     return tokens
 
 

@@ -9,10 +9,10 @@ is marked as an estimate.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from gateway.jsontext import compact
 from gateway.tokens.counts import RawCount
 from gateway.tokens.images import data_url_image_size, image_tokens
 from gateway.tokens.registry import ModelProfile
@@ -50,7 +50,7 @@ def count_chat(
     response_format = body.get("response_format")
     if isinstance(response_format, Mapping) and response_format.get("type") == "json_schema":
         # The schema is shown to the model in a form OpenAI has not published.
-        schema = json.dumps(response_format.get("json_schema"), separators=(",", ":"))
+        schema = compact(response_format.get("json_schema"))
         total += RawCount(profile.tokenizer.count(schema), False)
     return total
 
@@ -92,7 +92,7 @@ def count_content_parts(
             tokens, exact = tokens + image.tokens, exact and image.exact
         else:
             # Audio and files: no published rule; their text (if any) is a lower bound.
-            tokens += profile.tokenizer.count(json.dumps(part, separators=(",", ":"))[:4096])
+            tokens += profile.tokenizer.count(compact(part)[:4096])
             exact = False
     return RawCount(tokens, exact)
 
@@ -161,7 +161,7 @@ def count_functions(definitions: list[Mapping[str, Any]], profile: ModelProfile)
             tokens += count(f"{name}:{kind}:{_strip_period(schema.get('description'))}")
             nested = {key: schema[key] for key in ("properties", "items", "anyOf", "oneOf") if key in schema}
             if nested or not isinstance(kind, str):
-                tokens += count(json.dumps(nested, separators=(",", ":")))
+                tokens += count(compact(nested))
                 exact = False
     return RawCount(tokens, exact)
 
@@ -217,7 +217,7 @@ def count_responses(
             parts = content if isinstance(content, str) else [_as_chat_part(part) for part in content]
             messages.append({"role": item["role"], "content": parts})
         else:
-            messages.append({"role": "tool", "content": json.dumps(item, separators=(",", ":"))})
+            messages.append({"role": "tool", "content": compact(item)})
     counted = count_chat({**body, "messages": messages}, profile, remote_image_size)
     return RawCount(counted.tokens, False)
 

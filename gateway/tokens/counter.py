@@ -19,6 +19,8 @@ from gateway.tokens.prompts import count_prompt_input
 from gateway.tokens.registry import ModelProfile, TokenizerRegistry
 
 ROUTES = ("chat", "completions", "embeddings", "messages", "responses")
+# Made once: json.dumps with options builds an encoder on every call.
+_SORTED = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
 
 
 class MessageCache:
@@ -65,7 +67,7 @@ def _message_bytes(message: Mapping[str, Any]) -> bytes:
     if len(message) == 2 and isinstance(role, str) and isinstance(content, str):
         role_bytes = role.encode()
         return b"\x01%d:%b%b" % (len(role_bytes), role_bytes, content.encode())
-    return json.dumps(message, sort_keys=True, ensure_ascii=False).encode()
+    return _SORTED.encode(message).encode()
 
 
 class PromptCounter:
