@@ -20,6 +20,7 @@ from gateway.app import create_app
 from gateway.config import load_config
 from gateway.jsontext import SPANS_FROM_BYTES
 from tests.conftest import USER_KEY, _sha256
+from tests.strategies import json_values
 
 ROUTES = [
     "/v1/chat/completions",
@@ -37,13 +38,6 @@ DOCUMENTED = set(
 )
 ALLOWED_STATUSES = {200, 400, 401, 403, 404, 405, 413, 429}
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
-    ),
-    max_leaves=30,
-)
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system", "tool", "nobody", ""]), "content": json_values}
 )

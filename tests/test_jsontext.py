@@ -11,16 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.jsontext import SPANS_FROM_BYTES, parse
+from tests.strategies import json_values
 
 PADDING = "x" * SPANS_FROM_BYTES  # makes any body large enough to get its spans
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=12,
-)
 layouts = st.sampled_from(
     [
         {},
