@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.jsontext import SPANS_FROM_BYTES, parse
+from gateway.jsontext import MAX_SPANNED_KEYS, SPANS_FROM_BYTES, parse
 from tests.strategies import json_values
 
 PADDING = "x" * SPANS_FROM_BYTES  # makes any body large enough to get its spans
@@ -70,15 +70,25 @@ def test_parse_fails_where_json_loads_fails(raw: bytes) -> None:
         ('{"a": 1, "a": 2, "p": ' + json.dumps(PADDING) + "}").encode(),  # a key twice
         ("\ufeff" + '{"p": ' + json.dumps(PADDING) + "}").encode(),  # a byte order mark
         ('{"p": ' + json.dumps(PADDING) + "}").encode("utf-16"),
-        ('{"a": NaN, "p": ' + json.dumps(PADDING) + "}").encode(),
         ('{"p": ' + json.dumps(PADDING[:100]) + "}").encode(),  # small
+        # One key more than are spanned.
+        json.dumps({"p": PADDING, **{f"k{index}": index for index in range(MAX_SPANNED_KEYS)}}).encode(),
     ],
 )
 def test_other_bodies_are_parsed_as_json_loads_does_without_spans(raw: bytes) -> None:
     value, text = parse(raw)
+    assert value == json.loads(raw)
+    assert text is None
+
+
+def test_json_loads_extensions_are_kept_as_it_keeps_them() -> None:
+    raw = (
+        '{"a": NaN, "b": -Infinity, "c": 12345678901234567890123, "p": ' + json.dumps(PADDING) + "}"
+    ).encode()
+    value, text = parse(raw)
     assert repr(value) == repr(json.loads(raw))  # repr: NaN is not equal to itself
-    if b'"a": 1, "a": 2' in raw or not raw.lstrip().startswith(b"{") or len(raw) < SPANS_FROM_BYTES:
-        assert text is None
+    assert text is not None
+    assert text.with_values({"model": "m"}) == b'{"model":"m",' + raw[1:]
 
 
 def test_changed_values_replace_the_old_ones_where_they_stand_and_the_rest_is_kept_byte_for_byte() -> None:
