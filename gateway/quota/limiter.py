@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib import resources
@@ -386,10 +386,14 @@ class QuotaLimiter:
                 [(charges[i], spans[i], states[i], 0) for i in group],
             )
 
-    async def settle(self, reservation: Reservation, actual: Sequence[int]) -> None:
-        """Replace each charge's reserved amount with `actual[i]` (same order as charges)."""
+    def settle(self, reservation: Reservation, actual: Sequence[int]) -> Awaitable[object]:
+        """Replace each charge's reserved amount with `actual[i]` (same order as charges).
+
+        Not a coroutine itself: with one Redis it hands back the script call's own, two
+        frames fewer for every request's settlement to pass through.
+        """
         if not reservation.charges:
-            return
+            return _nothing()
         entries = [
             (charge, spans, state, amount)
             for charge, state, amount, spans in zip(
@@ -397,22 +401,34 @@ class QuotaLimiter:
             )
             if state.charged
         ]
-        for group in self._groups(len(entries), [entry[0] for entry in entries]):
-            await self._call_settle(reservation.id, [entries[i] for i in group])
+        groups = self._groups(len(entries), [entry[0] for entry in entries])
+        if len(groups) == 1:  # all of them (see _groups)
+            return self._call_settle(reservation.id, entries)
+        return self._settle_groups(reservation.id, entries, groups)
 
-    async def _call_settle(
+    async def _settle_groups(
         self,
         reservation_id: str,
         entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
+        groups: list[list[int]],
     ) -> None:
+        for group in groups:
+            await self._call_settle(reservation_id, [entries[i] for i in group])
+
+    def _call_settle(
+        self,
+        reservation_id: str,
+        entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
+    ) -> Awaitable[object]:
         if self._batcher is not None:
             command = self._settle_command(reservation_id, entries)
-            if command is not None:
-                await self._run("settle", self._settle, [], [], defer=True, command=command)
-            return
+            if command is None:
+                return _nothing()
+            return self._run("settle", self._settle, [], [], defer=True, command=command)
         keys, args = self._settle_call(reservation_id, entries)
-        if keys:
-            await self._run("settle", self._settle, keys, args, defer=True)
+        if not keys:
+            return _nothing()
+        return self._run("settle", self._settle, keys, args, defer=True)
 
     def _settle_command(
         self,
@@ -503,6 +519,10 @@ class QuotaLimiter:
             except Exception as exc:
                 raise QuotaStoreUnavailable(str(exc)) from exc
         return deleted
+
+
+async def _nothing() -> None:
+    """An awaitable that does nothing: a settlement with nothing charged."""
 
 
 async def _drop_idle_connections(redis: Redis) -> None:
