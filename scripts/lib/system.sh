@@ -26,3 +26,14 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y -q --no-install-recommends "$@"
 }
+
+# Installs each named tool from the Debian package of the same name, unless it is
+# already on PATH or in /usr/sbin (nginx lives there and is not on a user's PATH).
+ensure_tools() {
+  local tool
+  for tool in "$@"; do
+    if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
+      apt_install "$tool" >/dev/null
+    fi
+  done
+}
