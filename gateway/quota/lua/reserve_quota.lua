@@ -184,7 +184,8 @@ for i = 1, #KEYS / 3 do
     buckets = KEYS[3 * i - 2], pending = KEYS[3 * i - 1],
     kind = ARGV[base], window = ARGV[base + 1], capacity = tonumber(ARGV[base + 2]),
     a = tonumber(ARGV[base + 3]), b = tonumber(ARGV[base + 4]),
-    amount = tonumber(ARGV[base + 5]), enforced = ARGV[base + 6] == '1',
+    amount = tonumber(ARGV[base + 5]), amount_text = ARGV[base + 5],
+    enforced = ARGV[base + 6] == '1',
   }
   refund_expired(limit)
   load_usage(limit)
@@ -207,7 +208,7 @@ local result = {rejecting == 0 and 1 or 0, now_ms, rejecting, retry_after, 0}
 -- anew (by sprintf) every time it is passed or joined, about a microsecond apiece.
 local expires_at = string.format('%d', now_ms + lifetime_ms)
 local lifetime = ARGV[3]
-for i, limit in ipairs(limits) do
+for _, limit in ipairs(limits) do
   -- A shadow limit that would reject is reported, and not charged.
   local charged = rejecting == 0 and limit.fits and limit.amount > 0
   local bucket = limit.current or 0
@@ -222,7 +223,7 @@ for i, limit in ipairs(limits) do
       else
         keep_ms = limit.b - now_ms + 1000
       end
-      local amount, field = ARGV[4 + 7 * (i - 1) + 5], string.format('%d', bucket)
+      local amount, field = limit.amount_text, string.format('%d', bucket)
       local held = redis.call('HINCRBY', limit.buckets, field, amount)
       if limit.untotalled then
         redis.call('HSET', limit.buckets, TOTAL, amount, FROM, limit.oldest)
