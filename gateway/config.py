@@ -98,6 +98,8 @@ class ProviderConfig:
     # The mock provider's pace: seconds to the first token, then tokens per second (0: at once).
     latency_seconds: float = 0.0
     tokens_per_second: float = 0.0
+    # Open connections to the provider per worker; past it a request waits (0: no cap).
+    max_connections: int = 0
 
 
 @dataclass(frozen=True)
@@ -382,6 +384,7 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
                 "api_version",
                 "latency_seconds",
                 "tokens_per_second",
+                "max_connections",
             }
         )
         kind = entry.require("type").as_choice(PROVIDER_TYPES)
@@ -394,6 +397,7 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
         if kind == "azure" and version is None:
             entry.child("api_version", None).fail("is required for providers of type azure (e.g. 2024-10-21)")
         latency, rate = entry.get("latency_seconds"), entry.get("tokens_per_second")
+        connections = entry.get("max_connections")
         providers[name] = ProviderConfig(
             name=name,
             type=kind,
@@ -403,6 +407,7 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
             api_version=version.as_str() if version else None,
             latency_seconds=latency.as_float(minimum=0) if latency else 0.0,
             tokens_per_second=rate.as_float(minimum=0) if rate else 0.0,
+            max_connections=connections.as_int(minimum=0) if connections else 0,
         )
     if not providers:
         node.fail("at least one provider is required")

@@ -35,6 +35,7 @@ def test_defaults_fill_what_is_left_out(tmp_path: Path) -> None:
     assert config.models["m"].upstream_model == "m"
     assert config.quota.default_max_completion_tokens == 4096
     assert config.keys == ()
+    assert config.providers["mock"].max_connections == 0
 
 
 def test_environment_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,6 +64,10 @@ def test_environment_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         (MINIMAL + "server: {prot: 8080}\n", "server.prot: unknown key"),
         (MINIMAL + "server: {port: eighty}\n", "server.port: expected an integer"),
         (MINIMAL + "server: {port: -1}\n", "server.port: must be at least 0, got -1"),
+        (
+            "providers:\n  mock: {type: mock, max_connections: -5}\nmodels:\n  m: {provider: mock}\n",
+            "providers.mock.max_connections: must be at least 0, got -5",
+        ),
         ("models:\n  m: {provider: mock}\n", "providers: is required"),
         (
             "providers:\n  mock: {type: mock}\nmodels:\n  m: {provider: nope}\n",

@@ -208,3 +208,55 @@ async def test_a_departing_client_stops_the_upstream_and_is_accounted(
     ]
     # No settlement task is left behind.
     assert not gateway.app[state.SETTLEMENT]._tasks
+
+
+@pytest.mark.parametrize(
+    ("model", "calls", "most_at_once"),
+    [("gpt-4o-mini", 130, 130), ("capped-model", 30, 10)],
+    ids=["no-cap", "max-connections-10"],
+)
+async def test_concurrent_calls_beyond_a_connection_pool(
+    start_gateway: StartGateway,
+    config_writer: ConfigWriter,
+    fake_upstream: FakeUpstream,
+    upstream_url: str,
+    pg: asyncpg.Connection,
+    model: str,
+    calls: int,
+    most_at_once: int,
+) -> None:
+    """Model calls last long and pile up. By default all of them reach the provider at
+    once (aiohttp's own default pool holds 100); with `max_connections` the rest wait for
+    a free connection, longer than connect_seconds, and none fails for it."""
+    timeouts = "{connect_seconds: 0.5, first_byte_seconds: 10, idle_seconds: 5, total_seconds: 10}"
+    config_writer.timeouts = timeouts
+    config_writer.extra_providers = textwrap.dedent(
+        f"""\
+        capped:
+          type: openai
+          base_url: {upstream_url}
+          api_key_env: FAKE_PROVIDER_KEY
+          max_connections: 10
+          timeouts: {timeouts}
+        """
+    )
+    config_writer.extra_models = "capped-model: {provider: capped, upstream_model: gpt-4o-mini}\n"
+    fake_upstream.delay_seconds = 1.5 if most_at_once == calls else 0.6
+    gateway = await start_gateway()
+
+    async def call(session: aiohttp.ClientSession) -> int:
+        async with session.post(
+            f"{gateway.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {USER_KEY}"},
+            json={"model": model, "messages": HI, "max_tokens": 5},
+        ) as response:
+            await response.read()
+            return response.status
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        statuses = await asyncio.gather(*(call(session) for _ in range(calls)))
+    assert statuses == [200] * calls
+    assert len(fake_upstream.requests) == calls
+    assert fake_upstream.most_delayed == most_at_once
+    await gateway.settle()
+    assert await pg.fetchval("SELECT count(*) FROM usage_events WHERE status = 200") == calls

@@ -31,8 +31,16 @@ class HttpProvider:
         # Read once at start-up; the key never leaves this object except upstream.
         self._api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
         self._session = aiohttp.ClientSession(
+            # aiohttp's default pool holds 100 connections, and its `connect` timeout counts
+            # the wait for one: model calls last long, so the 101st call at once would fail
+            # after connect_seconds. The pool is as large as the operator says (unbounded by
+            # default), connect_seconds bounds the connection itself, and a wait for a free
+            # connection counts towards the first byte.
+            connector=aiohttp.TCPConnector(limit=config.max_connections),
             timeout=aiohttp.ClientTimeout(
-                total=None, connect=config.timeouts.connect_seconds, sock_read=config.timeouts.idle_seconds
+                total=None,
+                sock_connect=config.timeouts.connect_seconds,
+                sock_read=config.timeouts.idle_seconds,
             ),
             auto_decompress=True,
             # The provider's cookies are never kept, so never mixed between callers.

@@ -43,6 +43,9 @@ class FakeUpstream:
     bill_max_tokens: bool = False
     mode: str = "ok"  # ok | error_500 | error_429 | garbage | cut_stream | stall_stream | no_usage
     delay_seconds: float = 0.0
+    # Chat requests inside their delay now, and the most there were at once.
+    delayed: int = 0
+    most_delayed: int = 0
     # Pause between stream chunks (and, in stall_stream mode, the stall after the first).
     chunk_delay_seconds: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -244,7 +247,12 @@ class FakeUpstream:
         self.requests.append(body)
         self.headers_seen.append(dict(request.headers))
         if self.delay_seconds:
-            await asyncio.sleep(self.delay_seconds)
+            self.delayed += 1
+            self.most_delayed = max(self.most_delayed, self.delayed)
+            try:
+                await asyncio.sleep(self.delay_seconds)
+            finally:
+                self.delayed -= 1
         if self.mode == "error_500":
             return _error(500, "The server had an error while processing your request.", "server_error")
         if self.mode == "error_429":
