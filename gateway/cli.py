@@ -9,6 +9,7 @@ import ctypes
 import gc
 import json
 import logging
+import resource
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -141,6 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config.server.log_level, config.server.log_json)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    open_files = _raise_open_file_limit()
     if config.server.workers > 1 and not args.worker:
         from gateway.workers import supervise
 
@@ -149,7 +151,12 @@ def _serve(args: argparse.Namespace) -> int:
     app.on_startup.append(_settle_memory)
     loop, loop_name = _event_loop()
     logging.getLogger("gateway").info(
-        "gateway %s listening on http://%s:%d (%s)", __version__, host, port, loop_name
+        "gateway %s listening on http://%s:%d (%s, %s open files)",
+        __version__,
+        host,
+        port,
+        loop_name,
+        open_files,
     )
     # Cancel the handler of a client that left, so its upstream call stops too; the
     # request path settles and records in a task of its own, which is not cancelled.
@@ -166,6 +173,24 @@ def _serve(args: argparse.Namespace) -> int:
         loop=loop,
     )
     return 0
+
+
+def _raise_open_file_limit() -> int:
+    """Lifts the soft limit of open files to the hard one; returns the limit now in force.
+
+    Each call in flight holds two sockets (the client's and the provider's), and model
+    calls last long. systemd starts services with a soft limit of 1,024, so without this
+    the gateway would refuse connections past some 500 calls at once.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):  # above the kernel's nr_open: keep what was given
+        return soft
+    return wanted
 
 
 def _event_loop() -> tuple[asyncio.AbstractEventLoop, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import subprocess
 import sys
 import textwrap
@@ -39,13 +40,21 @@ def write_config(
     )
 
 
-def serve(directory: Path, port: int) -> subprocess.Popen[bytes]:
+def serve(directory: Path, port: int, *, open_files: int | None = None) -> subprocess.Popen[bytes]:
+    """open_files: the soft limit of open files the process starts with (as systemd sets one)."""
+
+    def limit_open_files() -> None:
+        if open_files is not None:
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
+
     # Request log lines would fill an unread pipe and block the gateway: a file it is.
     return subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml", "--port", str(port)],
         cwd=directory,
         env={**os.environ, "FAKE_PROVIDER_KEY": PROVIDER_KEY},
         stderr=(directory / f"gateway-{port}.log").open("a"),
+        preexec_fn=limit_open_files,
     )
 
 
