@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
-
+from gateway import __version__
 from gateway.config import ProviderConfig
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.providers.base import UpstreamReply, UpstreamRequest
-
-# Provider headers a client may see; everything else (cookies, auth, hop-by-hop) stays.
-RELAYED_RESPONSE_HEADERS = ("Retry-After",)
+from gateway.providers.http1 import (
+    ConnectionDropped,
+    ConnectionFailed,
+    ConnectionPool,
+    MalformedResponse,
+    Response,
+)
 
 
 class HttpProvider:
@@ -29,26 +32,23 @@ class HttpProvider:
         self._base_url = config.base_url
         self._timeouts = config.timeouts
         # Read once at start-up; the key never leaves this object except upstream.
-        self._api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
-        self._session = aiohttp.ClientSession(
-            # aiohttp's default pool holds 100 connections, and its `connect` timeout counts
-            # the wait for one: model calls last long, so the 101st call at once would fail
-            # after connect_seconds. The pool is as large as the operator says (unbounded by
-            # default), connect_seconds bounds the connection itself, and a wait for a free
-            # connection counts towards the first byte.
-            connector=aiohttp.TCPConnector(limit=config.max_connections),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=config.timeouts.connect_seconds,
-                sock_read=config.timeouts.idle_seconds,
-            ),
-            auto_decompress=True,
-            # The provider's cookies are never kept, so never mixed between callers.
-            cookie_jar=aiohttp.DummyCookieJar(),
+        # Stripped: a key kept in a file often ends in a newline, which no header may hold.
+        key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        self._api_key = key.strip() if key else None
+        # As many connections as calls run at once, unless the operator caps them;
+        # connect_seconds bounds opening one, and a wait for a free one (past the cap)
+        # counts towards the first byte.
+        self._pool = ConnectionPool(
+            config.base_url,
+            max_connections=config.max_connections,
+            connect_seconds=config.timeouts.connect_seconds,
+            idle_seconds=config.timeouts.idle_seconds,
+            user_agent=f"llm-gateway/{__version__}",
         )
+        self._origin_length = len(self._pool.origin)
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._pool.close()
 
     def url(self, request: UpstreamRequest) -> str:
         raise NotImplementedError
@@ -72,60 +72,52 @@ class HttpProvider:
         # first the sooner of first byte and total, then what is left of the total.
         total = None if request.stream else timeouts.total_seconds
         sooner = timeouts.first_byte_seconds if total is None else min(timeouts.first_byte_seconds, total)
+        # url() begins with base_url, whose origin is the pool's.
+        target = self.url(request)[self._origin_length :]
         try:
             async with asyncio.timeout_at(started + sooner) as deadline:
-                response = await self._session.post(
-                    self.url(request), data=payload, headers=self.headers(request)
-                )
+                response = await self._pool.post(target, self.headers(request), payload)
                 deadline.reschedule(None if total is None else started + total)
                 if request.stream and response.status == 200:
                     return UpstreamReply(
                         status=200,
-                        content_type=response.headers.get("Content-Type", "text/event-stream"),
+                        content_type=response.headers.get("content-type", "text/event-stream"),
                         chunks=self._chunks(response),
-                        close=_releaser(response),
+                        close=_closer(response),
                     )
                 try:
                     body = await response.read()
                 finally:
-                    response.release()
+                    response.close()
         except TimeoutError as exc:
             raise UpstreamTimeout(f"Provider '{self.name}' did not answer in time.") from exc
-        except aiohttp.ClientError as exc:
+        except (ConnectionFailed, ConnectionDropped, MalformedResponse) as exc:
             raise UpstreamError(
                 f"Provider '{self.name}' could not be reached ({type(exc).__name__}).",
                 code="upstream_unreachable",
             ) from exc
         return UpstreamReply(
             status=response.status,
-            content_type=response.headers.get("Content-Type", "application/json"),
+            content_type=response.headers.get("content-type", "application/json"),
             body=body,
-            retry_after=response.headers.get("Retry-After"),
+            retry_after=response.headers.get("retry-after"),
         )
 
-    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _chunks(self, response: Response) -> AsyncIterator[bytes]:
         try:
-            async for data in response.content.iter_any():
+            async for data in response.pieces():
                 yield data
         except TimeoutError as exc:
             raise UpstreamTimeout(f"Provider '{self.name}' stalled mid-stream.") from exc
-        except aiohttp.ClientError as exc:
+        except (ConnectionDropped, MalformedResponse) as exc:
             raise UpstreamError(
                 f"Provider '{self.name}' cut the stream ({type(exc).__name__}).", code="upstream_stream_cut"
             ) from exc
 
 
-def _releaser(response: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
-    async def release() -> None:
-        # A stream left unread must not go back to the pool: close its connection.
-        if response.content.at_eof():
-            response.release()
-        else:
-            response.close()
+def _closer(response: Response) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        # A stream left unread does not go back to the pool: its connection is closed.
+        response.close()
 
-    return release
-
-
-def safe_headers(headers: Mapping[str, str], allowed: tuple[str, ...]) -> dict[str, str]:
-    lowered = {name.lower(): value for name, value in headers.items()}
-    return {name: lowered[name] for name in allowed if name in lowered}
+    return close
