@@ -226,7 +226,13 @@ async def relay_stream(
             # Events that arrived together leave together: one write, not one per event.
             passed = [event for event in splitter.feed(data) if observer.observe(event)]
             if passed:
-                await response.write(b"".join(passed))
+                events = b"".join(passed)
+                if reply.chunks_over() and not splitter.remainder():
+                    # The provider's stream ended with these events: they and the end
+                    # of ours go out in one write (this waits for nothing more).
+                    await response.write_eof(events)
+                else:
+                    await response.write(events)
                 if first_event:
                     first_event = False
                     exchange.first_event_at = time.monotonic()

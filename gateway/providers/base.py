@@ -44,6 +44,10 @@ async def _nothing_to_close() -> None:
     return None
 
 
+def _not_known_to_be_over() -> bool:
+    return False
+
+
 @dataclass
 class UpstreamReply:
     """The provider's answer: a whole body, or raw SSE bytes as they arrive."""
@@ -54,6 +58,8 @@ class UpstreamReply:
     chunks: AsyncIterator[bytes] | None = None
     close: Callable[[], Awaitable[None]] = field(default=_nothing_to_close)
     retry_after: str | None = None
+    # Whether every chunk of the stream has been taken (True only once that is known).
+    chunks_over: Callable[[], bool] = field(default=_not_known_to_be_over)
 
 
 class Provider(Protocol):

@@ -1,4 +1,4 @@
-"""The HTTP side shared by every remote provider: one session, timeouts, streaming reads."""
+"""The HTTP side shared by every remote provider: a connection pool, timeouts, streaming reads."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ class HttpProvider:
                         content_type=response.headers.get("content-type", "text/event-stream"),
                         chunks=self._chunks(response),
                         close=_closer(response),
+                        chunks_over=response.taken,
                     )
                 try:
                     body = await response.read()

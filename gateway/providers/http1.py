@@ -85,9 +85,9 @@ class Response:
             self._given_back = True
             self._pool.give_back(self._connection)
 
-    @property
-    def complete(self) -> bool:
-        return self._connection.complete
+    def taken(self) -> bool:
+        """Whether the whole body has arrived and been taken."""
+        return self._given_back or self._connection.complete
 
 
 class ConnectionPool:
