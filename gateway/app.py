@@ -25,7 +25,7 @@ from gateway.ledger.spool import Spool
 from gateway.metrics import MULTIPROCESS_ENV, Metrics
 from gateway.middlewares import authenticate, authenticate_admin, errors_and_metrics
 from gateway.policies import PolicyHolder
-from gateway.providers import build_provider
+from gateway.providers import build_providers
 from gateway.quota.limiter import QuotaLimiter
 from gateway.quota.service import QuotaService
 from gateway.quota.store import open_redis
@@ -185,10 +185,7 @@ def _limiter(clock_ms: Callable[[], int] | None) -> Callable[[web.Application], 
 
 async def _providers(app: web.Application) -> AsyncIterator[None]:
     config = app[state.CONFIG]
-    providers = {
-        name: build_provider(provider, app[state.COUNTER].registry)
-        for name, provider in config.providers.items()
-    }
+    providers = build_providers(config.providers, app[state.COUNTER].registry)
     app[state.PROVIDERS] = providers
     app[state.ROUTER] = Router(providers, config.routing, app[state.METRICS])
     yield

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import ProviderConfig
+from gateway.providers import build_providers
 from gateway.providers.http1 import (
     HEAD_LIMIT_BYTES,
     ConnectionDropped,
@@ -28,6 +30,7 @@ from gateway.providers.http1 import (
     MalformedResponse,
     _Connection,
 )
+from gateway.tokens import TokenizerRegistry
 
 BODY = b'{"id":"chatcmpl-1","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"}}]}'
 
@@ -419,3 +422,17 @@ async def test_https_verifies_the_provider_certificate(
         assert [await post(trusting) for _ in range(2)] == [(200, BODY)] * 2
         await trusting.close()
     assert len(server.requests) == 2
+
+
+def test_https_providers_share_one_tls_context() -> None:
+    """Making a context loads the trust store (about 1 MB and 23 ms here): once for all."""
+    configs = {
+        "openai": ProviderConfig("openai", "openai", base_url="https://api.example.test/v1"),
+        "anthropic": ProviderConfig("anthropic", "anthropic", base_url="https://api.example.test"),
+        "local": ProviderConfig("local", "openai", base_url="http://127.0.0.1:8000/v1"),
+    }
+    providers = build_providers(configs, TokenizerRegistry())
+    contexts = [providers[name]._pool._ssl for name in ("openai", "anthropic", "local")]
+    assert isinstance(contexts[0], ssl.SSLContext)
+    assert contexts[1] is contexts[0]
+    assert contexts[2] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from gateway import __version__
@@ -25,7 +26,8 @@ class HttpProvider:
 
     wire_formats: frozenset[str] = frozenset({"openai"})
 
-    def __init__(self, config: ProviderConfig) -> None:
+    def __init__(self, config: ProviderConfig, tls: ssl.SSLContext | None = None) -> None:
+        """tls: the context for https, shared with the other providers (see ConnectionPool)."""
         assert config.base_url is not None
         self.name = config.name
         self._config = config
@@ -44,6 +46,7 @@ class HttpProvider:
             connect_seconds=config.timeouts.connect_seconds,
             idle_seconds=config.timeouts.idle_seconds,
             user_agent=f"llm-gateway/{__version__}",
+            tls=tls,
         )
         self._origin_length = len(self._pool.origin)
 
