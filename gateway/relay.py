@@ -25,6 +25,8 @@ log = logging.getLogger("gateway.relay")
 
 _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _DONE = b"[DONE]"
+# The Responses API's last event: its data's own type (escaped quotes in text never match).
+_RESPONSE_OVER = re.compile(rb'"type"\s*:\s*"response\.(?:completed|failed|incomplete)"')
 UNPARSED_LIMIT_BYTES = 256 * 1024
 
 
@@ -69,6 +71,10 @@ class StreamObserver(Protocol):
 
     def observe(self, event: bytes) -> bool: ...
 
+    def ends_stream(self, event: bytes) -> bool:
+        """Whether this (observed) event is the wire format's last one."""
+        ...
+
     def error_event(self, message: str, code: str) -> bytes: ...
 
 
@@ -110,6 +116,9 @@ class OpenAIStream:
                 self._tally_unparsed()
         return True
 
+    def ends_stream(self, event: bytes) -> bool:
+        return len(event) < 32 and event_data(event) == _DONE
+
     def _tally_unparsed(self) -> None:
         for event in self._unparsed:
             chunk = _chunk_of(event)
@@ -133,6 +142,9 @@ class ResponsesStream(OpenAIStream):
     def __init__(self, count: Callable[[str], int]) -> None:
         super().__init__(count, withhold_usage_chunk=False)
 
+    def ends_stream(self, event: bytes) -> bool:
+        return _RESPONSE_OVER.search(event) is not None
+
 
 class AnthropicStream:
     """Messages events: input tokens in message_start, output tokens in message_delta."""
@@ -142,6 +154,7 @@ class AnthropicStream:
         self.text = TextTally(count)
         # message_start's usage: the input tokens, known before any output.
         self.started: Usage | None = None
+        self._stopped = False
 
     def observe(self, event: bytes) -> bool:
         payload = event_data(event)
@@ -154,6 +167,8 @@ class AnthropicStream:
             self.started = anthropic_wire.message_usage(
                 message.get("usage") if isinstance(message, Mapping) else None
             )
+        elif kind == "message_stop":
+            self._stopped = True
         elif kind == "message_delta" and self.started is not None:
             usage = data.get("usage")
             output = usage.get("output_tokens") if isinstance(usage, Mapping) else None
@@ -166,6 +181,9 @@ class AnthropicStream:
                 if isinstance(piece, str):
                     self.text.add(piece)
         return True
+
+    def ends_stream(self, event: bytes) -> bool:
+        return self._stopped
 
     def error_event(self, message: str, code: str) -> bytes:
         return anthropic_wire.error_event(message)
@@ -208,7 +226,7 @@ async def relay_stream(
 ) -> web.StreamResponse:
     """Pass SSE events through as they come; note usage; survive either side leaving."""
     assert reply.chunks is not None
-    response = web.StreamResponse(
+    response = SseResponse(
         status=200,
         headers={
             **headers,
@@ -227,10 +245,9 @@ async def relay_stream(
             passed = [event for event in splitter.feed(data) if observer.observe(event)]
             if passed:
                 events = b"".join(passed)
-                if reply.chunks_over() and not splitter.remainder():
-                    # The provider's stream ended with these events: they and the end
-                    # of ours go out in one write (this waits for nothing more).
-                    await response.write_eof(events)
+                if response.holding or observer.ends_stream(passed[-1]) or reply.chunks_over():
+                    # The end of the answer: it leaves after the usage is recorded.
+                    response.hold(events)
                 else:
                     await response.write(events)
                 if first_event:
@@ -238,13 +255,13 @@ async def relay_stream(
                     exchange.first_event_at = time.monotonic()
         exchange.upstream_finished()
         if splitter.remainder().strip():
-            await response.write(splitter.remainder() + b"\n\n")
+            response.hold(splitter.remainder() + b"\n\n")
     except GatewayError as exc:
         # Headers are gone already: tell the client in-band, as the provider would.
         exchange.upstream_finished()
         exchange.error_code = exc.code
         log.warning("stream %s failed upstream: %s", exchange.request_id, exc.message)
-        await _write_quietly(response, observer.error_event(exc.message, exc.code), exchange)
+        response.hold(observer.error_event(exc.message, exc.code))
     except ConnectionError:
         exchange.upstream_finished()
         exchange.client_disconnected = True
@@ -257,23 +274,33 @@ async def relay_stream(
             exchange.relayed_tokens = observer.text.tokens
         if isinstance(observer, AnthropicStream) and observer.started is not None:
             exchange.reported_prompt_tokens = observer.started.prompt_tokens
-    if not exchange.client_disconnected:
-        await _write_eof_quietly(response, exchange)
+    # aiohttp ends the response (see SseResponse) once the handler has recorded the usage.
     return response
 
 
-async def _write_quietly(response: web.StreamResponse, data: bytes, exchange: Exchange) -> None:
-    try:
-        await response.write(data)
-    except ConnectionError:
-        exchange.client_disconnected = True
+class SseResponse(web.StreamResponse):
+    """A stream whose last events go out with its end, after the handler returns.
 
+    The handler spools the usage record as it returns, and aiohttp then calls
+    write_eof: so a client never holds a whole answer whose record is not on disk, and
+    a gateway killed in between loses no answered request. Holding costs no latency:
+    it starts only once the provider's stream is over or has sent its final event.
+    """
 
-async def _write_eof_quietly(response: web.StreamResponse, exchange: Exchange) -> None:
-    try:
-        await response.write_eof()
-    except ConnectionError:
-        exchange.client_disconnected = True
+    def __init__(self, *, status: int, headers: Mapping[str, str]) -> None:
+        super().__init__(status=status, headers=headers)
+        self._tail: list[bytes] = []
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._tail)
+
+    def hold(self, data: bytes) -> None:
+        self._tail.append(data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        tail, self._tail = self._tail, []
+        await super().write_eof(b"".join(tail) + data if tail else data)
 
 
 def upstream_failure(reply: UpstreamReply, provider: str) -> GatewayError:

@@ -32,9 +32,11 @@ from tests.conftest import (
     OTHER_KEY,
     USER_KEY,
     ConfigWriter,
+    RunningGateway,
     StartGateway,
     free_port,
 )
+from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeUpstream
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.processes import serve, wait_healthy, write_config
@@ -175,6 +177,46 @@ async def test_a_killed_gateway_writes_its_spool_after_restart(
     assert len(set(ids) - load.received) <= load.failed
     assert before_restart < received_before, "the kill did leave records unwritten"
     await rollups_match_events(pg)
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "last_line"),
+    [
+        ("/v1/chat/completions", "gpt-4o-mini", b"data: [DONE]"),
+        ("/v1/responses", "gpt-4o-mini", b"event: response.completed"),
+        ("/v1/messages", "claude-native", b"event: message_stop"),
+    ],
+)
+async def test_a_streams_last_event_reaches_the_client_after_its_record_is_spooled(
+    gateway: RunningGateway,
+    fake_upstream: FakeUpstream,
+    fake_anthropic: FakeAnthropic,
+    path: str,
+    model: str,
+    last_line: bytes,
+) -> None:
+    """A gateway killed once a client has a whole stream must still have its usage."""
+    # The provider waits after its last event: the gateway must not wait with the record.
+    fake_upstream.linger_seconds = fake_anthropic.linger_seconds = 0.3
+    spool = gateway.app[state.LEDGER].spool
+    before = spool.appended
+    body: dict[str, Any] = {"model": model, "max_tokens": 5, "stream": True}
+    body |= {"input": "hi"} if path == "/v1/responses" else {"messages": HI}
+    lines: list[bytes] = []
+    records_at_last_line = None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{gateway.url}{path}", json=body, headers={"x-api-key": USER_KEY}) as response,
+    ):
+        assert response.status == 200
+        async for line in response.content:
+            lines.append(line.rstrip())
+            if line.rstrip() == last_line:
+                records_at_last_line = spool.appended - before
+    assert lines.count(last_line) == 1
+    assert records_at_last_line == 1
+    await gateway.settle()
+    assert spool.appended - before == 1
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ class FakeAnthropic:
     input_tokens: int = 21
     cache_read_input_tokens: int = 0
     mode: str = "ok"  # ok | overloaded | cut_stream
+    # Pause after a stream's last event before ending the response.
+    linger_seconds: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
 
@@ -82,4 +85,5 @@ class FakeAnthropic:
             },
         )
         await event("message_stop", {"type": "message_stop"})
+        await asyncio.sleep(self.linger_seconds)
         return response

@@ -61,6 +61,8 @@ class FakeUpstream:
     active_streams: int = 0
     # Stream this many 32 KiB events instead of the reply's tokens.
     big_events: int = 0
+    # Pause after a stream's last event before ending the response.
+    linger_seconds: float = 0.0
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._extra_headers])
@@ -231,6 +233,7 @@ class FakeUpstream:
                 },
             )
         await event("response.completed", {"response": response_obj, "sequence_number": len(tokens) + 1})
+        await asyncio.sleep(self.linger_seconds)
         return response
 
     def _usage(self, body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
@@ -363,6 +366,7 @@ class FakeUpstream:
         if include_usage and self.mode != "no_usage":
             await response.write(event([], usage))
         await response.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(self.linger_seconds)
         await response.write_eof()
         return response
 
