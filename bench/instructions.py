@@ -1,6 +1,7 @@
 """Instructions per request of the gateway, counted by callgrind: a figure that holds still.
 
-Run: ./scripts/bench instructions [--compare REV,...] [--size 200|8k] [--seconds S] [--smoke]
+Run: ./scripts/bench instructions [--compare REV,...] [--mode plain|stream] [--size 200|8k]
+     [--seconds S] [--smoke]
 
 On shared machines a timed run drifts by tens of percent between rounds; the number
 of instructions the gateway executes per request does not (two runs of one tree agree
@@ -61,6 +62,9 @@ class Window:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="./scripts/bench instructions", description=__doc__.splitlines()[0])
     parser.add_argument("--compare", metavar="REV[,REV...]", help="git revisions to count as well")
+    parser.add_argument(
+        "--mode", choices=("plain", "stream"), default="plain", help="one JSON answer, or Server-Sent Events"
+    )
     parser.add_argument(
         "--size", choices=tuple(workload.PROMPT_SIZES), default="200", help="prompt tokens per request"
     )
@@ -164,7 +168,7 @@ def _count(
 
     def load(connections: int, seconds: int) -> None:
         # The body sent; the connections are set per window.
-        body = files[workload.Scenario("plain", args.size, 1).name]
+        body = files[workload.Scenario(args.mode, args.size, 1).name]
         wrk.run(url, path, body, files["keys"], connections=connections, seconds=seconds, cpus="1")
 
     load(1, args.seconds)  # warm-up, not counted: first requests fill caches

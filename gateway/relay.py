@@ -245,7 +245,7 @@ async def relay_stream(
             passed = [event for event in splitter.feed(data) if observer.observe(event)]
             if passed:
                 events = b"".join(passed)
-                if response.holding or observer.ends_stream(passed[-1]) or reply.chunks_over():
+                if response.holding or reply.chunks_over() or observer.ends_stream(passed[-1]):
                     # The end of the answer: it leaves after the usage is recorded.
                     response.hold(events)
                 else:
@@ -287,20 +287,19 @@ class SseResponse(web.StreamResponse):
     it starts only once the provider's stream is over or has sent its final event.
     """
 
-    def __init__(self, *, status: int, headers: Mapping[str, str]) -> None:
-        super().__init__(status=status, headers=headers)
-        self._tail: list[bytes] = []
+    # The held bytes; usually one piece, so kept joined.
+    _tail = b""
 
     @property
     def holding(self) -> bool:
         return bool(self._tail)
 
     def hold(self, data: bytes) -> None:
-        self._tail.append(data)
+        self._tail += data
 
     async def write_eof(self, data: bytes = b"") -> None:
-        tail, self._tail = self._tail, []
-        await super().write_eof(b"".join(tail) + data if tail else data)
+        tail, self._tail = self._tail, b""
+        await super().write_eof(tail + data if tail else data)
 
 
 def upstream_failure(reply: UpstreamReply, provider: str) -> GatewayError:
