@@ -60,7 +60,13 @@ def test_smoke_run_covers_every_target_and_scenario(
         assert {"p50", "p75", "p90", "p99"} <= run["latency_ms"].keys(), where
     for row in result["summary"]:
         assert {"requests_per_second", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_request"} <= row.keys()
-        assert row["vs_floor"].keys() == {"throughput_ratio", "cpu_ratio", "p50_added_ms", "p99_ratio"}
+        assert row["vs_floor"].keys() == {
+            "throughput_ratio",
+            "cpu_ratio",
+            "p50_added_ms",
+            "p50_added_ratio",
+            "p99_ratio",
+        }
     assert {check["name"] for check in result["verdict"]} == {
         "throughput",
         "cpu",
@@ -150,6 +156,31 @@ def test_ratios_are_paired_by_round() -> None:
     assert rows["gateway"]["vs_floor"]["cpu_ratio"] == 2.0
     # Two workers over one, round by round 1.6, 1.7 and 2.5.
     assert rows["gateway-w2"]["workers_scaling"] == 1.7
+
+
+def test_latency_added_is_judged_against_the_floors_p50() -> None:
+    """+0.5 ms where the floor's p50 was 0.22 ms: the added time may be 2.27x the floor's p50."""
+    from bench.http import report
+
+    def run(target: str, scenario: str, p50: float) -> dict[str, object]:
+        return {**measured(target, scenario, 1000, 100), "latency_ms": {"p50": p50, "p90": 9.0, "p99": 9.0}}
+
+    def verdict(floor_p50: float, gateway_p50: float) -> tuple[bool | None, list[str]]:
+        runs = [
+            run(target, scenario, p50)
+            for scenario in ("plain-200-c1", "stream-200-c1")
+            for target, p50 in (("floor", floor_p50), ("gateway", gateway_p50))
+        ]
+        scenarios = ["plain-200-c1", "stream-200-c1"]
+        checks = {c.name: c for c in report.verdict(report.summarize(runs, ["floor", "gateway"], scenarios))}
+        assert checks["p50"].passed == checks["stream"].passed
+        return checks["p50"].passed, checks["p50"].details
+
+    # A slow hour: the floor at 0.71 ms, +0.98 ms is 1.38x of it.
+    assert verdict(0.71, 1.69) == (True, ["plain-200-c1 +0.98 ms = 1.38x the floor's p50"])
+    # The issue's machine: +0.55 ms over 0.22 is 2.50x, past the target.
+    assert verdict(0.22, 0.77) == (False, ["plain-200-c1 +0.55 ms = 2.50x the floor's p50 ✗"])
+    assert verdict(0.22, 0.72)[0] is True
 
 
 def test_instruction_count_smoke_run(tmp_path: Path, redis_url: str) -> None:
