@@ -367,7 +367,8 @@ class Metrics:
         )
         self.ledger_spool_errors = Counter(
             "gateway_ledger_spool_errors_total",
-            "Appends to the spool that failed (disk full?); the records are held in memory.",
+            "Spool writes that failed (disk full?): appends, whose records are held in memory, "
+            "and per-batch fsyncs and checkpoints.",
             registry=r,
         )
         self.ledger_replayed = Counter(

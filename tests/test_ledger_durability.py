@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -259,6 +261,74 @@ async def test_a_refused_row_does_not_block_the_others(ledger_store: LedgerStore
     rejected = (spool.directory / "rejected.jsonl").read_text().splitlines()
     assert len(rejected) == 1 and '"request_id": "ok-37"' in rejected[0]
     assert metrics.ledger_rejected._value.get() == 1
+
+
+async def test_a_slow_disk_does_not_stop_the_event_loop(
+    ledger_store: LedgerStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's fsyncs (segment and checkpoint) wait on the disk in a thread.
+
+    Each fsync below waits until the event loop opens a gate: on the loop's own thread
+    it would wait in vain (the loop is the one waiting) and time out.
+    """
+    entered, gate = threading.Event(), threading.Event()
+    opened_in_time: list[bool] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        opened_in_time.append(gate.wait(timeout=2.0))
+        real_fsync(fd)
+
+    writer = LedgerWriter(
+        ledger_store,
+        LedgerConfig(batch_size=3, flush_interval_seconds=0.01),
+        Metrics(),
+        Spool(tmp_path / "spool"),
+    )
+    writer.start()
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    for record in records(3, "slow-disk"):
+        writer.record(record)
+    while not entered.is_set():
+        await asyncio.sleep(0.005)
+    gate.set()  # only reached while the first fsync waits, if the loop is free
+    assert await writer.flush(10)
+    assert opened_in_time == [True, True]  # the batch's segment fsync and its checkpoint's
+    await writer.stop()
+    report = await ledger_store.usage_report(
+        "key", datetime.now(UTC).date(), datetime.now(UTC).date().replace(year=2100)
+    )
+    assert [(row.name, row.requests) for row in report] == [("k", 3)]
+
+
+async def test_a_failing_fsync_is_counted_and_the_batch_still_written(
+    ledger_store: LedgerStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO from the disk: the records are appended already (the kernel has them)."""
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    metrics = Metrics()
+    writer = LedgerWriter(
+        ledger_store,
+        LedgerConfig(batch_size=3, flush_interval_seconds=0.01),
+        metrics,
+        Spool(tmp_path / "spool"),
+    )
+    writer.start()
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    for record in records(3, "eio"):
+        writer.record(record)
+    assert await writer.flush(10)
+    monkeypatch.undo()
+    await writer.stop()
+    assert metrics.ledger_spool_errors._value.get() == 2  # the segment's fsync and the checkpoint's
+    report = await ledger_store.usage_report(
+        "key", datetime.now(UTC).date(), datetime.now(UTC).date().replace(year=2100)
+    )
+    assert [(row.name, row.requests) for row in report] == [("k", 3)]
 
 
 async def test_the_spool_survives_a_restart_and_is_replayed(

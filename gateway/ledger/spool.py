@@ -5,7 +5,9 @@ it then survives the gateway being killed (it is in the kernel), without an fsyn
 the request path. The writer reads segments back in order, fsyncs once per batch,
 writes the batch to the database, and only then moves a checkpoint past it. After a
 crash or an outage everything past the checkpoint is simply written again; the
-database skips request ids it already has.
+database skips request ids it already has. The fsync and the checkpoint's file work
+run in a thread (`sync_copy`, `save_checkpoint`): on the event loop they stopped every
+request for 1.5 ms per batch here, more on network disks.
 
 The records this process appended are also kept in memory until committed (up to
 MEMORY_RECORDS of them), so in the normal case the writer never reads back and
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -193,9 +196,23 @@ class Spool:
         self._active += 1
         self._open_active()
 
-    def sync(self) -> None:
-        if self._fd is not None:
-            os.fsync(self._fd)
+    def sync_copy(self) -> Callable[[], None] | None:
+        """The active segment's fsync, to run in a thread; None if the spool is closed.
+
+        It syncs a duplicate of the file descriptor, which it closes: a rotation may
+        close the original while the thread waits on the disk.
+        """
+        if self._fd is None:
+            return None
+        duplicate = os.dup(self._fd)
+
+        def sync() -> None:
+            try:
+                os.fsync(duplicate)
+            finally:
+                os.close(duplicate)
+
+        return sync
 
     def reject(self, record: UsageRecord, reason: str) -> None:
         """Keep a record the database refused, with the reason, for an operator to see."""
@@ -254,12 +271,21 @@ class Spool:
 
     def commit(self, position: Position, records: int) -> None:
         """The database has everything before `position`: save it, drop finished segments."""
+        self.advance(position, records)
+        self.save_checkpoint(position)
+
+    def advance(self, position: Position, records: int) -> None:
+        """The in-memory half of commit: the cursor moves past what the database has."""
         self.cursor = position
         self.committed += records
         while self._kept and self._kept[0].end <= (position.segment, position.offset):
             self._kept.popleft()
         if not self._keeping and self.caught_up:
             self._keeping = True
+
+    def save_checkpoint(self, position: Position) -> None:
+        """The on-disk half of commit; touches only the checkpoint and finished segments,
+        so it may run in a thread while the event loop appends."""
         temporary = self.directory / (CHECKPOINT + ".tmp")
         with open(temporary, "w", encoding="utf-8") as checkpoint:
             json.dump({"segment": position.segment, "offset": position.offset}, checkpoint)

@@ -19,7 +19,7 @@ import asyncpg
 
 from gateway.config import LedgerConfig
 from gateway.ledger.records import UsageRecord
-from gateway.ledger.spool import Spool
+from gateway.ledger.spool import Position, Spool
 from gateway.ledger.store import LedgerStore
 from gateway.metrics import Metrics
 
@@ -128,7 +128,7 @@ class LedgerWriter:
             self._metrics.ledger_spool_bytes.set(self.spool.backlog_bytes)
             if not records:
                 if position != self.spool.cursor:
-                    self.spool.commit(position, 0)
+                    await self._commit(position, 0)
                     continue
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -139,7 +139,7 @@ class LedgerWriter:
                 await asyncio.sleep(self._config.flush_interval_seconds)
                 records, position = self.spool.read(self._config.batch_size)
             replayed = len(records) if self.spool.cursor < self.spool.replay_until else 0
-            self.spool.sync()  # fsync once per batch, off the request path
+            await self._sync_spool()  # once per batch, in a thread
             started = time.monotonic()
             await self._write_until_stored(records)
             elapsed = time.monotonic() - started
@@ -147,7 +147,29 @@ class LedgerWriter:
             self._metrics.backend_seconds.labels("database", "write_batch").observe(elapsed)
             self._metrics.ledger_batch_size.observe(len(records))
             self._metrics.ledger_replayed.inc(replayed)
-            self.spool.commit(position, len(records))
+            await self._commit(position, len(records))
+
+    async def _sync_spool(self) -> None:
+        sync = self.spool.sync_copy()
+        if sync is None:
+            return
+        try:
+            await asyncio.to_thread(sync)
+        except OSError as exc:
+            # The batch is still appended (the kernel has it); only a power loss could take it.
+            self._metrics.ledger_spool_errors.inc()
+            log.warning("fsync of the usage spool failed: %s", exc)
+
+    async def _commit(self, position: Position, records: int) -> None:
+        try:
+            await asyncio.to_thread(self.spool.save_checkpoint, position)
+        except OSError as exc:
+            # An older checkpoint only means rows written again after a restart, and the
+            # database skips request ids it already has.
+            self._metrics.ledger_spool_errors.inc()
+            log.warning("saving the usage spool's checkpoint failed: %s", exc)
+        # Only now: flush() (and so stop()) waits for the checkpoint too.
+        self.spool.advance(position, records)
 
     async def _write_until_stored(self, batch: Sequence[UsageRecord]) -> None:
         delay = RETRY_FIRST_SECONDS
