@@ -2,7 +2,8 @@
 
 Streams are never buffered whole: each complete event is written as soon as it
 arrives, and `write()` waits for a slow client (backpressure) instead of queueing, so
-memory per stream stays bounded by one read from the provider.
+memory per stream stays bounded by one read from the provider. Only the final events
+wait, for the usage record (see SseResponse).
 """
 
 from __future__ import annotations
@@ -274,15 +275,15 @@ async def relay_stream(
             exchange.relayed_tokens = observer.text.tokens
         if isinstance(observer, AnthropicStream) and observer.started is not None:
             exchange.reported_prompt_tokens = observer.started.prompt_tokens
-    # aiohttp ends the response (see SseResponse) once the handler has recorded the usage.
+    # Ended by the outermost middleware (see SseResponse) once the handler has recorded the usage.
     return response
 
 
 class SseResponse(web.StreamResponse):
     """A stream whose last events go out with its end, after the handler returns.
 
-    The handler spools the usage record as it returns, and aiohttp then calls
-    write_eof: so a client never holds a whole answer whose record is not on disk, and
+    The handler spools the usage record as it returns, and the outermost middleware
+    (or aiohttp) then calls write_eof: so a client never holds a whole answer whose record is not on disk, and
     a gateway killed in between loses no answered request. Holding costs no latency:
     it starts only once the provider's stream is over or has sent its final event.
     """
