@@ -29,6 +29,8 @@ _DONE = b"[DONE]"
 # The Responses API's last event: its data's own type (escaped quotes in text never match).
 _RESPONSE_OVER = re.compile(rb'"type"\s*:\s*"response\.(?:completed|failed|incomplete)"')
 UNPARSED_LIMIT_BYTES = 256 * 1024
+# What a stream's end may hold back (see SseResponse); past it, held events are sent.
+HOLD_LIMIT_BYTES = 256 * 1024
 
 
 TALLY_FLUSH_CHARS = 64 * 1024
@@ -249,6 +251,9 @@ async def relay_stream(
                 if response.holding or reply.chunks_over() or observer.ends_stream(passed[-1]):
                     # The end of the answer: it leaves after the usage is recorded.
                     response.hold(events)
+                    if response.held_bytes > HOLD_LIMIT_BYTES:
+                        # A provider still sending after its last event: passed on, not kept.
+                        await response.write(response.take_held())
                 else:
                     await response.write(events)
                 if first_event:
@@ -295,11 +300,19 @@ class SseResponse(web.StreamResponse):
     def holding(self) -> bool:
         return bool(self._tail)
 
+    @property
+    def held_bytes(self) -> int:
+        return len(self._tail)
+
     def hold(self, data: bytes) -> None:
         self._tail += data
 
-    async def write_eof(self, data: bytes = b"") -> None:
+    def take_held(self) -> bytes:
         tail, self._tail = self._tail, b""
+        return tail
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        tail = self.take_held()
         await super().write_eof(tail + data if tail else data)
 
 

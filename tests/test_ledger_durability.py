@@ -221,6 +221,33 @@ async def test_a_streams_last_event_reaches_the_client_after_its_record_is_spool
     assert spool.appended - before == 1
 
 
+async def test_what_a_provider_sends_after_its_last_event_is_passed_on_not_kept(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    """The held end of a stream is bounded: 12 events of 32 KiB after [DONE] (past the
+    256 KiB a stream's end may hold) reach the client while the provider still lingers."""
+    fake_upstream.events_after_done, fake_upstream.linger_seconds = 12, 0.5
+    body = {"model": "gpt-4o-mini", "max_tokens": 5, "stream": True, "messages": HI}
+    extra, done = 0, 0
+    provider_streaming_at_first_extra = None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{gateway.url}/v1/chat/completions", json=body, headers={"x-api-key": USER_KEY}
+        ) as response,
+    ):
+        async for line in response.content:
+            if line.startswith(b"data: xxx"):
+                if extra == 0:
+                    provider_streaming_at_first_extra = fake_upstream.active_streams
+                extra += 1
+            done += line.rstrip() == b"data: [DONE]"
+    assert (extra, done) == (12, 1)
+    assert provider_streaming_at_first_extra == 1
+    await gateway.settle()
+    assert gateway.app[state.LEDGER].spool.appended == 1
+
+
 @pytest.fixture(params=["postgres", "sqlite"])
 async def ledger_store(
     request: pytest.FixtureRequest, tmp_path: Path, database_url: str, pg: asyncpg.Connection

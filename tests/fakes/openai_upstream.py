@@ -63,6 +63,8 @@ class FakeUpstream:
     big_events: int = 0
     # Pause after a stream's last event before ending the response.
     linger_seconds: float = 0.0
+    # A misbehaving provider: this many 32 KiB events after [DONE], then the linger.
+    events_after_done: int = 0
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._extra_headers])
@@ -366,6 +368,8 @@ class FakeUpstream:
         if include_usage and self.mode != "no_usage":
             await response.write(event([], usage))
         await response.write(b"data: [DONE]\n\n")
+        for _ in range(self.events_after_done):
+            await response.write(b"data: " + b"x" * 32_762 + b"\n\n")
         await asyncio.sleep(self.linger_seconds)
         await response.write_eof()
         return response
