@@ -538,6 +538,9 @@ class _Connection(asyncio.Protocol):
                 piece = self._decoder(piece)
             except zlib.error as exc:
                 raise MalformedResponse("the compressed body is corrupt") from exc
+        self._queue(piece)
+
+    def _queue(self, piece: bytes) -> None:
         if piece:
             self._pieces.append(piece)
             self._queued += len(piece)
@@ -548,7 +551,5 @@ class _Connection(asyncio.Protocol):
                 rest = self._flush()
             except zlib.error as exc:
                 raise MalformedResponse("the compressed body is corrupt") from exc
-            if rest:
-                self._pieces.append(rest)
-                self._queued += len(rest)
+            self._queue(rest)
         self._state = _DONE
