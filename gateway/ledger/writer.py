@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
@@ -151,25 +152,26 @@ class LedgerWriter:
 
     async def _sync_spool(self) -> None:
         sync = self.spool.sync_copy()
-        if sync is None:
-            return
-        try:
-            await asyncio.to_thread(sync)
-        except OSError as exc:
-            # The batch is still appended (the kernel has it); only a power loss could take it.
-            self._metrics.ledger_spool_errors.inc()
-            log.warning("fsync of the usage spool failed: %s", exc)
+        if sync is not None:
+            # On failure the batch is still appended (the kernel has it): only a power
+            # loss could take it.
+            await self._on_disk(sync, "fsync of the usage spool")
 
     async def _commit(self, position: Position, records: int) -> None:
-        try:
-            await asyncio.to_thread(self.spool.save_checkpoint, position)
-        except OSError as exc:
-            # An older checkpoint only means rows written again after a restart, and the
-            # database skips request ids it already has.
-            self._metrics.ledger_spool_errors.inc()
-            log.warning("saving the usage spool's checkpoint failed: %s", exc)
+        # On failure an older checkpoint only means rows written again after a restart,
+        # and the database skips request ids it already has.
+        save = functools.partial(self.spool.save_checkpoint, position)
+        await self._on_disk(save, "saving the usage spool's checkpoint")
         # Only now: flush() (and so stop()) waits for the checkpoint too.
         self.spool.advance(position, records)
+
+    async def _on_disk(self, work: Callable[[], None], what: str) -> None:
+        """Spool file work in a thread, so a slow disk holds up no request; failures counted."""
+        try:
+            await asyncio.to_thread(work)
+        except OSError as exc:
+            self._metrics.ledger_spool_errors.inc()
+            log.warning("%s failed: %s", what, exc)
 
     async def _write_until_stored(self, batch: Sequence[UsageRecord]) -> None:
         delay = RETRY_FIRST_SECONDS
