@@ -6,6 +6,7 @@ The quota code reads the ledger (through `UsageSource`) but never writes it.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import logging
 import time
@@ -101,6 +102,8 @@ class QuotaService:
         self._usage = usage
         self._local = LocalLimiter(config.time_zone)
         self._redis_down_until = 0.0
+        # Releases of cancelled admissions' reservations, held until done (see admit).
+        self._releases: set[asyncio.Task[None]] = set()
 
     def request_policy(self, principal: Principal, model: ModelConfig) -> RequestPolicy:
         if principal.models is not None and model.name not in principal.models:
@@ -138,10 +141,17 @@ class QuotaService:
         charges = [Charge(limit, reserved.of(limit.rule.kind)) for limit in decision.limits]
         if not charges:
             return Ticket(Admission(True, Reservation("", (), (), 0)), reserved)
+        # A disconnect cancels the handler, not the script in Redis: reserve shielded, release if cancelled.
+        reserving = asyncio.create_task(self._reserve(charges, meanwhile))
         try:
-            admission = await self._reserve(charges, meanwhile)
+            admission = await asyncio.shield(reserving)
         except QuotaStoreUnavailable as exc:
             return self._admit_without_redis(charges, reserved, exc)
+        except asyncio.CancelledError:
+            release = asyncio.create_task(self._release_when_reserved(reserving))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
+            raise
         for state in admission.shadow_rejections:
             self._metrics.quota_shadow_rejections.labels(state.limit.rule.label, state.limit.scope).inc()
             log.info(
@@ -158,6 +168,30 @@ class QuotaService:
             raise rejection_error(admission)
         self._metrics.quota_admissions.inc()
         return Ticket(admission, reserved)
+
+    async def _release_when_reserved(self, reserving: asyncio.Task[Admission]) -> None:
+        """Release what a cancelled admission is granted, once it is granted."""
+        try:
+            admission = await reserving
+        except QuotaStoreUnavailable:
+            return  # nothing reserved; _reserve counted the failure
+        except Exception:
+            log.exception("a cancelled admission failed")
+            return
+        reservation = admission.reservation
+        if not admission.admitted or not reservation.charges:
+            return
+        try:
+            await self.limiter.settle(reservation, [0] * len(reservation.charges))
+        except Exception as exc:
+            # The reservation stays until it expires; then it is refunded.
+            self._metrics.quota_errors.labels("settle").inc()
+            log.warning("releasing reservation %s of a cancelled admission failed: %s", reservation.id, exc)
+
+    async def drain_releases(self) -> None:
+        """Wait until the reservations of every admission cancelled so far are released."""
+        while self._releases:
+            await asyncio.gather(*list(self._releases), return_exceptions=True)
 
     async def _reserve(self, charges: list[Charge], meanwhile: Callable[[], object] | None) -> Admission:
         if time.monotonic() < self._redis_down_until:
