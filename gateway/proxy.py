@@ -57,6 +57,8 @@ class RouteSpec:
     count_route: str
     wire_format: str
     validate: Callable[[Mapping[str, Any]], object]
+    # Every field that caps the completion, each validated; the last is where a policy's
+    # cap goes when the request sets none (chat: max_tokens, which every compatible server reads).
     max_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
     # Completion tokens reserved when the request sets none (None: the configured default).
     default_max: int | None = None
@@ -64,6 +66,9 @@ class RouteSpec:
     requires_max: bool = False
     # Whether the upstream is asked for usage in streams (stream_options.include_usage).
     injects_usage: bool = False
+    # Whether the route generates `n` completions per prompt (and `best_of` candidates).
+    takes_n: bool = False
+    takes_best_of: bool = False
 
 
 ROUTES = {
@@ -74,6 +79,7 @@ ROUTES = {
         "openai",
         requests.validate_messages,
         injects_usage=True,
+        takes_n=True,
     ),
     "completions": RouteSpec(
         "completions",
@@ -84,6 +90,8 @@ ROUTES = {
         max_fields=("max_tokens",),
         default_max=16,  # OpenAI's documented default for legacy completions
         injects_usage=True,
+        takes_n=True,
+        takes_best_of=True,
     ),
     "embeddings": RouteSpec(
         "embeddings",
@@ -144,14 +152,20 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         and spec.max_fields
         and (requested is None or requested > max_completion)
     ):
-        # The policy's cap goes upstream too, so the provider cannot bill past it.
-        field = next((f for f in spec.max_fields if f in body), spec.max_fields[-1])
-        capped[field] = max_completion
+        # The policy's cap goes upstream too, in every field a provider might read, so it
+        # cannot bill past it; a field the caller set lower stays as it is.
+        for field in spec.max_fields:
+            value = body.get(field)
+            if value is not None and value > max_completion:
+                capped[field] = max_completion
+        if requested is None:
+            capped[spec.max_fields[-1]] = max_completion
+    choices = _choices(body, spec)
 
     counter = app[state.COUNTER]
     profile = counter.registry.profile(model.upstream_model, model.tokenizer)
     prompt = await counter.count(spec.count_route, body, profile, len(raw))
-    completions = max_completion * _choices(body, spec)
+    completions = max_completion * choices
     upstream = UpstreamBodies(request.headers, body, raw, text, capped, spec, stream, model.upstream_model)
     # The usual deployment's body is serialised while Redis decides the admission.
     ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, completions), upstream.prepare)
@@ -199,12 +213,14 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
 
 
 def _choices(body: Mapping[str, Any], spec: RouteSpec) -> int:
-    """How many completions the request asks for: prompts times n (legacy completions)."""
-    n = body.get("n", 1)
-    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+    """How many completions the provider generates and bills: n (or best_of, when larger)
+    for each prompt; legacy completions take several prompts."""
+    if not spec.takes_n:
+        return 1
+    choices = requests.requested_choices(body, best_of=spec.takes_best_of)
     if spec.count_route == "completions":
-        return n * prompt_multiplicity(body.get("prompt"))
-    return n if spec.count_route == "chat" else 1
+        return choices * prompt_multiplicity(body.get("prompt"))
+    return choices
 
 
 def _ids(exchange: Exchange) -> dict[str, str]:

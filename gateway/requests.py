@@ -24,6 +24,9 @@ EXCHANGE = web.RequestKey("exchange", object)
 MAX_CLIENT_REQUEST_ID = 128
 # No model completes more; a larger cap is a mistake (and would overflow the counters).
 MAX_COMPLETION_TOKENS = 100_000_000
+# OpenAI's documented ranges: n completions per prompt, best_of candidates (legacy completions).
+MAX_N = 128
+MAX_BEST_OF = 20
 
 
 def new_request_id() -> str:
@@ -93,17 +96,47 @@ def validate_messages(body: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
 def requested_max_tokens(
     body: Mapping[str, Any], fields: Sequence[str] = ("max_completion_tokens", "max_tokens")
 ) -> int | None:
-    """The request's own completion cap, if it gives one."""
+    """The request's own completion cap, if it gives one: the largest of `fields`, each
+    one present validated.
+
+    OpenAI's chat honours max_completion_tokens over max_tokens, but a compatible server
+    may read either, so the largest is what the provider could generate (and bill).
+    """
+    largest: int | None = None
     for field in fields:
         value = body.get(field)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COMPLETION_TOKENS:
+        if not _is_whole(value, 1, MAX_COMPLETION_TOKENS):
             raise InvalidRequest(
                 f"'{field}' must be a whole number from 1 to {MAX_COMPLETION_TOKENS:,}.", param=field
             )
-        return value
-    return None
+        if largest is None or value > largest:
+            largest = value
+    return largest
+
+
+def requested_choices(body: Mapping[str, Any], *, best_of: bool) -> int:
+    """How many completions of each prompt the provider generates (and bills): `n`, or,
+    with `best_of` (legacy completions), the best_of candidates it makes to return n."""
+    n = body.get("n")
+    if n is None:
+        n = 1
+    elif not _is_whole(n, 1, MAX_N):
+        raise InvalidRequest(f"'n' must be a whole number from 1 to {MAX_N}.", param="n")
+    candidates = body.get("best_of") if best_of else None
+    if candidates is None:
+        return int(n)
+    if not _is_whole(candidates, 1, MAX_BEST_OF) or candidates < n:
+        raise InvalidRequest(
+            f"'best_of' must be a whole number from 1 to {MAX_BEST_OF}, and at least 'n' ({n}).",
+            param="best_of",
+        )
+    return int(candidates)
+
+
+def _is_whole(value: Any, least: int, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
 
 
 def wants_stream(body: Mapping[str, Any]) -> bool:

@@ -23,13 +23,26 @@ def message_usage(usage: Any) -> Usage | None:
 
 
 def message_text(message: Any) -> str:
+    """Everything a whole Messages body generated, joined (to count it): text, thinking,
+    and the name and JSON input of every tool call."""
     if not isinstance(message, Mapping):
         return ""
-    return "".join(
-        block.get("text", "")
-        for block in message.get("content") or []
-        if isinstance(block, Mapping) and isinstance(block.get("text"), str)
-    )
+    content = message.get("content")
+    pieces: list[str] = []
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, Mapping):
+            continue
+        if block.get("type") in ("tool_use", "server_tool_use"):
+            name = block.get("name")
+            pieces.append(name if isinstance(name, str) else "")
+            if "input" in block:
+                pieces.append(json.dumps(block["input"], ensure_ascii=False))
+            continue
+        for field in ("text", "thinking"):
+            value = block.get(field)
+            if isinstance(value, str):
+                pieces.append(value)
+    return "".join(pieces)
 
 
 def error_body(error_type: str, message: str) -> dict[str, Any]:

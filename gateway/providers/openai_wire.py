@@ -47,23 +47,65 @@ def _is_count(value: Any) -> bool:
 
 
 def body_text(obj: Any) -> str:
-    """Generated text of a whole chat, completions or Responses body (to count it)."""
+    """Everything a whole chat, completions or Responses body generated, joined (to count
+    it): text, refusals, reasoning, and the name and arguments of every tool call."""
     if not isinstance(obj, Mapping):
         return ""
     pieces: list[str] = []
-    for choice in obj.get("choices") or []:
-        if not isinstance(choice, Mapping):
-            continue
+    for choice in _items(obj.get("choices")):
+        _add(pieces, choice.get("text"))
         message = choice.get("message")
-        if isinstance(message, Mapping) and isinstance(message.get("content"), str):
-            pieces.append(message["content"])
-        if isinstance(choice.get("text"), str):
-            pieces.append(choice["text"])
-    for item in obj.get("output") or []:
-        for part in item.get("content") or [] if isinstance(item, Mapping) else []:
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                pieces.append(part["text"])
+        if isinstance(message, Mapping):
+            _add_message(pieces, message)
+    for item in _items(obj.get("output")):
+        _add_output_item(pieces, item)
     return "".join(pieces)
+
+
+def _add_message(pieces: list[str], message: Mapping[str, Any]) -> None:
+    """A chat message or stream delta: content, refusal, reasoning (as some compatible
+    servers send it), tool calls and the legacy function_call."""
+    content = message.get("content")
+    if isinstance(content, list):  # content parts, from some compatible servers
+        for part in _items(content):
+            _add(pieces, part.get("text"))
+    else:
+        _add(pieces, content)
+    _add(pieces, message.get("refusal"))
+    _add(pieces, message.get("reasoning_content"))
+    for call in _items(message.get("tool_calls")):
+        _add_call(pieces, call.get("function"))
+    _add_call(pieces, message.get("function_call"))
+
+
+def _add_output_item(pieces: list[str], item: Mapping[str, Any]) -> None:
+    """A Responses output item: message parts (text, refusal), reasoning (summary and
+    text), function and custom tool calls (name, arguments or input)."""
+    if item.get("type") in ("function_call", "custom_tool_call"):
+        _add(pieces, item.get("name"))
+        _add(pieces, item.get("arguments"))
+        _add(pieces, item.get("input"))
+    for part in _items(item.get("summary")):
+        _add(pieces, part.get("text"))
+    for part in _items(item.get("content")):
+        _add(pieces, part.get("text"))
+        _add(pieces, part.get("refusal"))
+
+
+def _add_call(pieces: list[str], function: Any) -> None:
+    if isinstance(function, Mapping):
+        _add(pieces, function.get("name"))
+        _add(pieces, function.get("arguments"))
+
+
+def _add(pieces: list[str], value: Any) -> None:
+    if isinstance(value, str):
+        pieces.append(value)
+
+
+def _items(value: Any) -> list[Mapping[str, Any]]:
+    """The objects of a JSON array (anything else in it, or a non-array, is skipped)."""
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
 
 
 class SseSplitter:
@@ -102,24 +144,37 @@ def chunk_object(data: bytes) -> Mapping[str, Any] | None:
     return parsed if isinstance(parsed, Mapping) else None
 
 
+# Responses stream events whose `delta` is generated text.
+_RESPONSES_TEXT_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
+    }
+)
+
+
 def chunk_text(chunk: Mapping[str, Any]) -> str:
-    """The generated text a stream chunk or event carries (content, tool-call arguments)."""
+    """The generated text a stream chunk or event carries: content, refusal, reasoning,
+    tool-call names and arguments (and the legacy function_call's)."""
+    kind = chunk.get("type")
+    if kind is not None:
+        if kind in _RESPONSES_TEXT_DELTAS and isinstance(chunk.get("delta"), str):
+            return str(chunk["delta"])
+        item = chunk.get("item")
+        if kind == "response.output_item.added" and isinstance(item, Mapping):
+            # A call's name comes once, here; its arguments follow as deltas.
+            name = item.get("name") if item.get("type") in ("function_call", "custom_tool_call") else None
+            return name if isinstance(name, str) else ""
     pieces: list[str] = []
-    if chunk.get("type") == "response.output_text.delta" and isinstance(chunk.get("delta"), str):
-        return str(chunk["delta"])
-    choices = chunk.get("choices")
-    for choice in choices if isinstance(choices, list) else []:
-        if isinstance(choice, Mapping) and isinstance(choice.get("text"), str):
-            pieces.append(choice["text"])
-        delta = choice.get("delta") if isinstance(choice, Mapping) else None
-        if not isinstance(delta, Mapping):
-            continue
-        if isinstance(delta.get("content"), str):
-            pieces.append(delta["content"])
-        for call in delta.get("tool_calls") or []:
-            function = call.get("function") if isinstance(call, Mapping) else None
-            if isinstance(function, Mapping) and isinstance(function.get("arguments"), str):
-                pieces.append(function["arguments"])
+    for choice in _items(chunk.get("choices")):
+        _add(pieces, choice.get("text"))
+        delta = choice.get("delta")
+        if isinstance(delta, Mapping):
+            _add_message(pieces, delta)
     return "".join(pieces)
 
 
