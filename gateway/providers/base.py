@@ -21,6 +21,22 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+class Delivery:
+    """Whether a request's bytes went out to a provider, on any attempt.
+
+    Settlement reads it: once a provider has the prompt it bills it, so such a request
+    is never charged zero; one that never left (refused, failed to connect) is.
+    """
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def mark_sent(self) -> None:
+        self.sent = True
+
+
 @dataclass(frozen=True)
 class UpstreamRequest:
     """A request ready for a provider: the body already names the upstream model.
@@ -38,6 +54,8 @@ class UpstreamRequest:
     # The caller's bytes when `body` is exactly what they sent: forwarded as they are,
     # since serialising the same JSON again costs time for nothing.
     raw: bytes | None = None
+    # Shared by every attempt of one client request (see Delivery).
+    delivery: Delivery = field(default_factory=Delivery)
 
 
 async def _nothing_to_close() -> None:

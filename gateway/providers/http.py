@@ -79,12 +79,17 @@ class HttpProvider:
         target = self.url(request)[self._origin_length :]
         try:
             async with asyncio.timeout_at(started + sooner) as deadline:
-                response = await self._pool.post(target, self.headers(request), payload)
+                response = await self._pool.post(
+                    target, self.headers(request), payload, request.delivery.mark_sent
+                )
                 deadline.reschedule(None if total is None else started + total)
-                if request.stream and response.status == 200:
+                content_type = response.headers.get("content-type", "")
+                # Only an event stream is relayed as one: a JSON answer to a stream request
+                # (an error, or a provider that ignored `stream`) is read and settled whole.
+                if request.stream and response.status == 200 and content_type.startswith("text/event-stream"):
                     return UpstreamReply(
                         status=200,
-                        content_type=response.headers.get("content-type", "text/event-stream"),
+                        content_type=content_type,
                         chunks=self._chunks(response),
                         close=_closer(response),
                         chunks_over=response.taken,
@@ -96,6 +101,12 @@ class HttpProvider:
         except TimeoutError as exc:
             raise UpstreamTimeout(f"Provider '{self.name}' did not answer in time.") from exc
         except (ConnectionFailed, ConnectionDropped, MalformedResponse) as exc:
+            if request.delivery.sent:
+                raise UpstreamError(
+                    f"Provider '{self.name}' lost the connection before its answer was complete "
+                    f"({type(exc).__name__}).",
+                    code="upstream_connection_lost",
+                ) from exc
             raise UpstreamError(
                 f"Provider '{self.name}' could not be reached ({type(exc).__name__}).",
                 code="upstream_unreachable",

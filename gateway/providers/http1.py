@@ -136,13 +136,24 @@ class ConnectionPool:
         self._waiting: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._closed = False
 
-    async def post(self, target: str, headers: Mapping[str, str], body: bytes) -> Response:
-        """POSTs `body` to `target` (path and query) and waits for the response's head."""
+    async def post(
+        self,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Response:
+        """POSTs `body` to `target` (path and query) and waits for the response's head.
+
+        on_sent: called once the request is handed to a connection (the provider may have it).
+        """
         message = self._request_head(target, headers, len(body)) + body
         while True:
             connection, reused = await self._acquire()
             try:
                 connection.send(message)
+                if on_sent is not None:
+                    on_sent()
                 await connection.head()
             except ConnectionDropped:
                 self._discard(connection)

@@ -50,6 +50,7 @@ class MockProvider:
         body = request.body
         profile = self._tokenizers.profile(str(body["model"]))
         if request.path == "embeddings":
+            request.delivery.mark_sent()
             return self._embeddings(body, profile)
         if request.path == "chat/completions":
             prompt = count_chat(body, profile, (1024, 1024)).tokens
@@ -59,6 +60,7 @@ class MockProvider:
             prompt = count_anthropic_messages(body, profile, (1024, 1024)).tokens
         else:
             raise InvalidRequest(f"The mock provider does not serve /v1/{request.path}.")
+        request.delivery.mark_sent()
         tokens = profile.tokenizer.encode(REPLY_TEXT)
         limit = next(
             (body[f] for f in ("max_completion_tokens", "max_tokens") if isinstance(body.get(f), int)), None
