@@ -42,6 +42,9 @@ class ServerConfig:
     # Terminate TLS here (else plain HTTP, e.g. behind a proxy that terminates it).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # A non-streamed request whose client leaves: "finish" reads the provider's answer
+    # anyway and settles with its usage; "abort" closes the call (prompt charged only).
+    on_client_disconnect: str = "finish"
 
 
 @dataclass(frozen=True)
@@ -306,10 +309,11 @@ def _server(node: Node | None, base_dir: Path) -> ServerConfig:
         "auth_failures_per_minute",
         "tls",
         "body_timeout_seconds",
+        "on_client_disconnect",
     )
     node.mapping(set(keys))
     default = ServerConfig()
-    host, port, body, level, log_json, log_prompts, workers, failures, tls, body_timeout = (
+    host, port, body, level, log_json, log_prompts, workers, failures, tls, body_timeout, on_disconnect = (
         node.get(k) for k in keys
     )
     cert = key = None
@@ -334,6 +338,9 @@ def _server(node: Node | None, base_dir: Path) -> ServerConfig:
         else default.body_timeout_seconds,
         tls_cert_file=cert,
         tls_key_file=key,
+        on_client_disconnect=on_disconnect.as_choice({"finish", "abort"})
+        if on_disconnect
+        else default.on_client_disconnect,
     )
 
 

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.auth import Principal
 from gateway.config import ModelConfig
 from gateway.providers import Usage
+from gateway.providers.base import Delivery
 from gateway.quota.service import Ticket
 from gateway.tokens import ModelProfile, PromptCount
 
+if TYPE_CHECKING:
+    from gateway.routing import Routed
+
 # nginx's convention for "the client closed the connection before the answer".
 CLIENT_CLOSED_REQUEST = 499
+
+
+@dataclass(frozen=True)
+class FinalUsage:
+    usage: Usage | None
+    # provider | counted | estimated | none (see Exchange.final_usage)
+    source: str
 
 
 @dataclass
@@ -29,6 +42,8 @@ class Exchange:
     reserved_tokens: int
     ticket: Ticket
     client_request_id: str | None = None
+    # The API family the caller spoke: "openai" or "anthropic".
+    wire_format: str = "openai"
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     upstream_started_at: float | None = None
@@ -37,7 +52,7 @@ class Exchange:
     status: int = 0
     error_code: str | None = None
     usage: Usage | None = None
-    # Tokens of the text relayed to the client, counted only when usage never came.
+    # Tokens of the text the provider sent (relayed or not), counted only when usage never came.
     relayed_tokens: int | None = None
     # Prompt tokens the provider reported before the stream broke off (Anthropic's message_start).
     reported_prompt_tokens: int | None = None
@@ -48,6 +63,12 @@ class Exchange:
     deployment: str = ""
     upstream_model: str = ""
     attempts: int = 0
+    # Whether the provider got the request (then it is never charged zero).
+    delivery: Delivery = field(default_factory=Delivery)
+    # The provider answered with an error of its own: it bills nothing for that.
+    refused_by_provider: bool = False
+    # A non-streamed call still running when its client left (settlement finishes it).
+    upstream_call: asyncio.Task[Routed] | None = None
 
     def __post_init__(self) -> None:
         self.deployment = self.deployment or self.model.provider
@@ -56,6 +77,7 @@ class Exchange:
     def log_fields(self) -> dict[str, object]:
         """What the request's log line adds from the request path (no prompt, no key)."""
         upstream = self.upstream_seconds
+        final = self.final_usage()
         fields: dict[str, object] = {
             "client_request_id": self.client_request_id,
             "provider": self.deployment,
@@ -64,11 +86,9 @@ class Exchange:
             "stream": self.stream,
             "prompt_tokens_estimated": self.prompt.tokens,
             "prompt_estimate_exact": self.prompt.exact,
-            "prompt_tokens": self.usage.prompt_tokens if self.usage else None,
-            "completion_tokens": self.usage.completion_tokens if self.usage else self.relayed_tokens,
-            "usage_source": "provider"
-            if self.usage
-            else ("counted" if self.relayed_tokens is not None else "none"),
+            "prompt_tokens": final.usage.prompt_tokens if final.usage else None,
+            "completion_tokens": final.usage.completion_tokens if final.usage else None,
+            "usage_source": final.source,
             "upstream_latency_ms": round(upstream * 1000, 3) if upstream is not None else None,
         }
         if self.error_code:
@@ -76,6 +96,31 @@ class Exchange:
         if self.prompt_text is not None:
             fields["prompt"] = self.prompt_text
         return fields
+
+    def final_usage(self) -> FinalUsage:
+        """What the request is charged, and how that was found (docs/reliability.md).
+
+        The provider's usage when it gave one. Else, once the provider had the request,
+        at least the prompt (the provider's own input figure when it sent one, else our
+        pre-flight count) plus the completion tokens counted from everything it sent:
+        "counted" when both figures come from an exact tokenizer or the provider,
+        "estimated" otherwise. Nothing ("none") when the request never reached a provider
+        or the provider refused it with an error of its own.
+        """
+        if self.usage is not None:
+            return FinalUsage(self.usage, "provider")
+        if not self.delivery.sent or self.refused_by_provider:
+            return FinalUsage(None, "none")
+        reported = self.reported_prompt_tokens
+        prompt = self.prompt.tokens if reported is None else reported
+        completion = self.relayed_tokens or 0
+        exact = (reported is not None or self.prompt.exact) and (completion == 0 or self.profile.exact)
+        return FinalUsage(Usage(prompt, completion), "counted" if exact else "estimated")
+
+    def routed(self, routed: Routed) -> None:
+        """Note which deployment answered, after how many attempts."""
+        self.deployment, self.attempts = routed.deployment.provider, routed.attempts
+        self.upstream_model = routed.deployment.upstream_model
 
     def upstream_began(self) -> None:
         self.upstream_started_at = time.monotonic()

@@ -163,7 +163,7 @@ class Metrics:
         self.prompt_tokens = self._counters(
             Counter(
                 "gateway_prompt_tokens_total",
-                "Prompt (input) tokens, as the provider reported them.",
+                "Prompt (input) tokens charged: the provider's figures, else the gateway's count.",
                 ["model"],
                 registry=r,
             )
@@ -171,8 +171,17 @@ class Metrics:
         self.completion_tokens = self._counters(
             Counter(
                 "gateway_completion_tokens_total",
-                "Completion (output) tokens, as the provider reported them.",
+                "Completion (output) tokens charged: the provider's figures, else the gateway's count.",
                 ["model"],
+                registry=r,
+            )
+        )
+        self.settlements = self._counters(
+            Counter(
+                "gateway_settlements_total",
+                "Requests settled, by where their charged figures came from: provider "
+                "(its usage), counted, estimated (by the gateway) or none (nothing charged).",
+                ["source"],
                 registry=r,
             )
         )

@@ -23,6 +23,7 @@ from gateway.errors import GatewayError, InvalidRequest
 from gateway.exchange import CLIENT_CLOSED_REQUEST, Exchange
 from gateway.jsontext import ObjectText
 from gateway.providers import UpstreamRequest
+from gateway.providers.base import Delivery
 from gateway.quota import ratelimit_headers
 from gateway.quota.headers import anthropic_ratelimit_headers
 from gateway.quota.service import amounts_for
@@ -182,6 +183,8 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         reserved_tokens=prompt.tokens + completions,
         ticket=ticket,
         client_request_id=client_request_id(request),
+        delivery=upstream.delivery,
+        wire_format=spec.wire_format,
     )
     request[EXCHANGE] = exchange
     if config.server.log_prompts:
@@ -199,8 +202,10 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         exc.headers = {**headers, **exc.headers}
         raise
     except asyncio.CancelledError:
-        # The client went away (aiohttp cancels the handler): what was produced is charged.
-        exchange.upstream_finished()
+        # The client went away (aiohttp cancels the handler): what was produced is charged,
+        # and a call still under way is finished by settlement (see _forward).
+        if exchange.upstream_call is None:
+            exchange.upstream_finished()
         exchange.status = CLIENT_CLOSED_REQUEST
         exchange.error_code = "client_disconnected"
         raise
@@ -250,6 +255,7 @@ class UpstreamBodies:
         "_usual_model",
         "adds_usage_option",
         "client_wants_usage",
+        "delivery",
         "headers",
         "path",
         "stream",
@@ -281,6 +287,8 @@ class UpstreamBodies:
         self.adds_usage_option = stream and spec.injects_usage and not self.client_wants_usage
         self.headers = {name: caller_headers[name] for name in FORWARDED_HEADERS if name in caller_headers}
         self._made: dict[str, UpstreamRequest] = {}
+        # One for every deployment tried: did any of them get the request?
+        self.delivery = Delivery()
 
     def prepare(self) -> None:
         """Serialise the usual deployment's body now; never raises (`for_model` would, later)."""
@@ -306,13 +314,18 @@ class UpstreamBodies:
             options = options if isinstance(options, dict) else {}
             changes["stream_options"] = {**options, "include_usage": True}
         if not changes:
-            return UpstreamRequest(self.path, body, self.stream, upstream_model, self.headers, raw=self._raw)
+            return self._request(body, upstream_model, self._raw)
         upstream_body = {**body, **changes}
         if self._text is not None:
             raw = self._text.with_values(changes)
         else:
             raw = json.dumps(upstream_body).encode()
-        return UpstreamRequest(self.path, upstream_body, self.stream, upstream_model, self.headers, raw=raw)
+        return self._request(upstream_body, upstream_model, raw)
+
+    def _request(self, body: Mapping[str, Any], upstream_model: str, raw: bytes) -> UpstreamRequest:
+        return UpstreamRequest(
+            self.path, body, self.stream, upstream_model, self.headers, raw=raw, delivery=self.delivery
+        )
 
 
 async def _forward(
@@ -323,13 +336,26 @@ async def _forward(
     headers: dict[str, str],
 ) -> web.StreamResponse:
     exchange.upstream_began()
-    routed = await request.app[state.ROUTER].send(exchange.model, upstream.for_deployment, spec.wire_format)
-    exchange.deployment, exchange.attempts = routed.deployment.provider, routed.attempts
-    exchange.upstream_model = routed.deployment.upstream_model
+    app = request.app
+    sending = app[state.ROUTER].send(exchange.model, upstream.for_deployment, spec.wire_format)
+    if exchange.stream or app[state.CONFIG].server.on_client_disconnect == "abort":
+        # A client that leaves cancels this await, which closes the provider's connection.
+        routed = await sending
+    else:
+        # A whole answer the provider is making is not abandoned with its client: it is
+        # read to its end and settled with the provider's own usage (Settlement).
+        call = exchange.upstream_call = asyncio.get_running_loop().create_task(sending)
+        try:
+            routed = await asyncio.shield(call)
+        except Exception:
+            exchange.upstream_call = None
+            raise
+        exchange.upstream_call = None
+    exchange.routed(routed)
     reply = routed.reply
     if reply.chunks is None:
         exchange.upstream_finished()
-        response = relay_body(reply, exchange, headers, spec.wire_format)
+        response = relay_body(reply, exchange, headers)
         exchange.status = response.status
         return response
     exchange.status = 200

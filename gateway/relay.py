@@ -27,7 +27,8 @@ log = logging.getLogger("gateway.relay")
 _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _DONE = b"[DONE]"
 # The Responses API's last event: its data's own type (escaped quotes in text never match).
-_RESPONSE_OVER = re.compile(rb'"type"\s*:\s*"response\.(?:completed|failed|incomplete)"')
+_RESPONSE_OVER = re.compile(rb'"type"\s*:\s*"response\.(completed|failed|incomplete)"')
+
 UNPARSED_LIMIT_BYTES = 256 * 1024
 # What a stream's end may hold back (see SseResponse); past it, held events are sent.
 HOLD_LIMIT_BYTES = 256 * 1024
@@ -68,6 +69,10 @@ class StreamObserver(Protocol):
     """Reads each event of one wire format: usage, text, and whether to pass it on."""
 
     usage: Usage | None
+    # The wire format's last event was seen (a stream without it was cut short).
+    finished: bool
+    # Set when the provider reported an error inside the stream.
+    error_code: str | None
 
     @property
     def text(self) -> TextTally: ...
@@ -92,6 +97,8 @@ class OpenAIStream:
 
     def __init__(self, count: Callable[[str], int], withhold_usage_chunk: bool) -> None:
         self.usage: Usage | None = None
+        self.finished = False
+        self.error_code: str | None = None
         self._text = TextTally(count)
         self._withhold = withhold_usage_chunk
         self._unparsed: list[bytes] = []
@@ -103,6 +110,11 @@ class OpenAIStream:
         return self._text
 
     def observe(self, event: bytes) -> bool:
+        if len(event) < 32 and event_data(event) == _DONE:
+            self.finished = True
+            return True
+        if b'"error"' in event:
+            self._note_error(_chunk_of(event))
         if _HAS_USAGE.search(event):
             chunk = _chunk_of(event)
             usage = usage_from_object(chunk)
@@ -121,6 +133,12 @@ class OpenAIStream:
 
     def ends_stream(self, event: bytes) -> bool:
         return len(event) < 32 and event_data(event) == _DONE
+
+    def _note_error(self, chunk: Mapping[str, Any] | None) -> None:
+        # OpenAI's in-stream error chunk, or the Responses API's `error` event.
+        if chunk is not None and (isinstance(chunk.get("error"), Mapping) or chunk.get("type") == "error"):
+            self.error_code = "upstream_stream_error"
+            self.finished = True
 
     def _tally_unparsed(self) -> None:
         for event in self._unparsed:
@@ -145,8 +163,33 @@ class ResponsesStream(OpenAIStream):
     def __init__(self, count: Callable[[str], int]) -> None:
         super().__init__(count, withhold_usage_chunk=False)
 
+    def observe(self, event: bytes) -> bool:
+        over = _RESPONSE_OVER.search(event)
+        if over is not None:
+            self.finished = True
+            if over.group(1) == b"failed":
+                self.error_code = "upstream_stream_error"
+        return super().observe(event)
+
     def ends_stream(self, event: bytes) -> bool:
         return _RESPONSE_OVER.search(event) is not None
+
+    def error_event(self, message: str, code: str) -> bytes:
+        # The Responses API ends a failed stream with `response.failed`, not an error chunk.
+        failed = {
+            "type": "response.failed",
+            "response": {
+                "id": "resp_failed",
+                "object": "response",
+                "created_at": int(time.time()),
+                "status": "failed",
+                "error": {"code": code, "message": message},
+                "incomplete_details": None,
+                "output": [],
+                "usage": None,
+            },
+        }
+        return b"event: response.failed\ndata: " + json.dumps(failed).encode() + b"\n\n"
 
 
 class AnthropicStream:
@@ -154,10 +197,11 @@ class AnthropicStream:
 
     def __init__(self, count: Callable[[str], int]) -> None:
         self.usage: Usage | None = None
+        self.finished = False
+        self.error_code: str | None = None
         self.text = TextTally(count)
         # message_start's usage: the input tokens, known before any output.
         self.started: Usage | None = None
-        self._stopped = False
 
     def observe(self, event: bytes) -> bool:
         payload = event_data(event)
@@ -171,32 +215,41 @@ class AnthropicStream:
                 message.get("usage") if isinstance(message, Mapping) else None
             )
         elif kind == "message_stop":
-            self._stopped = True
+            self.finished = True
+        elif kind == "error":
+            self.error_code = "upstream_stream_error"
+            self.finished = True
         elif kind == "message_delta" and self.started is not None:
             usage = data.get("usage")
             output = usage.get("output_tokens") if isinstance(usage, Mapping) else None
             if isinstance(output, int):
                 self.usage = Usage(self.started.prompt_tokens, output, self.started.cached_prompt_tokens)
+        elif kind == "content_block_start":
+            block = data.get("content_block")
+            if isinstance(block, Mapping) and isinstance(block.get("name"), str):
+                self.text.add(block["name"])  # a tool call's name is generated too
         elif kind == "content_block_delta":
             delta = data.get("delta")
             if isinstance(delta, Mapping):
-                piece = delta.get("text", delta.get("partial_json"))
+                piece = delta.get("text", delta.get("partial_json", delta.get("thinking")))
                 if isinstance(piece, str):
                     self.text.add(piece)
         return True
 
     def ends_stream(self, event: bytes) -> bool:
-        return self._stopped
+        return self.finished
 
     def error_event(self, message: str, code: str) -> bytes:
         return anthropic_wire.error_event(message)
 
 
-def relay_body(
-    reply: UpstreamReply, exchange: Exchange, headers: Mapping[str, str], wire_format: str
-) -> web.Response:
-    """A whole (non-streamed) reply: the provider's bytes, untouched, plus our headers."""
+def take_body_usage(reply: UpstreamReply, exchange: Exchange) -> None:
+    """Note a whole reply's usage on the exchange; raise the error it amounts to, if any.
+
+    Without a usage block, what the provider generated is counted instead.
+    """
     if reply.status != 200:
+        exchange.refused_by_provider = True
         raise upstream_failure(reply, exchange.deployment)
     try:
         body = json.loads(reply.body)
@@ -205,18 +258,21 @@ def relay_body(
             f"Provider '{exchange.deployment}' answered with a body that is not JSON.",
             code="upstream_invalid_response",
         ) from exc
-    if wire_format == "anthropic":
+    anthropic = exchange.wire_format == "anthropic"
+    if anthropic:
         exchange.usage = anthropic_wire.message_usage(
             body.get("usage") if isinstance(body, Mapping) else None
         )
     else:
         exchange.usage = usage_from_object(body)
     if exchange.usage is None:
-        # No usage from the provider: what it wrote is counted instead.
-        anthropic = wire_format == "anthropic"
         text = anthropic_wire.message_text(body) if anthropic else openai_wire.body_text(body)
-        if text:
-            exchange.relayed_tokens = exchange.profile.tokenizer.count(text)
+        exchange.relayed_tokens = exchange.profile.tokenizer.count(text) if text else 0
+
+
+def relay_body(reply: UpstreamReply, exchange: Exchange, headers: Mapping[str, str]) -> web.Response:
+    """A whole (non-streamed) reply: the provider's bytes, untouched, plus our headers."""
+    take_body_usage(reply, exchange)
     return web.Response(status=200, body=reply.body, content_type="application/json", headers=headers)
 
 
@@ -260,14 +316,18 @@ async def relay_stream(
                     first_event = False
                     exchange.first_event_at = time.monotonic()
         exchange.upstream_finished()
-        if splitter.remainder().strip():
-            response.hold(splitter.remainder() + b"\n\n")
+        _end_of_stream(response, splitter.remainder(), observer, exchange)
     except GatewayError as exc:
-        # Headers are gone already: tell the client in-band, as the provider would.
         exchange.upstream_finished()
-        exchange.error_code = exc.code
         log.warning("stream %s failed upstream: %s", exchange.request_id, exc.message)
-        response.hold(observer.error_event(exc.message, exc.code))
+        if observer.finished:
+            # Failed after its last event (while lingering): the client has the whole answer.
+            if observer.error_code is not None:
+                exchange.error_code = observer.error_code
+        else:
+            # Headers are gone already: tell the client in-band, as the provider would.
+            exchange.error_code = exc.code
+            response.hold(observer.error_event(exc.message, exc.code))
     except ConnectionError:
         exchange.upstream_finished()
         exchange.client_disconnected = True
@@ -282,6 +342,27 @@ async def relay_stream(
             exchange.reported_prompt_tokens = observer.started.prompt_tokens
     # Ended by the outermost middleware (see SseResponse) once the handler has recorded the usage.
     return response
+
+
+def _end_of_stream(
+    response: SseResponse, remainder: bytes, observer: StreamObserver, exchange: Exchange
+) -> None:
+    """The provider's stream is over: was it whole? A cut one ends in our error event.
+
+    A last event without its closing blank line is passed on when it is whole (some
+    servers end so); half an event is dropped, never relayed.
+    """
+    if remainder.strip():
+        payload = event_data(remainder)
+        if payload is not None and (payload == _DONE or chunk_object(payload) is not None):
+            if observer.observe(remainder):
+                response.hold(remainder.rstrip(b"\n") + b"\n\n")
+    if observer.error_code is not None:
+        exchange.error_code = observer.error_code
+    elif not observer.finished and observer.usage is None:
+        exchange.error_code = "upstream_stream_cut"
+        message = f"Provider '{exchange.deployment}' ended the stream before finishing it."
+        response.hold(observer.error_event(message, "upstream_stream_cut"))
 
 
 class SseResponse(web.StreamResponse):

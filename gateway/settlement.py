@@ -10,35 +10,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.exchange import Exchange
+from gateway.errors import GatewayError
+from gateway.exchange import Exchange, FinalUsage
 from gateway.ledger import LedgerWriter, UsageRecord
 from gateway.metrics import Metrics
-from gateway.providers import Usage
 from gateway.quota.service import QuotaService, actual_amounts
+from gateway.relay import take_body_usage
+from gateway.routing import Routed
 from gateway.tokens import Calibration
 
 log = logging.getLogger("gateway.settlement")
-
-
-@dataclass(frozen=True)
-class FinalUsage:
-    usage: Usage | None
-    source: str
-
-
-def final_usage(exchange: Exchange) -> FinalUsage:
-    """The provider's usage; else the relayed text counted; else nothing was produced."""
-    if exchange.usage is not None:
-        return FinalUsage(exchange.usage, "provider")
-    if exchange.relayed_tokens is not None:
-        prompt = exchange.reported_prompt_tokens
-        prompt = exchange.prompt.tokens if prompt is None else prompt
-        return FinalUsage(Usage(prompt, exchange.relayed_tokens), "counted")
-    return FinalUsage(None, "none")
 
 
 class Settlement:
@@ -58,13 +42,36 @@ class Settlement:
 
         The record is on disk before the response leaves, so a gateway killed right after
         answering still has it; the Redis call runs off the request path and a departing
-        client (a cancelled handler) cannot stop it.
+        client (a cancelled handler) cannot stop it. A non-streamed call its client left
+        is first read to its end, so that it settles with the provider's usage.
         """
+        if exchange.upstream_call is not None:
+            self._spawn(self._finish_call(exchange, exchange.upstream_call))
+            return
+        self._record_and_settle(exchange)
+
+    async def _finish_call(self, exchange: Exchange, call: asyncio.Task[Routed]) -> None:
+        """Wait for the provider's answer (bounded by its timeouts), take its usage, settle."""
+        exchange.upstream_call = None
+        try:
+            routed = await call
+            exchange.routed(routed)
+            take_body_usage(routed.reply, exchange)
+        except GatewayError as exc:
+            log.info("request %s, whose client left, failed upstream: %s", exchange.request_id, exc.code)
+        except Exception:
+            log.exception("request %s, whose client left, failed upstream", exchange.request_id)
+        finally:
+            exchange.upstream_finished()
+            self._record_and_settle(exchange)
+
+    def _record_and_settle(self, exchange: Exchange) -> None:
         final = FinalUsage(None, "none")
         try:
-            final = final_usage(exchange)
+            final = exchange.final_usage()
         finally:
             self._ledger.record(_record(exchange, final))
+        self._metrics.settlements.labels(final.source).inc()
         self._spawn(self._settle(exchange, final))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -73,9 +80,10 @@ class Settlement:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
-        """Wait for every settlement started so far."""
+        """Wait for every settlement, and every release of a cancelled admission, started so far."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._quota.drain_releases()
 
     async def _settle(self, exchange: Exchange, final: FinalUsage) -> None:
         try:

@@ -134,6 +134,8 @@ async def test_unknown_route_and_method_are_openai_shaped(gateway: RunningGatewa
         ("error_429", 429, "upstream_rate_limited"),
     ],
 )
+# A provider's own error answer bills nothing; a 200 whose body is garbage was processed,
+# so its prompt (8 tokens, by the exact pre-flight count) is charged.
 async def test_upstream_failures_are_clean_errors(
     gateway: RunningGateway,
     fake_upstream: FakeUpstream,
@@ -150,8 +152,11 @@ async def test_upstream_failures_are_clean_errors(
     assert body["error"]["code"] == code
     assert set(body["error"]) == {"message", "type", "param", "code"}
     await gateway.settle()
-    (row,) = await pg.fetch("SELECT status, error_code, prompt_tokens, completion_tokens FROM usage_events")
-    assert tuple(row) == (status, code, None, None)
+    (row,) = await pg.fetch(
+        "SELECT status, error_code, prompt_tokens, completion_tokens, usage_source FROM usage_events"
+    )
+    charged = (8, 0, "counted") if mode == "garbage" else (None, None, "none")
+    assert tuple(row) == (status, code, *charged)
 
 
 async def test_unreachable_upstream_is_502(start_gateway, pg: asyncpg.Connection, config_writer) -> None:  # type: ignore[no-untyped-def]

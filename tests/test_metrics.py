@@ -68,6 +68,8 @@ async def test_metrics_move_by_the_right_amounts(
     assert delta("gateway_prompt_tokens_total", model="gpt-4o-mini") == 16
     assert delta("gateway_completion_tokens_total", model="gpt-4o-mini") == 10
     assert delta("gateway_prompt_tokens_estimated_total", model="gpt-4o-mini") == 16
+    assert delta("gateway_settlements_total", source="provider") == 2
+    assert delta("gateway_settlements_total", source="counted") == 0
     assert delta("gateway_quota_rejections_total", limit="tokens_per_minute", scope="user") == 1
     assert delta("gateway_quota_admissions_total") == 2
     # gpt-4o-mini at $0.15 / $0.60 per million: 16 prompt and 10 completion tokens.

@@ -13,7 +13,7 @@ import tiktoken
 
 from gateway.jsontext import SPANS_FROM_BYTES
 from tests.conftest import PROVIDER_KEY, USER_KEY, ConfigWriter, RunningGateway, StartGateway
-from tests.fakes.openai_upstream import FakeUpstream
+from tests.fakes.openai_upstream import FakeUpstream, openai_chat_prompt_tokens
 
 MESSAGES = [
     {"role": "system", "content": "You are a terse assistant."},
@@ -268,7 +268,10 @@ async def test_slow_provider_times_out_with_504(
     assert caught.value.response.json()["error"]["code"] == "upstream_timeout"
     await gateway.settle()
     (row,) = await ledger_rows(pg)
-    assert (row["status"], row["error_code"], row["usage_source"]) == (504, "upstream_timeout", "none")
+    # The provider had the prompt when the gateway gave up: the prompt is charged, by our exact count.
+    assert (row["status"], row["error_code"], row["usage_source"]) == (504, "upstream_timeout", "counted")
+    expected_prompt = openai_chat_prompt_tokens(MESSAGES, "o200k_base")
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (expected_prompt, 0)
 
 
 async def test_stalled_stream_ends_with_a_timeout_event(
