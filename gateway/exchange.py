@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -114,6 +115,9 @@ class Exchange:
         reported = self.reported_prompt_tokens
         prompt = self.prompt.tokens if reported is None else reported
         completion = self.relayed_tokens or 0
+        if completion and not self.profile.exact:
+            # Counted by an estimating tokenizer: calibrated as the prompt's count was.
+            completion = math.ceil(completion * self.prompt.factor)
         exact = (reported is not None or self.prompt.exact) and (completion == 0 or self.profile.exact)
         return FinalUsage(Usage(prompt, completion), "counted" if exact else "estimated")
 

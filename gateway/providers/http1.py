@@ -148,23 +148,32 @@ class ConnectionPool:
         on_sent: called once the request is handed to a connection (the provider may have it).
         """
         message = self._request_head(target, headers, len(body)) + body
+        fresh = False
         while True:
-            connection, reused = await self._acquire()
+            connection, reused = await self._acquire(fresh)
             try:
                 connection.send(message)
-                if on_sent is not None:
-                    on_sent()
                 await connection.head()
             except ConnectionDropped:
                 self._discard(connection)
                 # A kept-alive connection the provider closed as the request went out:
-                # it never saw the request, so it goes once more on a new connection.
-                if reused and not connection.received:
+                # it never saw the request, so it goes once more, on a new connection
+                # (another idle one may be as stale; a provider that reads and then
+                # drops every request must not get it once per idle connection).
+                if reused and not connection.received and not fresh:
+                    fresh = True
                     continue
+                if on_sent is not None:
+                    on_sent()
                 raise
             except BaseException:
+                # Timed out, cancelled or malformed once the request was written: the provider may have it.
                 self._discard(connection)
+                if on_sent is not None:
+                    on_sent()
                 raise
+            if on_sent is not None:
+                on_sent()
             return Response(self, connection)
 
     def _request_head(self, target: str, headers: Mapping[str, str], length: int) -> bytes:
@@ -178,12 +187,13 @@ class ConnectionPool:
             raise ValueError("a header name or value holds a line break")
         return head.encode()
 
-    async def _acquire(self) -> tuple[_Connection, bool]:
+    async def _acquire(self, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A connection, and whether it was reused; `fresh`: never an idle one."""
         if self._closed:
             raise ConnectionFailed("the connection pool is closed")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._idle:
+        while self._idle and not fresh:
             connection = self._idle.pop()
             if connection.closed or now - connection.idle_since > self._keepalive_seconds:
                 self._discard(connection)
