@@ -69,7 +69,8 @@ class StreamObserver(Protocol):
     """Reads each event of one wire format: usage, text, and whether to pass it on."""
 
     usage: Usage | None
-    # The wire format's last event was seen (a stream without it was cut short).
+    # The wire format's last event (or an error event) was observed: what follows is the
+    # stream's end, held for the usage record; a stream that never gets here was cut short.
     finished: bool
     # Set when the provider reported an error inside the stream.
     error_code: str | None
@@ -78,10 +79,6 @@ class StreamObserver(Protocol):
     def text(self) -> TextTally: ...
 
     def observe(self, event: bytes) -> bool: ...
-
-    def ends_stream(self, event: bytes) -> bool:
-        """Whether this (observed) event is the wire format's last one."""
-        ...
 
     def error_event(self, message: str, code: str) -> bytes: ...
 
@@ -131,9 +128,6 @@ class OpenAIStream:
                 self._tally_unparsed()
         return True
 
-    def ends_stream(self, event: bytes) -> bool:
-        return len(event) < 32 and event_data(event) == _DONE
-
     def _note_error(self, chunk: Mapping[str, Any] | None) -> None:
         # OpenAI's in-stream error chunk, or the Responses API's `error` event.
         if chunk is not None and (isinstance(chunk.get("error"), Mapping) or chunk.get("type") == "error"):
@@ -170,9 +164,6 @@ class ResponsesStream(OpenAIStream):
             if over.group(1) == b"failed":
                 self.error_code = "upstream_stream_error"
         return super().observe(event)
-
-    def ends_stream(self, event: bytes) -> bool:
-        return _RESPONSE_OVER.search(event) is not None
 
     def error_event(self, message: str, code: str) -> bytes:
         # The Responses API ends a failed stream with `response.failed`, not an error chunk.
@@ -235,9 +226,6 @@ class AnthropicStream:
                 if isinstance(piece, str):
                     self.text.add(piece)
         return True
-
-    def ends_stream(self, event: bytes) -> bool:
-        return self.finished
 
     def error_event(self, message: str, code: str) -> bytes:
         return anthropic_wire.error_event(message)
@@ -304,7 +292,7 @@ async def relay_stream(
             passed = [event for event in splitter.feed(data) if observer.observe(event)]
             if passed:
                 events = b"".join(passed)
-                if response.holding or reply.chunks_over() or observer.ends_stream(passed[-1]):
+                if response.holding or reply.chunks_over() or observer.finished:
                     # The end of the answer: it leaves after the usage is recorded.
                     response.hold(events)
                     if response.held_bytes > HOLD_LIMIT_BYTES:

@@ -145,36 +145,39 @@ class ConnectionPool:
     ) -> Response:
         """POSTs `body` to `target` (path and query) and waits for the response's head.
 
-        on_sent: called once the request is handed to a connection (the provider may have it).
+        on_sent: called as the call ends, however it ends, if the request was written to
+        a connection (the provider may have it).
         """
         message = self._request_head(target, headers, len(body)) + body
         fresh = False
-        while True:
-            connection, reused = await self._acquire(fresh)
-            try:
-                connection.send(message)
-                await connection.head()
-            except ConnectionDropped:
-                self._discard(connection)
-                # A kept-alive connection the provider closed as the request went out:
-                # it never saw the request, so it goes once more, on a new connection
-                # (another idle one may be as stale; a provider that reads and then
-                # drops every request must not get it once per idle connection).
-                if reused and not connection.received and not fresh:
-                    fresh = True
-                    continue
-                if on_sent is not None:
-                    on_sent()
-                raise
-            except BaseException:
-                # Timed out, cancelled or malformed once the request was written: the provider may have it.
-                self._discard(connection)
-                if on_sent is not None:
-                    on_sent()
-                raise
-            if on_sent is not None:
+        # Whether the provider may have the request: once written, unless the retry below
+        # takes it back (a stale connection that never saw it).
+        written = False
+        try:
+            while True:
+                connection, reused = await self._acquire(fresh)
+                try:
+                    connection.send(message)
+                    written = True
+                    await connection.head()
+                except ConnectionDropped:
+                    self._discard(connection)
+                    # A kept-alive connection the provider closed as the request went out:
+                    # it never saw the request, so it goes once more, on a new connection
+                    # (another idle one may be as stale; a provider that reads and then
+                    # drops every request must not get it once per idle connection).
+                    if reused and not connection.received and not fresh:
+                        fresh, written = True, False
+                        continue
+                    raise
+                except BaseException:
+                    self._discard(connection)
+                    raise
+                return Response(self, connection)
+        finally:
+            # Answered, timed out, cancelled or malformed once written: the provider may have it.
+            if written and on_sent is not None:
                 on_sent()
-            return Response(self, connection)
 
     def _request_head(self, target: str, headers: Mapping[str, str], length: int) -> bytes:
         lines = [f"POST {target} HTTP/1.1", self._head_start, f"Content-Length: {length}\r\n"]
