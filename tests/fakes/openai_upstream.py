@@ -277,21 +277,7 @@ class FakeUpstream:
         usage = self._usage(body, len(tokens))
         created = int(time.time())
         if not body.get("stream"):
-            completion = {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": created,
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": usage,
-            }
+            completion = chat_completion("chatcmpl-fake", created, body["model"], text, usage)
             if self.mode == "no_usage":
                 del completion["usage"]
             return web.json_response(completion)
@@ -373,6 +359,27 @@ class FakeUpstream:
         await asyncio.sleep(self.linger_seconds)
         await response.write_eof()
         return response
+
+
+def chat_completion(
+    completion_id: str, created: int, model: str, text: str, usage: dict[str, Any]
+) -> dict[str, Any]:
+    """A whole chat.completion of one choice, in OpenAI's shape."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": usage,
+    }
 
 
 def _error(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -25,7 +25,7 @@ from typing import Any
 import tiktoken
 from aiohttp import web
 
-from tests.fakes.openai_upstream import openai_chat_prompt_tokens
+from tests.fakes.openai_upstream import chat_completion, openai_chat_prompt_tokens
 
 PIECE = " word"
 # The provider's figures differ from the gateway's own counts on purpose, so a test can
@@ -214,21 +214,7 @@ class _Answer:
     def whole_object(self, text: str) -> dict[str, Any]:
         usage = self.usage(text)
         if self.route == "chat":
-            return {
-                "id": "chatcmpl-scripted",
-                "object": "chat.completion",
-                "created": self.created,
-                "model": self.body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": usage,
-            }
+            return chat_completion("chatcmpl-scripted", self.created, self.body["model"], text, usage)
         if self.route == "responses":
             return self.response_object("completed", text, usage)
         return self.message_object(text, "end_turn", usage)
@@ -283,15 +269,9 @@ class _Answer:
     async def whole(self, request: web.Request) -> web.StreamResponse:
         script, call = self.script, self.call
         ending = script.ending
-        if ending in ("stall_head", "cut_head"):
-            return await self.fail_before_head(request)
-        if ending == "delay_head":
-            call.waiting.set()
-            await asyncio.sleep(script.pause_seconds)
-        if ending == "error_status":
-            status, error = self.error_body()
-            call.head_sent = True
-            return web.json_response(error, status=status)
+        early = await self.before_head(request)
+        if early is not None:
+            return early
         if ending == "garbage":
             call.head_sent = True
             return web.Response(
@@ -327,6 +307,21 @@ class _Answer:
         self.note_usage(whole["usage"])
         return web.json_response(whole)
 
+    async def before_head(self, request: web.Request) -> web.StreamResponse | None:
+        """The endings that come before any answer (shared by whole answers and streams):
+        a stall or cut, an error status; a delayed head returns None after its pause."""
+        script, call = self.script, self.call
+        if script.ending in ("stall_head", "cut_head"):
+            return await self.fail_before_head(request)
+        if script.ending == "delay_head":
+            call.waiting.set()
+            await asyncio.sleep(script.pause_seconds)
+        if script.ending == "error_status":
+            status, error = self.error_body()
+            call.head_sent = True
+            return web.json_response(error, status=status)
+        return None
+
     async def fail_before_head(self, request: web.Request) -> web.StreamResponse:
         if self.script.ending == "cut_head":
             _cut(request)
@@ -338,15 +333,9 @@ class _Answer:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         script, call = self.script, self.call
         ending = script.ending
-        if ending in ("stall_head", "cut_head"):
-            return await self.fail_before_head(request)
-        if ending == "delay_head":
-            call.waiting.set()
-            await asyncio.sleep(script.pause_seconds)
-        if ending == "error_status":
-            status, error = self.error_body()
-            call.head_sent = True
-            return web.json_response(error, status=status)
+        early = await self.before_head(request)
+        if early is not None:
+            return early
         response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         call.head_sent = True
