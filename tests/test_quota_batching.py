@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -12,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from gateway.quota.batching import ScriptBatcher
+from gateway.quota.resp import RespConnection
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 FAIL_ON_NEGATIVE = "if tonumber(ARGV[1]) < 0 then return redis.error_reply('negative') end return ARGV[1]"
@@ -24,42 +26,57 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def commands_processed(redis: Redis) -> int:
-    return int((await redis.info("stats"))["total_commands_processed"])
+def batcher_on(redis: Redis, defer_seconds: float = 0.005) -> ScriptBatcher:
+    """A batcher on a connection of its own to the Redis of this client, as the limiter makes it."""
+    pool = redis.connection_pool
+    connection = RespConnection.for_pool(pool.connection_class, pool.connection_kwargs)
+    return ScriptBatcher(connection, defer_seconds=defer_seconds)
 
 
-async def test_concurrent_calls_go_as_one_pipeline_on_one_connection(redis: Redis) -> None:
+@pytest.fixture
+async def batcher(redis: Redis) -> AsyncIterator[ScriptBatcher]:
+    batcher = batcher_on(redis)
+    yield batcher
+    await batcher.close()
+
+
+def count_writes(batcher: ScriptBatcher) -> list[int]:
+    """Calls per write on the batcher's connection, from now on."""
+    protocol = batcher._connection._protocol
+    assert protocol is not None
+    writes: list[int] = []
+    write = protocol.write
+
+    def counted(commands: bytes, futures: Sequence[asyncio.Future[Any]]) -> None:
+        writes.append(len(futures))
+        write(commands, futures)
+
+    protocol.write = counted  # type: ignore[method-assign]
+    return writes
+
+
+async def test_concurrent_calls_go_as_one_pipeline_on_one_connection(
+    redis: Redis, batcher: ScriptBatcher
+) -> None:
     key = f"test:batch:{uuid.uuid4().hex}"
-    batcher = ScriptBatcher(redis)
     script = redis.register_script(INCR)
-    await batcher.call(script, [key], [0])  # loads the script
-    connections_before = len(redis.connection_pool._available_connections)  # type: ignore[union-attr]
+    await batcher.call(script, [key], [0])  # loads the script and connects
+    writes = count_writes(batcher)
+    clients_before = len(await redis.client_list())
 
     replies = await asyncio.gather(*(batcher.call(script, [key], [1]) for _ in range(50)))
 
     # Redis ran them in the order sent: the counter climbs 1..50 through the replies.
-    assert sorted(replies) == list(range(1, 51))
     assert replies == list(range(1, 51))
-    # 50 calls at once through the plain client would have opened up to 50 connections.
-    assert len(redis.connection_pool._available_connections) == connections_before == 1  # type: ignore[union-attr]
+    # The first goes at once (nothing owed); the other 49 share the next write.
+    assert writes == [1, 49]
+    # No connection was opened for them (50 calls through redis-py could open 50).
+    assert len(await redis.client_list()) == clients_before
     assert int(await redis.get(key)) == 50
     await redis.delete(key)
 
 
-async def test_batches_are_cut_at_max_batch(redis: Redis) -> None:
-    key = f"test:batch:{uuid.uuid4().hex}"
-    batcher = ScriptBatcher(redis, max_batch=8)
-    script = redis.register_script(INCR)
-    await batcher.call(script, [key], [0])
-    replies = await asyncio.gather(*(batcher.call(script, [key], [1]) for _ in range(20)))
-    assert sorted(replies) == list(range(1, 21))
-    # 20 calls in batches of 8: three pipelines sent side by side, on three connections.
-    assert len(redis.connection_pool._available_connections) == 3  # type: ignore[union-attr]
-    await redis.delete(key)
-
-
-async def test_one_failing_call_does_not_fail_the_others(redis: Redis) -> None:
-    batcher = ScriptBatcher(redis)
+async def test_one_failing_call_does_not_fail_the_others(redis: Redis, batcher: ScriptBatcher) -> None:
     script = redis.register_script(FAIL_ON_NEGATIVE)
     await batcher.call(script, [], [0])
     results = await asyncio.gather(
@@ -69,9 +86,8 @@ async def test_one_failing_call_does_not_fail_the_others(redis: Redis) -> None:
     assert isinstance(results[1], ResponseError) and "negative" in str(results[1])
 
 
-async def test_scripts_are_loaded_again_after_redis_forgot_them(redis: Redis) -> None:
+async def test_scripts_are_loaded_again_after_redis_forgot_them(redis: Redis, batcher: ScriptBatcher) -> None:
     key = f"test:batch:{uuid.uuid4().hex}"
-    batcher = ScriptBatcher(redis)
     script = redis.register_script(INCR)
     await batcher.call(script, [key], [1])
     await redis.script_flush()
@@ -80,24 +96,30 @@ async def test_scripts_are_loaded_again_after_redis_forgot_them(redis: Redis) ->
     await redis.script_flush()
     replies = await asyncio.gather(*(batcher.call(script, [key], [1]) for _ in range(5)))
     assert sorted(replies) == [3, 4, 5, 6, 7]
+    assert await redis.script_exists(script.sha) == [True]
     await redis.delete(key)
 
 
-async def test_a_dead_redis_fails_every_waiting_call() -> None:
+async def test_a_script_redis_refuses_to_load_fails_its_call(redis: Redis, batcher: ScriptBatcher) -> None:
+    broken = redis.register_script("return (")
+    with pytest.raises(ResponseError, match="Error compiling script"):
+        await batcher.call(broken, [], [])
+
+
+async def test_a_dead_redis_fails_every_waiting_call(redis: Redis) -> None:
     # Nothing listens on this port.
-    client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
-    batcher = ScriptBatcher(client)
-    script = client.register_script(INCR)
+    batcher = ScriptBatcher(RespConnection(host="127.0.0.1", port=1, connect_timeout=1))
+    script = redis.register_script(INCR)
     results = await asyncio.gather(
         *(batcher.call(script, ["k"], [1]) for _ in range(4)), return_exceptions=True
     )
     assert all(isinstance(result, RedisConnectionError) for result in results), results
-    await client.aclose()
+    await batcher.close()
 
 
 async def test_a_deferred_call_rides_with_the_next_call_sent(redis: Redis) -> None:
     key = f"test:batch:{uuid.uuid4().hex}"
-    batcher = ScriptBatcher(redis, defer_seconds=30.0)
+    batcher = batcher_on(redis, defer_seconds=30.0)
     script = redis.register_script(INCR)
     await batcher.call(script, [key], [0])
     deferred = asyncio.ensure_future(batcher.call(script, [key], [10], defer=True))
@@ -107,12 +129,14 @@ async def test_a_deferred_call_rides_with_the_next_call_sent(redis: Redis) -> No
     # The next call goes at once and takes the deferred one along, sent first.
     assert await batcher.call(script, [key], [1]) == 11
     assert await deferred == 10
+    await batcher.close()
     await redis.delete(key)
 
 
 async def test_a_deferred_call_alone_goes_after_its_delay(redis: Redis) -> None:
     key = f"test:batch:{uuid.uuid4().hex}"
-    batcher = ScriptBatcher(redis, defer_seconds=0.05)
+    batcher = batcher_on(redis, defer_seconds=0.05)
     script = redis.register_script(INCR)
     assert await asyncio.wait_for(batcher.call(script, [key], [3], defer=True), timeout=5) == 3
+    await batcher.close()
     await redis.delete(key)

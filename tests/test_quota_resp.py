@@ -26,9 +26,7 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 def connection_for(redis_url: str, **overrides: object) -> RespConnection:
     pool = BlockingConnectionPool.from_url(redis_url, **overrides)
-    connection = RespConnection.for_pool(pool.connection_class, pool.connection_kwargs)
-    assert connection is not None
-    return connection
+    return RespConnection.for_pool(pool.connection_class, pool.connection_kwargs)
 
 
 def test_commands_are_packed_as_resp() -> None:
@@ -113,20 +111,26 @@ async def test_nothing_listening_is_a_connection_error() -> None:
         await connection.send([pack("PING")])
 
 
-def test_servers_it_cannot_speak_to_are_left_to_redis_py() -> None:
-    tls = BlockingConnectionPool.from_url("rediss://127.0.0.1:6380/0")
-    assert RespConnection.for_pool(tls.connection_class, tls.connection_kwargs) is None
+def test_it_speaks_for_plain_tls_and_unix_urls_and_refuses_other_connections() -> None:
+    for url in ("redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6380/0", "unix:///run/redis.sock?db=2"):
+        pool = BlockingConnectionPool.from_url(url)
+        assert isinstance(
+            RespConnection.for_pool(pool.connection_class, pool.connection_kwargs), RespConnection
+        )
+    # Start-up stops with what cannot be used, rather than run the scripts some other way.
     fake = fakeredis.FakeAsyncRedis().connection_pool
-    assert RespConnection.for_pool(fake.connection_class, fake.connection_kwargs) is None
-    unix = BlockingConnectionPool.from_url("unix:///run/redis.sock?db=2")
-    assert RespConnection.for_pool(unix.connection_class, unix.connection_kwargs) is not None
+    with pytest.raises(ValueError, match="FakeAsyncRedisConnection: only redis://, rediss:// and unix://"):
+        RespConnection.for_pool(fake.connection_class, fake.connection_kwargs)
+    unknown = BlockingConnectionPool.from_url("rediss://127.0.0.1:6380/0?ssl_crl_file=/etc/crl.pem")
+    with pytest.raises(ValueError, match="lacks: ssl_crl_file"):
+        RespConnection.for_pool(unknown.connection_class, unknown.connection_kwargs)
 
 
 async def test_the_script_batcher_runs_on_it(redis: Redis, redis_url: str) -> None:
     from gateway.quota.batching import ScriptBatcher
 
     key = f"test:resp:{uuid.uuid4().hex}"
-    batcher = ScriptBatcher(redis, connection=connection_for(redis_url))
+    batcher = ScriptBatcher(connection_for(redis_url))
     script = redis.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
     failing = redis.register_script("return redis.error_reply('refused')")
     await redis.script_flush()
@@ -150,7 +154,7 @@ async def test_a_call_while_nothing_is_owed_goes_at_once_and_the_rest_batch(
 
     key = f"test:resp:{uuid.uuid4().hex}"
     connection = connection_for(redis_url)
-    batcher = ScriptBatcher(redis, connection=connection, defer_seconds=30.0)
+    batcher = ScriptBatcher(connection, defer_seconds=30.0)
     script = redis.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
     assert not connection.owes_nothing  # not connected yet
     await batcher.call(script, [key], [0])
@@ -188,7 +192,7 @@ async def test_work_given_as_meanwhile_runs_once_the_call_is_written(redis: Redi
 
     key = f"test:resp:{uuid.uuid4().hex}"
     connection = connection_for(redis_url)
-    batcher = ScriptBatcher(redis, connection=connection)
+    batcher = ScriptBatcher(connection)
     script = redis.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
     await batcher.call(script, [key], [0])
     protocol = connection._protocol

@@ -3,10 +3,10 @@
 Each request makes two script calls (reserve, settle). Through redis-py each call
 costs far more client CPU than Redis spends running it: a connection taken from the
 pool, the command packed, written, read and parsed on its own. Calls made in the same
-turn of the event loop are sent instead as one pipeline: one connection, one write,
-one read for all of them. A call made while Redis owes no reply goes at once (on our
-own connection, below), so a quiet gateway does not wait a turn of the loop; under
-load, replies are always owed and batches form by themselves.
+turn of the event loop are sent instead as one pipeline on our own connection (see
+resp.py): one write for all of them, each reply handed to its caller as it is read.
+A call made while Redis owes no reply goes at once, so a quiet gateway does not wait
+a turn of the loop; under load, replies are always owed and batches form by themselves.
 
 Calls nobody waits on (settlements: the response is already on its way) may be
 deferred: they wait up to `defer_seconds` for the next call that is sent anyway, and
@@ -25,8 +25,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from gateway.quota.resp import RespConnection, pack
 
@@ -45,18 +44,10 @@ class _Call:
 
 
 class ScriptBatcher:
-    """connection: a pipelined connection to the same Redis, used when given (see resp.py)."""
+    """Script calls over one pipelined connection (see resp.py), which it closes."""
 
-    def __init__(
-        self,
-        redis: Redis,
-        max_batch: int = 128,
-        defer_seconds: float = 0.005,
-        connection: RespConnection | None = None,
-    ) -> None:
-        self._redis = redis
+    def __init__(self, connection: RespConnection, defer_seconds: float = 0.005) -> None:
         self._connection = connection
-        self._max_batch = max_batch
         self._defer_seconds = defer_seconds
         self._waiting: list[_Call] = []
         self._flush_scheduled = False
@@ -87,8 +78,14 @@ class ScriptBatcher:
             return await reply
         except NoScriptError:
             # Redis restarted or its scripts were flushed: load it, then run this call again.
-            await self._redis.script_load(script.script)
+            await self._load(script)
         return await self._enqueue(command, False)
+
+    async def _load(self, script: Script) -> None:
+        """SCRIPT LOAD, on the same connection as the calls (and as the same ACL user)."""
+        (loaded,) = await self._connection.send([pack(b"SCRIPT", b"LOAD", script.script)])
+        if isinstance(loaded, Exception):
+            raise loaded
 
     def _enqueue(self, command: bytes, defer: bool) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -99,7 +96,7 @@ class ScriptBatcher:
                 self._deferred_flush = loop.call_later(self._defer_seconds, self._flush)
         elif self._flush_scheduled:
             pass
-        elif self._connection is not None and self._connection.owes_nothing:
+        elif self._connection.owes_nothing:
             # As Nagle's algorithm does: with nothing in flight there is no trip to share
             # and nobody to wait for, so the call goes now rather than a loop turn later
             # (at one request at a time, that turn was the whole wait). Calls made later
@@ -117,71 +114,20 @@ class ScriptBatcher:
             self._deferred_flush.cancel()
             self._deferred_flush = None
         waiting, self._waiting = self._waiting, []
-        if self._connection is not None:
-            # Replies resolve the callers' futures from the socket callback: no task here.
-            commands = b"".join([call.command for call in waiting])
-            futures = [call.reply for call in waiting]
-            if not self._connection.submit(commands, futures):
-                _spawn(self._connection.submit_when_connected(commands, futures))
-            return
-        for start in range(0, len(waiting), self._max_batch):
-            _spawn(self._send(waiting[start : start + self._max_batch]))
+        # Replies resolve the callers' futures from the socket callback: no task here.
+        commands = b"".join([call.command for call in waiting])
+        futures = [call.reply for call in waiting]
+        if not self._connection.submit(commands, futures):
+            _spawn(self._connection.submit_when_connected(commands, futures))
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-
-    async def _send(self, batch: list[_Call]) -> None:
-        """One batch through redis-py's pool (servers the pipelined connection cannot speak to)."""
-        try:
-            replies = await self._exchange([call.command for call in batch])
-            for call, reply in zip(batch, replies, strict=True):
-                _deliver(call, reply)
-        except BaseException as exc:
-            for call in batch:
-                if not call.reply.done():
-                    call.reply.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-
-    async def _exchange(self, commands: list[bytes]) -> list[Any]:
-        """Send packed commands in one write on one pooled connection; their replies in order.
-
-        A reply that is an error comes back as the exception, not raised, so one
-        failing call does not fail the others.
-        """
-        pool = self._redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(b"".join(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as error:
-                    replies.append(error)
-            return replies
-        except BaseException:
-            # Replies may be left unread on it: never hand this connection out again.
-            await connection.disconnect()
-            raise
-        finally:
-            await pool.release(connection)
+        await self._connection.close()
 
 
 def evalsha(script: Script, keys: Sequence[str], args: Sequence[str | int]) -> bytes:
     # Packed by hiredis: redis-py's general packer cost more per argument than
     # everything else a request does with Redis.
     return pack(b"EVALSHA", script.sha, len(keys), *keys, *args)
-
-
-def _deliver(call: _Call, reply: Any) -> None:
-    if call.reply.done():  # the caller was cancelled
-        return
-    if isinstance(reply, Exception):
-        call.reply.set_exception(reply)
-    else:
-        call.reply.set_result(reply)
 
 
 def _spawn(work: Coroutine[Any, Any, None]) -> None:

@@ -181,10 +181,12 @@ class QuotaLimiter:
             # Each script call holds one connection on one node, so queue them here instead.
             max_connections = int(self.redis.connection_kwargs.get("max_connections") or 64)
             self._calls = asyncio.Semaphore(max_connections)
-        else:
+        elif not _in_process(self.redis):
+            # Every script call on one pipelined connection of our own, plain, TLS or Unix
+            # socket; a client it cannot speak for stops start-up here (ValueError).
             pool = self.redis.connection_pool
             connection = RespConnection.for_pool(pool.connection_class, pool.connection_kwargs)
-            self._batcher = ScriptBatcher(self.redis, connection=connection)
+            self._batcher = ScriptBatcher(connection)
 
     async def _run(
         self,
@@ -519,6 +521,13 @@ class QuotaLimiter:
             except Exception as exc:
                 raise QuotaStoreUnavailable(str(exc)) from exc
         return deleted
+
+
+def _in_process(redis: Redis) -> bool:
+    """The embedded store (fakeredis, see store.py): no socket, so each call goes through redis-py."""
+    # Its scripts run in this process: there is no trip to share, and no connection to
+    # speak RESP on. Told by module, so that a real Redis does not import fakeredis.
+    return type(redis).__module__.partition(".")[0] == "fakeredis"
 
 
 async def _nothing() -> None:

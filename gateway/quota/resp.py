@@ -12,21 +12,26 @@ Replies are watched by one timer per connection, not one per call: it fires ever
 still unanswered, the connection is dropped and everything waiting on it fails. A
 reply that never comes is thus noticed within one to two `reply_timeout`s.
 
-Plain TCP and Unix sockets, with AUTH and SELECT. Anything else (TLS, a fake Redis)
-gets None from `for_pool` and the caller keeps using redis-py.
+It speaks to the servers a redis-py client is made for from a URL: redis:// (TCP),
+rediss:// (TLS, with the URL's ssl_* settings) and unix://, logging in with AUTH
+(a password, or an ACL user and its password) and choosing the database with SELECT.
+TLS changes only how the connection is opened: asyncio's TLS transport hands the
+same protocol the decrypted bytes. A connection class it cannot speak for is refused
+at start-up (`for_pool`), never worked around.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+import ssl
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio import Connection, UnixDomainSocketConnection
+from redis.asyncio import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -99,25 +104,42 @@ class RespConnection:
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
+        tls: ssl.SSLContext | None = None,
         connect_timeout: float = 2.0,
         reply_timeout: float = 5.0,
     ) -> None:
+        """tls: given, TCP connections are made over TLS with it (rediss://)."""
         self._host, self._port, self._path = host, port, path
         self._db, self._username, self._password = db, username, password
+        self._tls = tls
         self._connect_timeout, self._reply_timeout = connect_timeout, reply_timeout
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
         self._watchdog: asyncio.TimerHandle | None = None
 
     @classmethod
-    def for_pool(cls, connection_class: type, kwargs: dict[str, Any]) -> RespConnection | None:
-        """One speaking to the server a redis-py pool was made for, if we can."""
-        if connection_class is Connection:
+    def for_pool(cls, connection_class: type, kwargs: Mapping[str, Any]) -> RespConnection:
+        """One speaking to the server a redis-py pool was made for, as that pool would.
+
+        Raises ValueError for a connection class other than redis-py's TCP, TLS and
+        Unix socket ones, or settings it would not honour: start-up should stop there
+        rather than run the quota scripts some other way than configured.
+        """
+        where = f"{connection_class.__module__}.{connection_class.__qualname__}"
+        if kwargs.get("credential_provider") is not None:
+            raise ValueError(f"{where}: a credential_provider is not supported; put the user in the URL")
+        tls = None
+        if connection_class is Connection or connection_class is SSLConnection:
             host, port, path = str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)), None
+            if connection_class is SSLConnection:
+                tls = tls_context(kwargs)
         elif connection_class is UnixDomainSocketConnection:
             host, port, path = None, 0, str(kwargs["path"])
         else:
-            return None
+            raise ValueError(
+                f"the quota scripts cannot reach Redis through {where}: "
+                "only redis://, rediss:// and unix:// connections are supported"
+            )
         return cls(
             host=host,
             port=port,
@@ -125,6 +147,7 @@ class RespConnection:
             db=int(kwargs.get("db") or 0),
             username=kwargs.get("username"),
             password=kwargs.get("password"),
+            tls=tls,
             connect_timeout=float(kwargs.get("socket_connect_timeout") or 2.0),
             reply_timeout=float(kwargs.get("socket_timeout") or 5.0),
         )
@@ -204,7 +227,10 @@ class RespConnection:
                     if self._path is not None:
                         _, protocol = await loop.create_unix_connection(_Protocol, self._path)
                     else:
-                        _, protocol = await loop.create_connection(_Protocol, self._host or "", self._port)
+                        _, protocol = await loop.create_connection(
+                            _Protocol, self._host or "", self._port, ssl=self._tls
+                        )
+            # ssl.SSLError (a certificate refused, a TLS port spoken to in plain) is an OSError.
             except (OSError, TimeoutError) as exc:
                 where = self._path or f"{self._host}:{self._port}"
                 raise RedisConnectionError(f"Error connecting to Redis at {where}: {exc}") from exc
@@ -217,25 +243,86 @@ class RespConnection:
             self._protocol = protocol
 
     async def _handshake(self, protocol: _Protocol) -> None:
-        handshake: list[bytes] = []
+        """AUTH and SELECT, as one write; raises what refused them, as a connection error."""
+        # Each command with the error that its refusal is: the connection is of no use.
+        steps: list[tuple[bytes, type[RedisConnectionError], str]] = []
         if self._password is not None:
+            # With a user, AUTH logs in as that ACL user; without, as the default user.
             credentials = [self._username, self._password] if self._username else [self._password]
-            handshake.append(pack("AUTH", *credentials))
+            steps.append((pack("AUTH", *credentials), AuthenticationError, "Redis refused the login"))
         if self._db:
-            handshake.append(pack("SELECT", self._db))
-        if not handshake:
+            steps.append((pack("SELECT", self._db), RedisConnectionError, f"Redis refused db {self._db}"))
+        if not steps:
             return
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in handshake]
-        protocol.write(b"".join(handshake), futures)
+        futures = [loop.create_future() for _ in steps]
+        protocol.write(b"".join([command for command, _, _ in steps]), futures)
         try:
             async with asyncio.timeout(self._reply_timeout):
-                for future in futures:
+                for (_, error, refused), future in zip(steps, futures, strict=True):
                     reply = await _reply_or_error(future)
                     if isinstance(reply, ResponseError):
-                        raise RedisConnectionError(f"Redis refused the connection setup: {reply}")
+                        raise error(f"{refused}: {reply}")
         except TimeoutError:
             raise RedisTimeoutError(f"Redis did not answer within {self._reply_timeout:g} s.") from None
+
+
+_VERIFY_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+_TLS_SETTINGS = frozenset(
+    {
+        "ssl_keyfile",
+        "ssl_certfile",
+        "ssl_password",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_data",
+        "ssl_ca_path",
+        "ssl_check_hostname",
+        "ssl_min_version",
+        "ssl_ciphers",
+        "ssl_include_verify_flags",
+        "ssl_exclude_verify_flags",
+    }
+)
+
+
+def tls_context(kwargs: Mapping[str, Any]) -> ssl.SSLContext:
+    """The TLS settings of redis-py's SSLConnection (its ssl_* arguments), as an SSLContext.
+
+    Defaults as redis-py's: the server's certificate is required and its host name
+    checked, against the system's CAs unless ssl_ca_certs (or _data, _path) names others.
+    Raises ValueError for an ssl_* setting it does not know, rather than ignore it.
+    """
+    unknown = sorted(name for name in kwargs if name.startswith("ssl_") and name not in _TLS_SETTINGS)
+    if unknown:
+        raise ValueError(f"TLS settings the quota scripts' connection lacks: {', '.join(unknown)}")
+    verify_mode = kwargs.get("ssl_cert_reqs") or "required"
+    if isinstance(verify_mode, str):
+        if verify_mode not in _VERIFY_MODES:
+            raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_VERIFY_MODES)}, not {verify_mode!r}")
+        verify_mode = _VERIFY_MODES[verify_mode]
+    context = ssl.create_default_context()
+    # Before verify_mode: a context checking host names refuses CERT_NONE.
+    context.check_hostname = bool(kwargs.get("ssl_check_hostname", True)) and verify_mode != ssl.CERT_NONE
+    context.verify_mode = verify_mode
+    for flag in kwargs.get("ssl_include_verify_flags") or ():
+        context.verify_flags |= flag
+    for flag in kwargs.get("ssl_exclude_verify_flags") or ():
+        context.verify_flags &= ~flag
+    certfile, keyfile = kwargs.get("ssl_certfile"), kwargs.get("ssl_keyfile")
+    if keyfile and not certfile:
+        raise ValueError("ssl_keyfile is given without ssl_certfile, the certificate it is the key of")
+    if certfile:
+        # A client certificate, for servers started with tls-auth-clients yes.
+        context.load_cert_chain(certfile, keyfile, kwargs.get("ssl_password"))
+    ca_file, ca_path, ca_data = (kwargs.get(f"ssl_ca_{name}") for name in ("certs", "path", "data"))
+    if ca_file or ca_path or ca_data:
+        context.load_verify_locations(cafile=ca_file, capath=ca_path, cadata=ca_data)
+    if kwargs.get("ssl_min_version") is not None:
+        context.minimum_version = ssl.TLSVersion(kwargs["ssl_min_version"])
+    if kwargs.get("ssl_ciphers"):
+        context.set_ciphers(kwargs["ssl_ciphers"])
+    return context
 
 
 async def _reply_or_error(future: asyncio.Future[Any]) -> Any:
