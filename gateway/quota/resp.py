@@ -265,6 +265,12 @@ class RespConnection:
                         raise error(f"{refused}: {reply}")
         except TimeoutError:
             raise RedisTimeoutError(f"Redis did not answer within {self._reply_timeout:g} s.") from None
+        finally:
+            # After a failure, the replies not awaited (their errors would be logged as
+            # never retrieved) and those still owed (the connection is closed) are dropped.
+            for future in futures:
+                if not future.cancel() and not future.cancelled():
+                    future.exception()
 
 
 _VERIFY_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
