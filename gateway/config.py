@@ -7,6 +7,7 @@ Values may reference the environment as `${VAR}` or `${VAR:-default}`.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -103,6 +104,18 @@ class ProviderConfig:
     tokens_per_second: float = 0.0
     # Open connections to the provider per worker; past it a request waits (0: no cap).
     max_connections: int = 0
+    # The egress proxy: None takes HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the
+    # environment; "direct" goes straight to the provider whatever the environment says.
+    proxy: str | None = None
+    # A private CA to trust instead of the system's, and a client certificate (mTLS).
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    # A response body larger than this (after decompression) is cut off with a 502.
+    max_response_bytes: int = 64 * 1024 * 1024
+    # Whether callers see the provider's own error message; off, since it can hold
+    # internal addresses or a fragment of our credentials. The log always has it, redacted.
+    expose_errors: bool = False
 
 
 @dataclass(frozen=True)
@@ -392,6 +405,10 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
                 "latency_seconds",
                 "tokens_per_second",
                 "max_connections",
+                "proxy",
+                "tls",
+                "max_response_bytes",
+                "expose_errors",
             }
         )
         kind = entry.require("type").as_choice(PROVIDER_TYPES)
@@ -405,6 +422,8 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
             entry.child("api_version", None).fail("is required for providers of type azure (e.g. 2024-10-21)")
         latency, rate = entry.get("latency_seconds"), entry.get("tokens_per_second")
         connections = entry.get("max_connections")
+        body_limit, expose = entry.get("max_response_bytes"), entry.get("expose_errors")
+        ca_file, cert_file, key_file = _provider_tls(entry.get("tls"))
         providers[name] = ProviderConfig(
             name=name,
             type=kind,
@@ -415,10 +434,51 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
             latency_seconds=latency.as_float(minimum=0) if latency else 0.0,
             tokens_per_second=rate.as_float(minimum=0) if rate else 0.0,
             max_connections=connections.as_int(minimum=0) if connections else 0,
+            proxy=_proxy(entry.get("proxy")),
+            ca_file=ca_file,
+            client_cert_file=cert_file,
+            client_key_file=key_file,
+            max_response_bytes=body_limit.as_int(minimum=1024)
+            if body_limit
+            else ProviderConfig.max_response_bytes,
+            expose_errors=expose.as_bool() if expose else False,
         )
     if not providers:
         node.fail("at least one provider is required")
     return providers
+
+
+def _proxy(node: Node | None) -> str | None:
+    if node is None:
+        return None
+    proxy = node.as_str()
+    if proxy != "direct" and not proxy.startswith(("http://", "https://")):
+        node.fail('must be an http:// or https:// proxy URL, or "direct"')
+    return proxy
+
+
+def _provider_tls(node: Node | None) -> tuple[str | None, str | None, str | None]:
+    """ca_file, client_cert_file, client_key_file: readable files, relative to gateway.yaml."""
+    if node is None:
+        return None, None, None
+    keys = ("ca_file", "client_cert_file", "client_key_file")
+    node.mapping(set(keys))
+    paths: list[str | None] = []
+    for key in keys:
+        child = node.get(key)
+        if child is None:
+            paths.append(None)
+            continue
+        path = child.as_str()
+        if not os.path.isabs(path) and os.path.isfile(node.file):
+            # Relative to gateway.yaml, as operators keep certificates beside it.
+            path = os.path.join(os.path.dirname(os.path.abspath(node.file)), path)
+        if not os.access(path, os.R_OK):
+            child.fail(f"{path} is not a readable file")
+        paths.append(path)
+    if paths[2] is not None and paths[1] is None:
+        node.child("client_cert_file", None).fail("is required with client_key_file")
+    return paths[0], paths[1], paths[2]
 
 
 def _timeouts(node: Node | None) -> TimeoutsConfig:

@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
 
-import aiohttp
 import asyncpg
 
 from gateway.config import GatewayConfig
+from gateway.errors import UpstreamError
 from gateway.ledger.schema import latest_version
 from gateway.policies import PolicyHolder
+from gateway.providers import build_http_provider
 from gateway.quota.store import open_redis
 from gateway.tokens import TokenizerRegistry, TokenizerUnavailable
 
@@ -236,25 +237,39 @@ async def _tokenizers(check: Check, config: GatewayConfig) -> None:
 
 
 async def _upstream(check: Check, config: GatewayConfig, name: str) -> None:
+    """The provider asked for its model list by the client calls use (proxy, TLS, key)."""
     provider = config.providers[name]
     if provider.type == "mock":
         check.detail = "built-in mock provider"
         return
     assert provider.base_url is not None
-    url = provider.base_url + ("/v1/models" if provider.type == "anthropic" else "/models")
-    timeout = aiohttp.ClientTimeout(total=min(10.0, provider.timeouts.connect_seconds + 5))
+    client = build_http_provider(provider)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
-            status = response.status
-    except Exception as exc:
-        check.status, check.detail = "fail", f"cannot reach {provider.base_url}: {type(exc).__name__}"
-        check.fix = f"check providers.{name}.base_url and the network to it"
+        status = await client.probe(seconds=min(10.0, provider.timeouts.connect_seconds + 5))
+    except UpstreamError as exc:
+        check.status, check.detail = "fail", f"cannot reach {provider.base_url}: {exc.detail or exc.code}"
+        check.fix = _reach_fix(name, exc.detail)
         return
-    check.detail = f"{provider.base_url} answers (HTTP {status} without credentials)"
+    finally:
+        await client.close()
+    check.detail = f"{provider.base_url} answers (HTTP {status} to a model list request)"
     check.facts = {"status": status}
     if provider.api_key_env and not _env_set(provider.api_key_env):
         check.status = "warn"
         check.fix = f"set the environment variable {provider.api_key_env} (providers.{name}.api_key_env)"
+    elif status in (401, 403):
+        check.status = "fail"
+        check.fix = f"the provider refused the key in {provider.api_key_env} (providers.{name}.api_key_env)"
+
+
+def _reach_fix(name: str, cause: str | None) -> str:
+    if cause == "dns":
+        return f"providers.{name}.base_url names a host this machine cannot resolve"
+    if cause == "tls":
+        return f"the provider's certificate is untrusted: set providers.{name}.tls.ca_file or check the host"
+    if cause == "proxy":
+        return f"the proxy failed: check HTTPS_PROXY / HTTP_PROXY / NO_PROXY or providers.{name}.proxy"
+    return f"check providers.{name}.base_url and the network to it"
 
 
 def _env_set(name: str) -> bool:

@@ -26,10 +26,14 @@ class GatewayError(Exception):
         headers: Mapping[str, str] | None = None,
         code: str | None = None,
         error_type: str | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        # More than the code says, from a small fixed set (the ledger's error_detail and
+        # a metric label): never free text, which could carry a provider's internals.
+        self.detail = detail
         self.headers: dict[str, str] = dict(headers or {})
         if code is not None:
             self.code = code
@@ -125,8 +129,11 @@ class UpstreamError(GatewayError):
     code = "upstream_error"
 
 
-class UpstreamTimeout(GatewayError):
-    """The provider did not answer in time (504)."""
+class UpstreamTimeout(UpstreamError):
+    """The provider did not answer in time (504); detail says which timeout ran out.
+
+    An UpstreamError: retried, failed over and counted by the breaker like the others.
+    """
 
     status = 504
     error_type = "server_error"

@@ -52,6 +52,8 @@ class Exchange:
     first_event_at: float | None = None
     status: int = 0
     error_code: str | None = None
+    # What more is known of the error, from a small fixed set (GatewayError.detail).
+    error_detail: str | None = None
     usage: Usage | None = None
     # Tokens of the text the provider sent (relayed or not), counted only when usage never came.
     relayed_tokens: int | None = None
@@ -60,10 +62,9 @@ class Exchange:
     # Only when server.log_prompts is on: the request's prompt, for its log line.
     prompt_text: str | None = None
     client_disconnected: bool = False
-    # Which deployment served it (its provider name) and after how many attempts.
+    # Which deployment served it (its provider name).
     deployment: str = ""
     upstream_model: str = ""
-    attempts: int = 0
     # Whether the provider got the request (then it is never charged zero).
     delivery: Delivery = field(default_factory=Delivery)
     # The provider answered with an error of its own: it bills nothing for that.
@@ -94,6 +95,8 @@ class Exchange:
         }
         if self.error_code:
             fields["error_code"] = self.error_code
+        if self.error_detail:
+            fields["error_detail"] = self.error_detail
         if self.prompt_text is not None:
             fields["prompt"] = self.prompt_text
         return fields
@@ -121,9 +124,14 @@ class Exchange:
         exact = (reported is not None or self.prompt.exact) and (completion == 0 or self.profile.exact)
         return FinalUsage(Usage(prompt, completion), "counted" if exact else "estimated")
 
+    @property
+    def attempts(self) -> int:
+        """Sends to providers, each counted as it went (so also when every one failed)."""
+        return self.delivery.attempts
+
     def routed(self, routed: Routed) -> None:
-        """Note which deployment answered, after how many attempts."""
-        self.deployment, self.attempts = routed.deployment.provider, routed.attempts
+        """Note which deployment answered."""
+        self.deployment = routed.deployment.provider
         self.upstream_model = routed.deployment.upstream_model
 
     def upstream_began(self) -> None:

@@ -281,8 +281,10 @@ class Metrics:
         )
         self.upstream_failures = Counter(
             "gateway_upstream_failures_total",
-            "Upstream attempts that failed (connection, timeout, 429, 5xx), by provider.",
-            ["provider"],
+            "Upstream attempts that failed, by provider and cause: dns, refused, unreachable, tls, "
+            "proxy, reset, closed, malformed, too_large, connect_timeout, first_byte_timeout, "
+            "idle_timeout, total_timeout, other; status_408, status_409, status_429, status_5xx.",
+            ["provider", "cause"],
             registry=r,
         )
         self.breaker_openings = Counter(

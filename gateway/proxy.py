@@ -199,6 +199,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
         return await _forward(request, upstream, spec, exchange, headers)
     except GatewayError as exc:
         exchange.status, exchange.error_code = exc.status, exc.code
+        exchange.error_detail = exc.detail
         exc.headers = {**headers, **exc.headers}
         raise
     except asyncio.CancelledError:

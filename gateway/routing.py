@@ -116,17 +116,19 @@ class Router:
                 if attempts:
                     await asyncio.sleep(self._config.backoff_seconds * (2**retry) * random.uniform(0.5, 1.0))
                 attempts += 1
+                request = make(deployment)
+                request.delivery.attempts += 1
                 try:
-                    reply = await provider.send(make(deployment))
+                    reply = await provider.send(request)
                 except UpstreamError as exc:  # also UpstreamTimeout
                     last_error = exc
-                    if self._failed(deployment, f"{exc.code}"):
+                    if self._failed(deployment, exc.detail or "other"):
                         break
                     continue
                 if reply.status in RETRYABLE_STATUSES:
                     await reply.close()
                     last_reply = (reply, deployment)
-                    if self._failed(deployment, f"HTTP {reply.status}"):
+                    if self._failed(deployment, _status_cause(reply.status)):
                         break  # taken out: go straight to the next deployment
                     continue
                 self._succeeded(deployment)
@@ -136,11 +138,11 @@ class Router:
         assert last_error is not None
         raise last_error
 
-    def _failed(self, deployment: DeploymentConfig, why: str) -> bool:
+    def _failed(self, deployment: DeploymentConfig, cause: str) -> bool:
         """Count a failure; True when the deployment is now taken out."""
         breaker = self.breaker(deployment.provider)
         breaker.failures += 1
-        self._metrics.upstream_failures.labels(deployment.provider).inc()
+        self._metrics.upstream_failures.labels(deployment.provider, cause).inc()
         now = time.monotonic()
         if breaker.probing or breaker.failures >= self._config.breaker_failures:
             if breaker.state(now) != "open":
@@ -148,7 +150,7 @@ class Router:
                     "deployment %s taken out for %.0fs (%s)",
                     deployment.provider,
                     self._config.breaker_cooldown_seconds,
-                    why,
+                    cause,
                 )
                 self._metrics.breaker_openings.labels(deployment.provider).inc()
             breaker.open_until = now + self._config.breaker_cooldown_seconds
@@ -165,6 +167,11 @@ class Router:
             log.info("deployment %s is back", deployment.provider)
         breaker.failures, breaker.open_until, breaker.probing = 0, 0.0, False
         self._metrics.breaker_open.labels(deployment.provider).set(0)
+
+
+def _status_cause(status: int) -> str:
+    """The failure label of a retryable answer: status_408, status_409, status_429 or status_5xx."""
+    return f"status_{status}" if status < 500 else "status_5xx"
 
 
 def _weighted_order(weights: list[float]) -> list[int]:

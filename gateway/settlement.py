@@ -58,6 +58,7 @@ class Settlement:
             exchange.routed(routed)
             take_body_usage(routed.reply, exchange)
         except GatewayError as exc:
+            exchange.error_detail = exc.detail
             log.info("request %s, whose client left, failed upstream: %s", exchange.request_id, exc.code)
         except Exception:
             log.exception("request %s, whose client left, failed upstream", exchange.request_id)
@@ -153,6 +154,7 @@ def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
         upstream_latency_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
         client_request_id=exchange.client_request_id,
         attempts=exchange.attempts,
+        error_detail=exchange.error_detail,
         cost_usd=(
             price.cost_usd(usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens)
             if price is not None and usage is not None

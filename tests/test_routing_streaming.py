@@ -96,7 +96,7 @@ async def test_failover_and_the_circuit_breaker(
         ("backup", "gpt-4o-mini-backup", 1, 200),
         ("fake", "gpt-4o-mini", 1, 200),
     ]
-    assert metrics.upstream_failures.labels("fake")._value.get() == 3
+    assert metrics.upstream_failures.labels("fake", "status_5xx")._value.get() == 3
     assert metrics.breaker_openings.labels("fake")._value.get() == 1
     assert metrics.breaker_open.labels("fake")._value.get() == 0
 

@@ -42,6 +42,9 @@ class UsageRecord(NamedTuple):
     cost_usd: float | None = None
     # Upstream attempts it took (retries and failover); 0 when it never reached one.
     attempts: int = 0
+    # What more is known of an error than its code, from a small fixed set: the cause of
+    # a failed connection (dns, refused, tls, ...) or the timeout that ran out.
+    error_detail: str | None = None
 
     def row(self) -> tuple[object, ...]:
         return self

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from gateway.config import ProviderConfig
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import Provider, UpstreamReply, UpstreamRequest, Usage
+from gateway.providers.http import HttpProvider
 from gateway.providers.mock import MockProvider
 from gateway.providers.openai import AzureOpenAIProvider, OpenAIProvider
 from gateway.tokens import TokenizerRegistry
@@ -25,6 +26,11 @@ def _build_provider(
 ) -> Provider:
     if config.type == "mock":
         return MockProvider(config, tokenizers)
+    return build_http_provider(config, tls)
+
+
+def build_http_provider(config: ProviderConfig, tls: ssl.SSLContext | None = None) -> HttpProvider:
+    """A provider reached over HTTP (any type but mock)."""
     if config.type == "azure":
         return AzureOpenAIProvider(config, tls)
     if config.type == "anthropic":
@@ -32,4 +38,4 @@ def _build_provider(
     return OpenAIProvider(config, tls)
 
 
-__all__ = ["Provider", "UpstreamReply", "UpstreamRequest", "Usage", "build_providers"]
+__all__ = ["Provider", "UpstreamReply", "UpstreamRequest", "Usage", "build_http_provider", "build_providers"]

@@ -22,16 +22,18 @@ class Usage:
 
 
 class Delivery:
-    """Whether a request's bytes went out to a provider, on any attempt.
+    """Whether a request's bytes went out to a provider, on any attempt, and how many attempts.
 
     Settlement reads it: once a provider has the prompt it bills it, so such a request
     is never charged zero; one that never left (refused, failed to connect) is.
     """
 
-    __slots__ = ("sent",)
+    __slots__ = ("attempts", "sent")
 
     def __init__(self) -> None:
         self.sent = False
+        # Sends to a provider (retries and failover included), each a call it may bill.
+        self.attempts = 0
 
     def mark_sent(self) -> None:
         self.sent = True

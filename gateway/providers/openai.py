@@ -28,5 +28,8 @@ class AzureOpenAIProvider(HttpProvider):
             f"?api-version={quote(self._config.api_version or '', safe='')}"
         )
 
+    def models_url(self) -> str:
+        return f"{self._base_url}/openai/models?api-version={quote(self._config.api_version or '', safe='')}"
+
     def credentials(self) -> dict[str, str]:
         return {"api-key": self._api_key} if self._api_key else {}

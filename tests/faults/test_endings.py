@@ -593,11 +593,12 @@ def test_the_table_is_written(capsys: pytest.CaptureFixture[str]) -> None:
         print("\n" + table)
 
 
-async def test_a_connection_cut_before_the_head_reaches_the_provider_at_most_twice(
+async def test_a_connection_cut_before_the_head_sends_the_request_once(
     scripted: ScriptedUpstream, start_gateway: StartGateway, pg: asyncpg.Connection
 ) -> None:
-    """A provider that reads a request and closes without answering looks like a
-    kept-alive connection it had closed: the request may go once more, on a new one."""
+    """A provider that reads a request and closes without answering, on a kept-alive
+    connection: the request is not sent again behind the router's back (one attempt
+    allowed here), and the one send is counted and charged."""
     gateway = await start_gateway(POLICY, clock_ms=pinned_clock)
     # Four calls at once leave four kept-alive connections idle in the pool.
     scripted.default = Script("delay_head", pause_seconds=0.1)
@@ -607,4 +608,5 @@ async def test_a_connection_cut_before_the_head_reaches_the_provider_at_most_twi
     assert (answer.status, json.loads(answer.body)["error"]["code"]) == (502, "upstream_connection_lost")
     (row,) = await settled_rows(gateway, pg, "cut")
     assert (row["prompt_tokens"], row["completion_tokens"]) == (row["prompt_tokens_estimated"], 0)
-    assert len(scripted.calls_of("cut")) == 2, len(scripted.calls_of("cut"))
+    assert (row["attempts"], row["error_detail"]) == (1, "closed")
+    assert len(scripted.calls_of("cut")) == 1, len(scripted.calls_of("cut"))
