@@ -27,6 +27,7 @@ from gateway.exchange import CLIENT_CLOSED_REQUEST
 from gateway.logs import log_request
 from gateway.metrics import UNKNOWN_MODEL, Metrics
 from gateway.quota.headers import anthropic_ratelimit_headers
+from gateway.relay import ProviderError
 from gateway.requests import EXCHANGE, MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
 
 log = logging.getLogger("gateway.http")
@@ -65,6 +66,17 @@ def error_response(error: GatewayError, request_id: str, anthropic: bool = False
         content_type="application/json",
         headers=headers,
     )
+
+
+def _expose_if_allowed(error: ProviderError, app: web.Application) -> None:
+    """The provider's own message reaches callers only where its operator opted in.
+
+    Decided here, where the configuration is at hand: the relay that makes the error
+    knows the provider's name, not its settings.
+    """
+    provider = app[state.CONFIG].providers.get(error.provider)
+    if provider is not None and provider.expose_errors:
+        error.expose()
 
 
 def _translate(exc: web.HTTPException) -> GatewayError:
@@ -109,6 +121,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
             status, error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
     except GatewayError as exc:
         status, error_code = exc.status, exc.code
+        if isinstance(exc, ProviderError):
+            _expose_if_allowed(exc, request.app)
         response = error_response(exc, request_id, request.path.startswith(ANTHROPIC_PREFIX))
     except asyncio.CancelledError:
         status = CLIENT_CLOSED_REQUEST

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
 
@@ -21,6 +21,7 @@ from gateway.errors import GatewayError, UpstreamError
 from gateway.exchange import CLIENT_CLOSED_REQUEST, Exchange
 from gateway.providers import UpstreamReply, Usage, anthropic_wire, openai_wire
 from gateway.providers.openai_wire import SseSplitter, chunk_object, event_data, usage_from_object
+from gateway.redact import redact
 
 log = logging.getLogger("gateway.relay")
 
@@ -238,7 +239,7 @@ def take_body_usage(reply: UpstreamReply, exchange: Exchange) -> None:
     """
     if reply.status != 200:
         exchange.refused_by_provider = True
-        raise upstream_failure(reply, exchange.deployment)
+        raise upstream_failure(reply, exchange.deployment, exchange.request_id)
     try:
         body = json.loads(reply.body)
     except ValueError as exc:
@@ -385,25 +386,132 @@ class SseResponse(web.StreamResponse):
         await super().write_eof(tail + data if tail else data)
 
 
-def upstream_failure(reply: UpstreamReply, provider: str) -> GatewayError:
-    """A provider's non-200 answer as our error: its own message where it gave one."""
-    message = f"Provider '{provider}' answered HTTP {reply.status}."
-    try:
-        body = json.loads(reply.body)
-        upstream_message = body["error"]["message"]
-        if isinstance(upstream_message, str):
-            message = f"{message} {upstream_message}"
-    except (ValueError, KeyError, TypeError):
-        pass
-    if reply.status in (401, 403):
+# One WARNING line per provider error answer, with its text (redacted) for operators.
+upstream_log = logging.getLogger("gateway.upstream")
+
+# A provider's error type or code reaches the caller only if it is an identifier like this.
+_SAFE_IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Error bodies are short; of a larger one this much is logged (redact() cuts it further)
+# and nothing is parsed, so a huge body costs little.
+_LOGGED_ERROR_BYTES = 8 * 1024
+_PARSED_ERROR_BYTES = 64 * 1024
+
+
+class ProviderError(UpstreamError):
+    """A provider's own error answer, told in our words (see upstream_failure).
+
+    `provider_message` is the provider's text, redacted; it joins our message only
+    through `expose()`, for a provider whose operator set `expose_errors`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        provider_message: str | None,
+        status: int,
+        code: str,
+        error_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, error_type=error_type, headers=headers)
+        self.status = status
+        self.provider = provider
+        self.provider_message = provider_message
+        self.exposed = False
+
+    def expose(self) -> None:
+        """Put the provider's (redacted) message after ours, once."""
+        if self.provider_message and not self.exposed:
+            self.message = f"{self.message} Provider message: {self.provider_message}"
+            self.exposed = True
+
+
+def upstream_failure(reply: UpstreamReply, provider: str, request_id: str) -> ProviderError:
+    """A provider's non-200 answer as our error: its status, error type and code, our request id.
+
+    Never the provider's free text, which can hold internal addresses or a fragment of
+    our credentials: that goes to the log (redacted), and to the caller only through
+    ProviderError.expose(). Our `code` stays ours (upstream_*), so SDKs see one vocabulary.
+    """
+    upstream_log.warning(
+        "provider %s answered HTTP %d to request %s: %s",
+        provider,
+        reply.status,
+        request_id,
+        redact(reply.body[:_LOGGED_ERROR_BYTES].decode("utf-8", errors="replace")),
+        extra={"fields": {"request_id": request_id, "provider": provider, "upstream_status": reply.status}},
+    )
+    provider_type, provider_code, provider_message = _provider_error_fields(reply.body)
+    named = ", ".join(
+        f"{label} {value}" for label, value in (("type", provider_type), ("code", provider_code)) if value
+    )
+    message = (
+        f"Provider '{provider}' answered HTTP {reply.status}{f' ({named})' if named else ''}."
+        f" Request id {request_id}."
+    )
+    ours = _our_error(reply.status)
+    headers = {"retry-after": reply.retry_after} if reply.status == 429 and reply.retry_after else {}
+    return ProviderError(
+        message,
+        provider=provider,
+        provider_message=redact(provider_message) if provider_message else None,
+        status=ours.status,
+        code=ours.code,
+        error_type=ours.error_type,
+        headers=headers,
+    )
+
+
+class _OurError(NamedTuple):
+    status: int
+    code: str
+    error_type: str
+
+
+def _our_error(provider_status: int) -> _OurError:
+    """Our status, code and type for a provider's error status."""
+    if provider_status in (401, 403):
         # Our provider credentials were refused: not the caller's key, so not a 401.
-        return UpstreamError(message, code="upstream_auth_failed")
-    if reply.status == 429:
-        headers = {"retry-after": reply.retry_after} if reply.retry_after else {}
-        return GatewayError(
-            message, headers=headers, code="upstream_rate_limited", error_type="requests"
-        ).with_status(429)
-    if 400 <= reply.status < 500:
-        error = GatewayError(message, code="upstream_rejected", error_type="invalid_request_error")
-        return error.with_status(reply.status)
-    return UpstreamError(message, code="upstream_error")
+        return _OurError(502, code="upstream_auth_failed", error_type="server_error")
+    if provider_status == 429:
+        return _OurError(429, code="upstream_rate_limited", error_type="requests")
+    if 400 <= provider_status < 500:
+        return _OurError(provider_status, code="upstream_rejected", error_type="invalid_request_error")
+    return _OurError(502, code="upstream_error", error_type="server_error")
+
+
+def _provider_error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(type, code, message) from an OpenAI or Anthropic error body; None where absent.
+
+    Both put them under "error" (Anthropic has no code); some compatible servers put a
+    bare string there, or the fields at the top level. Type and code count only as
+    short identifiers: anything else could be free text in disguise.
+    """
+    if len(body) > _PARSED_ERROR_BYTES:
+        return None, None, None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None, None, None  # an HTML page from a load balancer, say
+    if not isinstance(parsed, Mapping):
+        return None, None, None
+    error = parsed.get("error")
+    if isinstance(error, str):
+        return None, None, error
+    fields = error if isinstance(error, Mapping) else parsed
+    message = fields.get("message")
+    return (
+        _identifier(fields.get("type")),
+        _identifier(fields.get("code")),
+        message if isinstance(message, str) else None,
+    )
+
+
+def _identifier(value: object) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # some servers repeat the status as the code
+    if isinstance(value, str) and _SAFE_IDENTIFIER.fullmatch(value):
+        return value
+    return None
