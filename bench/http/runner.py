@@ -154,14 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     processes: list[Process] = []
     worktrees: list[Path] = []
     created_database = None
+    # Databases of their own for gateways of other revisions: one of an older schema
+    # refuses a database a newer gateway has migrated.
+    revision_databases: list[str] = []
+    server = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_SERVER)
     try:
         database_url = args.database_url
         if database_url is None:
-            server = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_SERVER)
             created_database = f"gateway_bench_{run_id}"
             database_url = asyncio.run(_create_database(server, created_database))
         try:
-            result = _run(args, folder, processes, worktrees, database_url, key_prefix)
+            result = _run(args, folder, processes, worktrees, database_url, key_prefix, revision_databases)
         except StartError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -175,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print(f"kept {folder}" + (f" and database {created_database}" if created_database else ""))
         else:
-            if created_database is not None:
-                server = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_SERVER)
-                asyncio.run(_drop_database(server, created_database))
+            for name in [created_database, *revision_databases]:
+                if name is not None:
+                    asyncio.run(_drop_database(server, name))
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -188,12 +191,15 @@ def _run(
     worktrees: list[Path],
     database_url: str,
     key_prefix: str,
+    revision_databases: list[str],
 ) -> dict[str, Any]:
+    """revision_databases: filled with the names of the databases made for gateway@REV targets."""
     pinned = (os.cpu_count() or 1) >= 2
     server_cpus, load_cpus = ("0", "1") if pinned else (None, None)
     chosen = [s for s in workload.scenarios(args.sizes)]
     files = _write_load_files(folder, chosen)
     ledger_before = asyncio.run(_ledger_rows(database_url))
+    database_urls = [database_url]
     started_at = datetime.now(UTC)
     load_start = os.getloadavg()
 
@@ -209,17 +215,21 @@ def _run(
             workers = 2 if name == report.GATEWAY_WORKERS else 1
             revision = args.revisions.get(name)
             worktree = None
+            target_database = database_url
             if revision is not None:
                 worktree = folder / revision.folder_name
                 worktrees.append(worktree)  # before it exists: a half-made one is removed too
                 revisions.add_worktree(REPO, folder, revision)
+                revision_databases.append(f"{database_url.rpartition('/')[2]}_{len(revision_databases) + 1}")
+                target_database = asyncio.run(_create_database(database_url, revision_databases[-1]))
+                database_urls.append(target_database)
             target = start_gateway(
                 name,
                 folder / name,
                 workers=workers,
                 upstream_port=upstream_port,
                 redis_url=args.redis_url,
-                database_url=database_url,
+                database_url=target_database,
                 key_prefix=f"{key_prefix}{name}:",
                 cpus=server_cpus if workers == 1 else None,
                 revision=revision,
@@ -264,7 +274,7 @@ def _run(
         if target.is_gateway:
             stop(target.process)
     gateway_logs = {t.name: _log_summary(t.process.log) for t in targets if t.is_gateway}
-    ledger_rows = asyncio.run(_ledger_rows(database_url)) - ledger_before
+    ledger_rows = sum(asyncio.run(_ledger_rows(url)) for url in database_urls) - ledger_before
     logged = sum(
         count for logs in gateway_logs.values() for count in logs["chat_completions_by_status"].values()
     )
