@@ -315,7 +315,7 @@ async def relay_stream(
                 exchange.error_code = observer.error_code
         else:
             # Headers are gone already: tell the client in-band, as the provider would.
-            exchange.error_code = exc.code
+            exchange.error_code, exchange.error_detail = exc.code, exc.detail
             response.hold(observer.error_event(exc.message, exc.code))
     except ConnectionError:
         exchange.upstream_finished()
