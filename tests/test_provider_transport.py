@@ -395,12 +395,6 @@ async def test_https_through_a_proxy_with_the_right_credentials(
     assert "Proxy-Authorization" not in fake.seen[0][2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="http.py passes the proxy's credentials as proxy_headers, which aiohttp sends only on a"
-    " CONNECT: an http:// provider's request reaches the proxy without them and gets its 407",
-)
 async def test_http_through_a_proxy_with_the_right_credentials(
     authenticating_proxy: ForwardProxy, serve_fake: ServeFake, open_provider: OpenProvider
 ) -> None:
@@ -437,12 +431,6 @@ async def test_https_through_a_proxy_refusing_the_credentials(
     assert fake.seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="for an http:// provider the proxy's 407 is its answer, and http.py relays it as the"
-    " provider's (UpstreamReply status 407) instead of failing with detail 'proxy'",
-)
 async def test_http_through_a_proxy_without_credentials(
     authenticating_proxy: ForwardProxy, serve_fake: ServeFake, open_provider: OpenProvider
 ) -> None:

@@ -31,7 +31,7 @@ from yarl import URL
 from gateway import __version__
 from gateway.config import ProviderConfig
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.providers.base import Delivery, UpstreamReply, UpstreamRequest
+from gateway.providers.base import UpstreamReply, UpstreamRequest
 
 # Why an attempt failed without an answer: the `cause` label of
 # gateway_upstream_failures_total and the ledger's error_detail.
@@ -60,13 +60,14 @@ _DECODED = frozenset({"", "identity", "gzip", "deflate"})
 
 
 class _Attempt:
-    """One send of a request: whether it got a connection, after which the provider may have it."""
+    """One send of a request: whether it got a connection, after which the provider may
+    have it (unless a forward proxy refused it)."""
 
-    __slots__ = ("connected", "delivery")
+    __slots__ = ("connected", "refused_by_proxy")
 
-    def __init__(self, delivery: Delivery) -> None:
-        self.delivery = delivery
+    def __init__(self) -> None:
         self.connected = False
+        self.refused_by_proxy = False
 
 
 # The attempt being sent in this task, for the connector to mark (aiohttp's connect
@@ -80,7 +81,6 @@ class _Connector(aiohttp.TCPConnector):
         attempt = _SENDING.get()
         if attempt is not None:
             attempt.connected = True
-            attempt.delivery.mark_sent()
         return connection
 
 
@@ -104,6 +104,13 @@ class HttpProvider:
         self._api_key = key.strip() if key else None
         self._tls = provider_tls(config, tls)
         self._proxy, self._proxy_headers = proxy_for(config)
+        # aiohttp sends proxy_headers only with a CONNECT (https); an http provider's
+        # requests go to the proxy as they are, so its credentials ride on each of them.
+        self._forwarded_headers = (
+            self._proxy_headers
+            if self._proxy_headers and not config.base_url.startswith("https://")
+            else None
+        )
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -151,19 +158,21 @@ class HttpProvider:
         Raises UpstreamError (its detail one of CAUSES) when no answer comes.
         """
         session = self._session or self._open()
-        headers = self.headers(UpstreamRequest("models", {}, stream=False))
-        attempt = _Attempt(Delivery())
+        attempt = _Attempt()
         sending = _SENDING.set(attempt)
         try:
             async with asyncio.timeout(seconds):
                 response = await session.get(
                     self.models_url(),
-                    headers=headers,
+                    headers=self._with_proxy_credentials(
+                        self.headers(UpstreamRequest("models", {}, stream=False))
+                    ),
                     proxy=self._proxy,
                     proxy_headers=self._proxy_headers,
                     allow_redirects=False,
                 )
                 response.close()
+                self._check_proxy(response, attempt)
                 return response.status
         except TimeoutError as exc:
             raise self._timeout(exc, "first_byte_timeout") from exc
@@ -200,18 +209,19 @@ class HttpProvider:
             "first_byte_timeout" if total is None or timeouts.first_byte_seconds < total else "total_timeout"
         )
         response: aiohttp.ClientResponse | None = None
-        attempt = _Attempt(request.delivery)
+        attempt = _Attempt()
         sending = _SENDING.set(attempt)
         try:
             async with asyncio.timeout_at(first_byte_at) as deadline:
                 response = await session.post(
                     self.url(request),
                     data=payload,
-                    headers=self.headers(request),
+                    headers=self._with_proxy_credentials(self.headers(request)),
                     proxy=self._proxy,
                     proxy_headers=self._proxy_headers,
                     allow_redirects=False,
                 )
+                self._check_proxy(response, attempt)
                 _check_encodings(response, self.name)
                 streamed = request.stream and response.status == 200
                 content_type = response.headers.get("Content-Type", "")
@@ -246,12 +256,29 @@ class HttpProvider:
             raise
         finally:
             _SENDING.reset(sending)
+            if attempt.connected and not attempt.refused_by_proxy:
+                request.delivery.mark_sent()
         return UpstreamReply(
             status=response.status,
             content_type=response.headers.get("Content-Type", "application/json"),
             body=body,
             retry_after=response.headers.get("Retry-After"),
         )
+
+    def _with_proxy_credentials(self, headers: dict[str, str]) -> dict[str, str]:
+        if self._forwarded_headers is not None:
+            headers.update(self._forwarded_headers)
+        return headers
+
+    def _check_proxy(self, response: aiohttp.ClientResponse, attempt: _Attempt) -> None:
+        """A forward proxy's 407 is the proxy refusing us, not the provider answering."""
+        if response.status == 407 and self._proxy is not None:
+            attempt.refused_by_proxy = True
+            raise _BadResponse(
+                f"Provider '{self.name}' could not be reached (proxy).",
+                code="upstream_unreachable",
+                cause="proxy",
+            )
 
     async def _body(self, response: aiohttp.ClientResponse) -> bytes:
         """The whole body, at most max_response_bytes of it after decompression."""
@@ -424,7 +451,7 @@ def proxy_for(config: ProviderConfig) -> tuple[URL | None, dict[str, str] | None
     url = URL(address)
     if url.user is None:
         return url, None
-    credentials = aiohttp.BasicAuth(url.user, url.password or "").encode()
+    credentials = aiohttp.encode_basic_auth(url.user, url.password or "")
     return url.with_user(None), {"Proxy-Authorization": credentials}
 
 
