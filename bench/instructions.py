@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:8]
     folder = Path(tempfile.mkdtemp(prefix=f"gateway-instructions-{run_id}-"))
     server = os.environ.get("DATABASE_URL", runner.DEFAULT_DATABASE_SERVER)
-    database = f"gateway_bench_{run_id}"
+    # One database per target: a gateway of an older schema refuses one a newer one migrated.
+    databases: list[str] = []
     processes: list[Process] = []
     worktrees: list[Path] = []
     try:
-        database_url = asyncio.run(runner._create_database(server, database))
         files = runner._write_load_files(folder, list(workload.scenarios((args.size,))))
         upstream_port = free_port()
         nginx = start_nginx(folder / "nginx", upstream_port, "1")
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 env = revisions.environment(worktree, env)
             target_folder = folder / name.replace("@", "-")
             prefix = f"bench:{run_id}:{name}:"
+            databases.append(f"gateway_bench_{run_id}_{len(databases)}")
+            database_url = asyncio.run(runner._create_database(server, databases[-1]))
             gateway = _start(target_folder, env, upstream_port, args.redis_url, database_url, prefix)
             processes.append(gateway)
             try:
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         runner.stop_all(processes, worktrees)
         runner._delete_redis_keys(args.redis_url, f"bench:{run_id}:")
-        asyncio.run(runner._drop_database(server, database))
+        for database in databases:
+            asyncio.run(runner._drop_database(server, database))
         shutil.rmtree(folder, ignore_errors=True)
 
 
