@@ -69,6 +69,8 @@ class Exchange:
     delivery: Delivery = field(default_factory=Delivery)
     # The provider answered with an error of its own: it bills nothing for that.
     refused_by_provider: bool = False
+    # Some attempt's reply is what the client got (else every attempt failed, or none ran).
+    replied: bool = False
     # A non-streamed call still running when its client left (settlement finishes it).
     upstream_call: asyncio.Task[Routed] | None = None
 
@@ -110,7 +112,26 @@ class Exchange:
         "counted" when both figures come from an exact tokenizer or the provider,
         "estimated" otherwise. Nothing ("none") when the request never reached a provider
         or the provider refused it with an error of its own.
+
+        Attempts that reached a provider and got no answer before another was sent
+        (a timeout, a lost connection, then a retry) add their prompts: the provider may
+        have processed each. The row is then "counted" or "estimated", no longer the
+        provider's own figures alone.
         """
+        final = self._final_attempt_usage()
+        lost = self.delivery.unanswered - (0 if self.replied or not self.delivery.unanswered else 1)
+        if lost <= 0:
+            return final
+        extra = lost * self.prompt.tokens
+        base = final.usage or Usage(0, 0)
+        exact = self.prompt.exact and final.source in ("provider", "counted", "none")
+        return FinalUsage(
+            Usage(base.prompt_tokens + extra, base.completion_tokens, base.cached_prompt_tokens),
+            "counted" if exact else "estimated",
+        )
+
+    def _final_attempt_usage(self) -> FinalUsage:
+        """What the attempt that ended the request is charged (final_usage)."""
         if self.usage is not None:
             return FinalUsage(self.usage, "provider")
         if not self.delivery.sent or self.refused_by_provider:
@@ -131,6 +152,7 @@ class Exchange:
 
     def routed(self, routed: Routed) -> None:
         """Note which deployment answered."""
+        self.replied = True
         self.deployment = routed.deployment.provider
         self.upstream_model = routed.deployment.upstream_model
 

@@ -284,8 +284,32 @@ async def test_timeouts_are_retried_failed_over_and_open_the_breaker(
     assert metrics.breaker_openings.labels("stalling")._value.get() == 1
 
     await gateway.settle()
-    rows = await pg.fetch("SELECT provider, attempts, status FROM usage_events ORDER BY created_at")
-    assert [tuple(row) for row in rows] == [("fake", 3, 200), ("fake", 2, 200), ("fake", 1, 200)]
+    rows = await pg.fetch(
+        "SELECT provider, attempts, status, usage_source, prompt_tokens, prompt_tokens_estimated"
+        " FROM usage_events ORDER BY created_at"
+    )
+    # Each timed-out send reached the provider, which may bill it: its prompt is charged
+    # on top of the usage the answering deployment reported (the fake counts the prompt
+    # exactly as the gateway does, so each prompt is prompt_tokens_estimated).
+    assert [tuple(row) for row in rows] == [
+        (
+            "fake",
+            3,
+            200,
+            "counted",
+            3 * rows[0]["prompt_tokens_estimated"],
+            rows[0]["prompt_tokens_estimated"],
+        ),
+        (
+            "fake",
+            2,
+            200,
+            "counted",
+            2 * rows[1]["prompt_tokens_estimated"],
+            rows[1]["prompt_tokens_estimated"],
+        ),
+        ("fake", 1, 200, "provider", rows[2]["prompt_tokens_estimated"], rows[2]["prompt_tokens_estimated"]),
+    ]
 
 
 async def test_every_attempt_timing_out_is_a_504_with_its_attempts_and_detail(
@@ -321,8 +345,10 @@ async def test_every_attempt_timing_out_is_a_504_with_its_attempts_and_detail(
     assert len(stalled) == 3
     await gateway.settle()
     row = await pg.fetchrow(
-        "SELECT status, error_code, error_detail, attempts, usage_source, completion_tokens FROM usage_events"
+        "SELECT status, error_code, error_detail, attempts, usage_source, completion_tokens,"
+        " prompt_tokens, prompt_tokens_estimated FROM usage_events"
     )
     assert row is not None
-    # Sent, so charged: the prompt, with nothing completed.
-    assert tuple(row) == (504, "upstream_timeout", "first_byte_timeout", 3, "counted", 0)
+    # Three sends reached the provider and went unanswered: three prompts, nothing completed.
+    assert tuple(row)[:6] == (504, "upstream_timeout", "first_byte_timeout", 3, "counted", 0)
+    assert row["prompt_tokens"] == 3 * row["prompt_tokens_estimated"] > 0

@@ -268,10 +268,13 @@ async def test_slow_provider_times_out_with_504(
     assert caught.value.response.json()["error"]["code"] == "upstream_timeout"
     await gateway.settle()
     (row,) = await ledger_rows(pg)
-    # The provider had the prompt when the gateway gave up: the prompt is charged, by our exact count.
+    # A timeout is retried (attempts_per_deployment: 2 by default), and the provider had the
+    # prompt each time the gateway gave up: each send's prompt is charged, by our exact count.
+    assert len(fake_upstream.requests) == row["attempts"] == 2
     assert (row["status"], row["error_code"], row["usage_source"]) == (504, "upstream_timeout", "counted")
+    assert row["error_detail"] == "total_timeout"
     expected_prompt = openai_chat_prompt_tokens(MESSAGES, "o200k_base")
-    assert (row["prompt_tokens"], row["completion_tokens"]) == (expected_prompt, 0)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (2 * expected_prompt, 0)
 
 
 async def test_stalled_stream_ends_with_a_timeout_event(

@@ -28,12 +28,15 @@ class Delivery:
     is never charged zero; one that never left (refused, failed to connect) is.
     """
 
-    __slots__ = ("attempts", "sent")
+    __slots__ = ("attempts", "sent", "unanswered")
 
     def __init__(self) -> None:
         self.sent = False
         # Sends to a provider (retries and failover included), each a call it may bill.
         self.attempts = 0
+        # Of those, the ones that may have reached it and got no answer (a timeout, a lost
+        # connection): the provider may have processed each, so each one's prompt is charged.
+        self.unanswered = 0
 
     def mark_sent(self) -> None:
         self.sent = True

@@ -210,6 +210,8 @@ class HttpProvider:
         )
         response: aiohttp.ClientResponse | None = None
         attempt = _Attempt()
+        # Whether this send failed (the router may send again): one more call without an answer.
+        failed = False
         sending = _SENDING.set(attempt)
         try:
             async with asyncio.timeout_at(first_byte_at) as deadline:
@@ -237,16 +239,21 @@ class HttpProvider:
                     )
                 # Only an event stream is relayed as one: a JSON answer to a stream request
                 # (an error, or a provider that ignored `stream`) is read and settled whole.
-                _read_idle(response, timeouts.idle_seconds)
-                if total is not None:
-                    deadline.reschedule(started + total)
-                    phase = "total_timeout"
+                if not response.content.is_eof():
+                    # More is to come (usually the whole body came with the head, and no
+                    # timer is needed): each read waits idle_seconds, all of them total_seconds.
+                    _read_idle(response, timeouts.idle_seconds)
+                    if total is not None:
+                        deadline.reschedule(started + total)
+                        phase = "total_timeout"
                 body = await self._body(response)
         except TimeoutError as exc:
+            failed = True
             if response is not None:
                 response.close()
             raise self._timeout(exc, phase) from exc
         except aiohttp.ClientError as exc:
+            failed = True
             if response is not None:
                 response.close()
             raise self._failure(exc, attempt.connected) from exc
@@ -258,6 +265,8 @@ class HttpProvider:
             _SENDING.reset(sending)
             if attempt.connected and not attempt.refused_by_proxy:
                 request.delivery.mark_sent()
+                if failed:
+                    request.delivery.unanswered += 1
         return UpstreamReply(
             status=response.status,
             content_type=response.headers.get("Content-Type", "application/json"),
