@@ -6,6 +6,7 @@ Values may reference the environment as `${VAR}` or `${VAR:-default}`.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -111,6 +112,9 @@ class ProviderConfig:
     ca_file: str | None = None
     client_cert_file: str | None = None
     client_key_file: str | None = None
+    # Addresses to connect to instead of resolving base_url's host (split-horizon DNS,
+    # a pinned endpoint); TLS still checks the certificate against the host's name.
+    addresses: tuple[str, ...] = ()
     # A response body larger than this (after decompression) is cut off with a 502.
     max_response_bytes: int = 64 * 1024 * 1024
     # Whether callers see the provider's own error message; off, since it can hold
@@ -409,6 +413,7 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
                 "tls",
                 "max_response_bytes",
                 "expose_errors",
+                "addresses",
             }
         )
         kind = entry.require("type").as_choice(PROVIDER_TYPES)
@@ -435,6 +440,7 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
             tokens_per_second=rate.as_float(minimum=0) if rate else 0.0,
             max_connections=connections.as_int(minimum=0) if connections else 0,
             proxy=_proxy(entry.get("proxy")),
+            addresses=_addresses(entry.get("addresses")),
             ca_file=ca_file,
             client_cert_file=cert_file,
             client_key_file=key_file,
@@ -446,6 +452,21 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
     if not providers:
         node.fail("at least one provider is required")
     return providers
+
+
+def _addresses(node: Node | None) -> tuple[str, ...]:
+    if node is None:
+        return ()
+    items = list(node.elements()) if isinstance(node.value, list) else [node]
+    addresses = []
+    for item in items:
+        try:
+            addresses.append(str(ipaddress.ip_address(item.as_str())))
+        except ValueError:
+            item.fail("must be an IPv4 or IPv6 address")
+    if not addresses:
+        node.fail("must list at least one address")
+    return tuple(addresses)
 
 
 def _proxy(node: Node | None) -> str | None:

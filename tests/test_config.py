@@ -87,6 +87,26 @@ def test_environment_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             MINIMAL + "quota: {default_max_completion_tokens: 0}\n",
             "quota.default_max_completion_tokens: must be at least 1",
         ),
+        (
+            "providers:\n  p: {type: openai, base_url: 'http://p', proxy: 'socks5://x:1'}\nmodels: {}\n",
+            'providers.p.proxy: must be an http:// or https:// proxy URL, or "direct"',
+        ),
+        (
+            "providers:\n  p: {type: openai, base_url: 'http://p', tls: {ca_file: /nonexistent/ca.pem}}\nmodels: {}\n",
+            "providers.p.tls.ca_file: /nonexistent/ca.pem is not a readable file",
+        ),
+        (
+            "providers:\n  p: {type: openai, base_url: 'http://p', tls: {cafile: x}}\nmodels: {}\n",
+            "providers.p.tls.cafile: unknown key",
+        ),
+        (
+            "providers:\n  p: {type: openai, base_url: 'http://p', addresses: [10.0.0.1, nope]}\nmodels: {}\n",
+            "providers.p.addresses[1]: must be an IPv4 or IPv6 address",
+        ),
+        (
+            "providers:\n  p: {type: openai, base_url: 'http://p', max_response_bytes: 10}\nmodels: {}\n",
+            "providers.p.max_response_bytes: must be at least 1024, got 10",
+        ),
         ("providers: [1, 2\n", "invalid YAML at line"),
         ("- just\n- a list\n", "expected a mapping, got a list"),
     ],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -45,7 +46,9 @@ def chunk(data: bytes) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def provider_that(answer: Answer) -> AsyncIterator[tuple[str, list[bytes]]]:
+async def provider_that(
+    answer: Answer, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[tuple[str, list[bytes]]]:
     """A provider on a real socket: reads each request whole, then answers with `answer`."""
     received: list[bytes] = []
 
@@ -64,10 +67,10 @@ async def provider_that(answer: Answer) -> AsyncIterator[tuple[str, list[bytes]]
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, host, port)
     port = server.sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}/v1", received
+        yield f"http://{host}:{port}/v1", received
     finally:
         server.close()
 
@@ -218,6 +221,30 @@ async def test_connecting_is_bounded_by_connect_seconds_and_sends_nothing() -> N
             await provider.close()
     assert (caught.value.code, caught.value.detail) == ("upstream_timeout", "connect_timeout")
     assert not request.delivery.sent
+
+
+async def test_happy_eyeballs_races_past_a_stalled_address() -> None:
+    """The host's first address stalls (a full accept queue), its second answers: the
+    second is tried 0.25 s in, well before connect_seconds (3 s) or the first byte (1.5 s)
+    would run out, as they would if addresses were tried one after another."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(JSON_HEAD % len(BODY) + BODY)
+
+    with a_full_accept_queue() as stalled_url:
+        port = int(stalled_url.rsplit(":", 1)[1].split("/")[0])
+        async with provider_that(answer, host="127.0.0.2", port=port) as (_, received):
+            config = dataclasses.replace(
+                provider_config(f"http://provider.test:{port}/v1", connect_seconds=3, first_byte_seconds=1.5),
+                addresses=("127.0.0.1", "127.0.0.2"),
+            )
+            provider = build_http_provider(config)
+            try:
+                reply = await provider.send(chat(False))
+            finally:
+                await provider.close()
+    assert (reply.status, reply.body) == (200, BODY)
+    assert len(received) == 1
 
 
 # Through the gateway: timeouts retried, failed over, counted by the breaker.

@@ -19,6 +19,7 @@ import asyncio
 import contextvars
 import json
 import os
+import socket
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiohttp.abc
 from yarl import URL
 
 from gateway import __version__
@@ -84,6 +86,35 @@ class _Connector(aiohttp.TCPConnector):
         return connection
 
 
+class _PinnedResolver(aiohttp.abc.AbstractResolver):
+    """The operator's addresses for the provider's host (`addresses`), in their order,
+    for Happy Eyeballs to race as it would a DNS answer; any other host (a proxy) by DNS."""
+
+    def __init__(self, host: str, addresses: tuple[str, ...]) -> None:
+        self._host, self._addresses = host, addresses
+        self._dns = aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        if host != self._host:
+            return await self._dns.resolve(host, port, family)
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for address in self._addresses
+        ]
+
+    async def close(self) -> None:
+        await self._dns.close()
+
+
 class HttpProvider:
     """A provider reached over HTTP; subclasses say where and with which credentials."""
 
@@ -112,10 +143,16 @@ class HttpProvider:
             else None
         )
         self._session: aiohttp.ClientSession | None = None
+        # Parsed once per URL (a handful: paths and deployments come from gateway.yaml):
+        # aiohttp would parse and quote the string again on every call.
+        self._parsed_urls: dict[str, URL] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         """The session, made on first use: aiohttp binds it to the running loop."""
+        host = urlsplit(self._base_url).hostname or ""
+        resolver = _PinnedResolver(host, self._config.addresses) if self._config.addresses else None
         connector = _Connector(
+            resolver=resolver,
             limit=self._config.max_connections,
             limit_per_host=0,
             ssl=self._tls if self._tls is not None else True,
@@ -216,7 +253,7 @@ class HttpProvider:
         try:
             async with asyncio.timeout_at(first_byte_at) as deadline:
                 response = await session.post(
-                    self.url(request),
+                    self._parsed_url(self.url(request)),
                     data=payload,
                     headers=self._with_proxy_credentials(self.headers(request)),
                     proxy=self._proxy,
@@ -273,6 +310,12 @@ class HttpProvider:
             body=body,
             retry_after=response.headers.get("Retry-After"),
         )
+
+    def _parsed_url(self, url: str) -> URL:
+        parsed = self._parsed_urls.get(url)
+        if parsed is None:
+            parsed = self._parsed_urls[url] = URL(url)
+        return parsed
 
     def _with_proxy_credentials(self, headers: dict[str, str]) -> dict[str, str]:
         if self._forwarded_headers is not None:
