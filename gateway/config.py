@@ -47,6 +47,15 @@ class ServerConfig:
     # A non-streamed request whose client leaves: "finish" reads the provider's answer
     # anyway and settles with its usage; "abort" closes the call (prompt charged only).
     on_client_disconnect: str = "finish"
+    # How long a request's line and headers may take to arrive (a connection that
+    # trickles them is closed), and how large they may be in all.
+    header_timeout_seconds: float = 10.0
+    max_header_bytes: int = 32 * 1024
+    # Open connections from one client address (0: no limit).
+    max_connections_per_address: int = 256
+    # Peers (addresses or CIDR networks) whose X-Forwarded-For / Forwarded headers name
+    # the client address; from any other peer those headers are ignored.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -328,11 +337,13 @@ def _server(node: Node | None, base_dir: Path) -> ServerConfig:
         "body_timeout_seconds",
         "on_client_disconnect",
     )
-    node.mapping(set(keys))
+    guards = ("header_timeout_seconds", "max_header_bytes", "max_connections_per_address", "trusted_proxies")
+    node.mapping(set(keys) | set(guards))
     default = ServerConfig()
     host, port, body, level, log_json, log_prompts, workers, failures, tls, body_timeout, on_disconnect = (
         node.get(k) for k in keys
     )
+    header_timeout, header_bytes, per_address, proxies = (node.get(k) for k in guards)
     cert = key = None
     if tls is not None:
         tls.mapping({"cert_file", "key_file"})
@@ -358,7 +369,26 @@ def _server(node: Node | None, base_dir: Path) -> ServerConfig:
         on_client_disconnect=on_disconnect.as_choice({"finish", "abort"})
         if on_disconnect
         else default.on_client_disconnect,
+        header_timeout_seconds=header_timeout.as_float(minimum=0.01)
+        if header_timeout
+        else default.header_timeout_seconds,
+        max_header_bytes=header_bytes.as_int(minimum=1024) if header_bytes else default.max_header_bytes,
+        max_connections_per_address=per_address.as_int(minimum=0)
+        if per_address
+        else default.max_connections_per_address,
+        trusted_proxies=_networks(proxies) if proxies else (),
     )
+
+
+def _networks(node: Node) -> tuple[str, ...]:
+    """Addresses or CIDR networks, normalised (10.0.0.1 → 10.0.0.1/32)."""
+    networks = []
+    for item in node.elements():
+        try:
+            networks.append(str(ipaddress.ip_network(item.as_str(), strict=False)))
+        except ValueError:
+            item.fail("must be an IP address or a CIDR network such as 10.0.0.0/8")
+    return tuple(networks)
 
 
 def _backends(node: Node | None, base_dir: Path) -> BackendsConfig:
