@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -75,7 +76,7 @@ def generate_key_id() -> str:
 def presented_key(authorization: str | None, x_api_key: str | None) -> str:
     """The caller's key: `Authorization: Bearer` (OpenAI's SDKs) or `x-api-key` (Anthropic's)."""
     if not authorization and x_api_key and x_api_key.strip():
-        return x_api_key.strip()
+        return _printable_ascii(x_api_key.strip())
     if not authorization:
         raise InvalidApiKey(
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
@@ -84,42 +85,51 @@ def presented_key(authorization: str | None, x_api_key: str | None) -> str:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise InvalidApiKey("Malformed Authorization header; expected 'Bearer <key>'.")
-    return token
+    return _printable_ascii(token)
+
+
+def _printable_ascii(key: str) -> str:
+    # Our keys are printable ASCII. aiohttp hands other header bytes over as lone
+    # surrogates (0xff → "\udcff") that cannot even be hashed: such a key is simply wrong.
+    if not (key.isascii() and key.isprintable()):
+        raise InvalidApiKey("Malformed API key: keys are printable ASCII characters.")
+    return key
 
 
 class FailedAuthentications:
-    """Failed key checks per client address over the last minute; past `limit`, the
-    address is refused outright for the rest of that minute (guessing keys gets slow)."""
+    """Failed key checks per client address over the last minute.
+
+    It never refuses a request by itself: the key is checked first, and only a key
+    that failed is counted here. Past `limit` failures within a minute, a failure is
+    answered 429 instead of 401, so a client stuck on a wrong key is told to stop
+    (and every client behind the same address with a valid key is unaffected).
+    """
 
     WINDOW_SECONDS = 60.0
 
-    def __init__(self, limit: int, max_addresses: int = 10_000) -> None:
+    def __init__(
+        self, limit: int, max_addresses: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._limit = limit
         self._max_addresses = max_addresses
-        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+        self._clock = clock
+        # The times of each address's last `limit` failures, least recently failing first.
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
-    def _recent(self, address: str, now: float) -> list[float]:
-        times = [t for t in self._failures.get(address, []) if now - t < self.WINDOW_SECONDS]
-        if times:
-            self._failures[address] = times
-        else:
-            self._failures.pop(address, None)
-        return times
-
-    def retry_after(self, address: str) -> float | None:
-        """Seconds until the address may try again, or None if it may now."""
-        now = time.monotonic()
-        times = self._recent(address, now)
-        if self._limit and len(times) >= self._limit:
-            return self.WINDOW_SECONDS - (now - times[-self._limit])
-        return None
-
-    def failed(self, address: str) -> None:
-        now = time.monotonic()
-        self._failures[address] = [*self._recent(address, now), now]
-        self._failures.move_to_end(address)
+    def failed(self, address: str) -> float | None:
+        """Count one failure. If the address had already failed `limit` times within
+        the window, the seconds until it is back under its limit (if it fails no more);
+        else None."""
+        if not self._limit:
+            return None
+        now = self._clock()
+        times = self._failures.pop(address, None) or deque(maxlen=self._limit)
+        over = len(times) == self._limit and now - times[0] < self.WINDOW_SECONDS
+        times.append(now)
+        self._failures[address] = times
         while len(self._failures) > self._max_addresses:
             self._failures.popitem(last=False)
+        return self.WINDOW_SECONDS - (now - times[0]) if over else None
 
 
 class Authenticator:

@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from gateway import state
 from gateway.auth import hash_key, presented_key
+from gateway.client_address import CLIENT_ADDRESS, client_address, trusted_networks
 from gateway.errors import (
     GatewayError,
     InvalidApiKey,
@@ -196,21 +198,11 @@ async def authenticate_admin(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def _authenticate_caller(request: web.Request) -> None:
-    failures = request.app[state.AUTH_FAILURES]
-    address = request.remote or "unknown"
-    wait = failures.retry_after(address)
-    if wait is not None:
-        raise RateLimited(
-            "Too many failed authentications from this address; try again later.",
-            code="too_many_failed_authentications",
-            error_type="requests",
-            headers={"retry-after": str(max(1, round(wait))), "x-should-retry": "false"},
-        )
     try:
         token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
         request[PRINCIPAL] = await request.app[state.AUTH].authenticate(token)
-    except InvalidApiKey:
-        failures.failed(address)
+    except InvalidApiKey as refused:
+        _count_failure(request, refused)
         raise
 
 
@@ -219,9 +211,38 @@ def _authenticate_admin(request: web.Request) -> None:
     expected = request.app[state.CONFIG].admin_key_sha256
     if expected is None:
         raise RouteNotFound("The admin API is disabled: set admin.key_sha256 in gateway.yaml.")
-    token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
-    if not hmac.compare_digest(hash_key(token), expected):
-        raise InvalidApiKey("Incorrect admin key.")
+    try:
+        token = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+        if not hmac.compare_digest(hash_key(token), expected):
+            raise InvalidApiKey("Incorrect admin key.")
+    except InvalidApiKey as refused:
+        _count_failure(request, refused)
+        raise
+
+
+def _count_failure(request: web.Request, refused: InvalidApiKey) -> None:
+    """Count a failed key check against the client's address; past the limit, answer
+    429 instead of the 401 (raised here).
+
+    The key is always checked before this: a valid key is never refused because others
+    behind the same address (a NAT, a load balancer) keep failing. A guess past the limit
+    still costs its key lookup (a database query unless cached): refusing it unchecked
+    could refuse a valid key. Guessing a 256-bit key is hopeless either way; the 429 is
+    for clients stuck on a wrong key, telling them to stop (x-should-retry: false).
+    """
+    failures = request.app.get(state.AUTH_FAILURES)
+    if failures is None:  # the separate admin site, until app.py shares the limiter with it
+        return
+    address = client_address(request, trusted_networks(request.app[state.CONFIG].server.trusted_proxies))
+    request[CLIENT_ADDRESS] = address
+    wait = failures.failed(address)
+    if wait is not None:
+        raise RateLimited(
+            f"Too many failed authentications from this address; this one: {refused.message}",
+            code="too_many_failed_authentications",
+            error_type="requests",
+            headers={"retry-after": str(max(1, math.ceil(wait))), "x-should-retry": "false"},
+        )
 
 
 def request_log_fields(
@@ -240,6 +261,8 @@ def request_log_fields(
         "team": principal.team if principal else None,
         "model": request.get(MODEL_LABEL),
     }
+    if (address := request.get(CLIENT_ADDRESS)) is not None:
+        fields["client_address"] = address  # set where authentication failed
     exchange = request.get(EXCHANGE)
     if exchange is not None:
         fields.update(exchange.log_fields())
