@@ -96,7 +96,8 @@ async def test_a_low_open_file_limit_is_raised_at_start(
     process = serve(tmp_path, port, open_files=128)
     try:
         await wait_healthy(port, process, "/health/ready")
-        fake_upstream.delay_seconds = 1.0
+        # Long enough for all of them to be in flight at once on a loaded 2-core machine.
+        fake_upstream.delay_seconds = 3.0
         calls = 150
         statuses = await post_all(f"http://127.0.0.1:{port}", "gpt-4o-mini", calls)
         assert statuses == [200] * calls
