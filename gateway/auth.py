@@ -113,7 +113,8 @@ class FailedAuthentications:
         self._limit = limit
         self._max_addresses = max_addresses
         self._clock = clock
-        # The times of each address's last `limit` failures, least recently failing first.
+        # Per address, the times of its last `limit` failures; addresses that failed least
+        # recently come first (evicted first past `max_addresses`).
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
     def failed(self, address: str) -> float | None:
