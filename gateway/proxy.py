@@ -133,6 +133,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     app = request.app
     config = app[state.CONFIG]
     principal = request[PRINCIPAL]
+    forwarded = forwarded_headers(request.headers)
     body, raw, text = await read_json_object(request, spans=True)
     model = resolve_model(request, body)
     spec.validate(body)
@@ -167,7 +168,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     profile = counter.registry.profile(model.upstream_model, model.tokenizer)
     prompt = await counter.count(spec.count_route, body, profile, len(raw))
     completions = max_completion * choices
-    upstream = UpstreamBodies(request.headers, body, raw, text, capped, spec, stream, model.upstream_model)
+    upstream = UpstreamBodies(forwarded, body, raw, text, capped, spec, stream, model.upstream_model)
     # The usual deployment's body is serialised while Redis decides the admission.
     ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, completions), upstream.prepare)
     admission = ticket.admission
@@ -216,6 +217,21 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     finally:
         # Synchronous: runs even when the handler is being cancelled.
         app[state.SETTLEMENT].settle_later(exchange)
+
+
+def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The caller's headers that go to the provider, each printable ASCII (400 otherwise).
+
+    Checked before admission: aiohttp hands over other bytes (0xff) as lone surrogates,
+    which could not be sent, and a provider would refuse non-ASCII after it was counted.
+    """
+    forwarded = {name: headers[name] for name in FORWARDED_HEADERS if name in headers}
+    for name, value in forwarded.items():
+        if not (value.isascii() and value.isprintable()):
+            raise InvalidRequest(
+                f"The {name} header must be printable ASCII characters.", param=name, code="invalid_header"
+            )
+    return forwarded
 
 
 def _choices(body: Mapping[str, Any], spec: RouteSpec) -> int:
