@@ -1,4 +1,9 @@
-"""Liveness and readiness: each component checked, with its status and check latency."""
+"""Liveness and readiness: each component checked, with its status and check latency.
+
+Anyone may ask whether the gateway is ready; which components it has, which providers
+it calls and their circuits' states are the operator's: the admin key (or the admin
+listener, `admin_readiness`) sees them, everyone else the overall status alone.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway import state
+from gateway.errors import GatewayError
+from gateway.middlewares import _authenticate_admin
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -35,11 +42,41 @@ async def liveness(request: web.Request) -> web.Response:
 
 
 async def readiness(request: web.Request) -> web.Response:
-    """503 only when the gateway cannot serve (quota store or tokenizers down).
+    """200 or 503 (see `checked`); the components only for the admin key.
+
+    Any other key, or none, gets the status alone, with the same HTTP status: a probe
+    is never failed by the headers it sends.
+    """
+    body, status = await checked(request.app)
+    if not _is_admin(request):
+        body = {"status": body["status"]}
+    return web.json_response(body, status=status)
+
+
+async def admin_readiness(request: web.Request) -> web.Response:
+    """Readiness with every component, for the admin listener (reached only by operators)."""
+    body, status = await checked(request.app)
+    return web.json_response(body, status=status)
+
+
+def _is_admin(request: web.Request) -> bool:
+    headers = request.headers
+    if "Authorization" not in headers and "x-api-key" not in headers:
+        # A load balancer's probe: not a failed authentication.
+        return False
+    try:
+        _authenticate_admin(request)
+    except GatewayError:
+        return False
+    return True
+
+
+async def checked(app: web.Application) -> tuple[dict[str, Any], int]:
+    """Every component's check, the overall status, and 503 only when the gateway
+    cannot serve (quota store or tokenizers down).
 
     A database outage degrades: usage waits in the ledger queue until it is back.
     """
-    app = request.app
 
     async def redis_check() -> None:
         await app[state.QUOTA].limiter.redis.ping()
@@ -101,4 +138,4 @@ async def readiness(request: web.Request) -> web.Response:
         "healthy_share": round(healthy / len(components), 3),
         "components": components,
     }
-    return web.json_response(body, status=200 if essential_ok else 503)
+    return body, 200 if essential_ok else 503

@@ -1,11 +1,23 @@
-"""Liveness and readiness report every component."""
+"""Liveness and readiness: every component for the admin key, the status alone for the rest."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import aiohttp
 import asyncpg
 
-from tests.conftest import RunningGateway, StartGateway
+from tests.conftest import ADMIN_KEY, USER_KEY, RunningGateway, StartGateway
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+async def ready(gateway: RunningGateway, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{gateway.url}/health/ready", headers=headers) as response,
+    ):
+        return response.status, await response.json()
 
 
 async def test_liveness(gateway: RunningGateway) -> None:
@@ -15,16 +27,37 @@ async def test_liveness(gateway: RunningGateway) -> None:
 
 
 async def test_readiness_checks_redis_postgres_and_tokenizers(gateway: RunningGateway) -> None:
-    async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/health/ready") as response:
-        assert response.status == 200
-        body = await response.json()
+    status, body = await ready(gateway, ADMIN)
+    assert status == 200
     assert body["status"] == "healthy"
     assert body["healthy_share"] == 1.0
     assert set(body["components"]) == {"redis", "database", "tokenizers", "spool", "upstreams"}
-    assert body["components"]["upstreams"]["circuits"]["fake"] == "closed"
+    assert body["components"]["upstreams"]["circuits"] == {
+        "fake": "closed",
+        "azure": "closed",
+        "anthropic": "closed",
+        "mock": "closed",
+    }
     for component in body["components"].values():
         assert component["status"] == "healthy"
         assert component["latency_ms"] >= 0
+
+
+async def test_public_readiness_says_only_the_status(gateway: RunningGateway) -> None:
+    """Without the admin key: no provider names, circuits, backlog or error details."""
+    cases: list[dict[str, str] | None] = [
+        None,
+        {"Authorization": f"Bearer {USER_KEY}"},  # a caller's key is not the admin key
+        {"Authorization": "Bearer wrong"},
+        {"x-api-key": "wrong"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+    ]
+    for headers in cases:
+        assert await ready(gateway, headers) == (200, {"status": "healthy"}), headers
+    # The admin key by either header shows the components.
+    for headers in (ADMIN, {"x-api-key": ADMIN_KEY}):
+        status, body = await ready(gateway, headers)
+        assert status == 200 and "components" in body, headers
 
 
 async def test_readiness_fails_when_redis_is_unreachable(
@@ -36,9 +69,9 @@ async def test_readiness_fails_when_redis_is_unreachable(
 
     config_writer.redis_url = f"redis://127.0.0.1:{free_port()}/0"
     gateway = await start_gateway()
-    async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/health/ready") as response:
-        assert response.status == 503
-        body = await response.json()
+    assert await ready(gateway) == (503, {"status": "unhealthy"})
+    status, body = await ready(gateway, ADMIN)
+    assert status == 503
     assert body["status"] == "unhealthy"
     assert body["components"]["redis"]["status"] == "unhealthy"
     assert body["components"]["database"]["status"] == "healthy"
@@ -67,9 +100,9 @@ async def test_an_open_circuit_degrades_readiness_without_failing_it(
             ) as response:
                 await response.read()
         assert gateway.app[state.ROUTER].breaker_states()["fake"] == "open"
-        async with session.get(f"{gateway.url}/health/ready") as response:
-            assert response.status == 200
-            body = await response.json()
+    assert await ready(gateway) == (200, {"status": "degraded"})
+    status, body = await ready(gateway, ADMIN)
+    assert status == 200
     assert body["status"] == "degraded"
     upstreams = body["components"]["upstreams"]
     assert upstreams["status"] == "unhealthy" and upstreams["circuits"]["fake"] == "open"
