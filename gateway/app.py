@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from gateway import count_routes, health, proxy, quota_routes, state
+from gateway import connections, count_routes, health, proxy, quota_routes, state
 from gateway.auth import Authenticator, FailedAuthentications
 from gateway.config import ConfigError, GatewayConfig
 from gateway.ledger import LedgerWriter, open_store
@@ -99,10 +99,9 @@ async def _admin_site(app: web.Application) -> AsyncIterator[None]:
     admin[state.QUOTA] = app[state.QUOTA]
     admin[state.STORE] = app[state.STORE]
     _add_admin_routes(admin)
-    runner = web.AppRunner(admin, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, address[0], address[1])
-    await site.start()
+    # The same header deadline, size bound and per-address limit as the public port,
+    # counted apart from it.
+    runner, _ = await connections.start(admin, admin[state.CONFIG].server, address[0], address[1])
     log.info("admin API listening on http://%s:%d", address[0], address[1])
     app[state.ADMIN_RUNNER] = runner
     yield

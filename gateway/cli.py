@@ -136,6 +136,7 @@ def _load(args: argparse.Namespace) -> GatewayConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from gateway import connections
     from gateway.app import create_app
 
     config = _load(args)
@@ -158,19 +159,20 @@ def _serve(args: argparse.Namespace) -> int:
         loop_name,
         open_files,
     )
-    # Cancel the handler of a client that left, so its upstream call stops too; the
-    # request path settles and records in a task of its own, which is not cancelled.
-    web.run_app(
+    # web.run_app's loop, with each connection's header deadline, header size bound and
+    # per-address limit (gateway/connections.py). Cancel the handler of a client that
+    # left, so its upstream call stops too; the request path settles and records in a
+    # task of its own, which is not cancelled.
+    connections.run(
         app,
-        host=host,
-        port=port,
-        print=None,
-        access_log=None,
+        config.server,
+        host,
+        port,
+        loop=loop,
+        ssl_context=_tls(config),
+        reuse_port=args.worker,
         shutdown_timeout=30,
         handler_cancellation=True,
-        reuse_port=args.worker,
-        ssl_context=_tls(config),
-        loop=loop,
     )
     return 0
 
