@@ -4,7 +4,9 @@ Each worker binds the same address with SO_REUSEPORT, so the kernel spreads
 connections across them. Workers write their metrics to one folder
 (PROMETHEUS_MULTIPROC_DIR) and /metrics, answered by any of them, adds them all up.
 The supervisor passes SIGTERM, SIGINT and SIGHUP on to every worker and restarts a
-worker that crashes.
+worker that crashes. Each worker keeps its own count of connections per client address
+(server.max_connections_per_address): the kernel spreads one address's connections
+across workers, so N workers let an address hold up to N times that many.
 """
 
 from __future__ import annotations
