@@ -69,8 +69,9 @@ def count_openai_message(
             tokens += sum(_tool_call_tokens(call, profile) for call in calls)
             exact = False
         elif isinstance(value, str):
-            tokens += tokenizer.count(value)
-            exact = exact and key in EXACT_MESSAGE_FIELDS
+            measured = tokenizer.measure(value)
+            tokens += measured.tokens
+            exact = exact and measured.exact and key in EXACT_MESSAGE_FIELDS
         if key == "name":
             tokens += TOKENS_PER_NAME
     return RawCount(tokens, exact)
@@ -86,7 +87,9 @@ def count_content_parts(
         kind = part.get("type")
         if kind in ("text", "refusal"):
             text = part.get(kind)
-            tokens += profile.tokenizer.count(text) if isinstance(text, str) else 0
+            if isinstance(text, str):
+                measured = profile.tokenizer.measure(text)
+                tokens, exact = tokens + measured.tokens, exact and measured.exact
         elif kind == "image_url":
             image = _image_part_tokens(part.get("image_url"), profile, remote_image_size)
             tokens, exact = tokens + image.tokens, exact and image.exact
@@ -136,7 +139,14 @@ def count_functions(definitions: list[Mapping[str, Any]], profile: ModelProfile)
     cost = profile.functions
     if cost is None:
         return RawCount(0, False)
-    count = profile.tokenizer.count
+    cut = False
+
+    def count(text: str) -> int:
+        nonlocal cut
+        measured = profile.tokenizer.measure(text)
+        cut = cut or not measured.exact
+        return measured.tokens
+
     tokens, exact = cost.end, profile.functions_exact
     for function in definitions:
         description = _strip_period(function.get("description"))
@@ -163,7 +173,7 @@ def count_functions(definitions: list[Mapping[str, Any]], profile: ModelProfile)
             if nested or not isinstance(kind, str):
                 tokens += count(compact(nested))
                 exact = False
-    return RawCount(tokens, exact)
+    return RawCount(tokens, exact and not cut)
 
 
 def _strip_period(description: Any) -> str:
@@ -175,8 +185,12 @@ def count_llama3_chat(messages: Sequence[Mapping[str, Any]], profile: ModelProfi
     """Llama 3's chat template, encoded as Meta's reference does: each header with its
     special tokens, each content as plain text, then end of turn. Contents are trimmed,
     as the template that serving engines (vLLM, llama.cpp) apply does."""
-    encoding = profile.tokenizer.encoding
-    tokens = 1  # <|begin_of_text|>
+    tokenizer = profile.tokenizer
+    # <|start_header_id|>, <|end_header_id|> and the blank line around each role.
+    header_tokens = len(
+        tokenizer.encoding.encode("<|start_header_id|><|end_header_id|>\n\n", allowed_special="all")
+    )
+    tokens, exact = 1, profile.exact  # <|begin_of_text|>
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
@@ -186,11 +200,11 @@ def count_llama3_chat(messages: Sequence[Mapping[str, Any]], profile: ModelProfi
                 if isinstance(part, Mapping) and part.get("type") == "text"
             )
         role = "ipython" if message["role"] == "tool" else message["role"]
-        header = f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-        tokens += len(encoding.encode(header, allowed_special="all"))
-        tokens += len(encoding.encode_ordinary(str(content or "").strip())) + 1  # <|eot_id|>
-    tokens += len(encoding.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", allowed_special="all"))
-    return RawCount(tokens, profile.exact)
+        counted = tokenizer.measure(role) + tokenizer.measure(str(content or "").strip())
+        tokens += header_tokens + counted.tokens + 1  # <|eot_id|>
+        exact = exact and counted.exact
+    tokens += header_tokens + tokenizer.count("assistant")
+    return RawCount(tokens, exact)
 
 
 def count_responses(

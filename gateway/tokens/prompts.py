@@ -20,11 +20,13 @@ class PromptInputs:
 def count_prompt_input(value: Any, profile: ModelProfile, param: str) -> PromptInputs:
     """A string, a list of strings, a token array, or a list of token arrays."""
     if isinstance(value, str):
-        return PromptInputs(RawCount(profile.tokenizer.count(value), profile.exact), 1)
+        return PromptInputs(profile.tokenizer.measure(value) + RawCount(0, profile.exact), 1)
     if isinstance(value, list) and value:
         if all(isinstance(item, str) for item in value):
-            tokens = sum(profile.tokenizer.count(item) for item in value)
-            return PromptInputs(RawCount(tokens, profile.exact), len(value))
+            total = RawCount(0, profile.exact)
+            for item in value:
+                total += profile.tokenizer.measure(item)
+            return PromptInputs(total, len(value))
         if all(_is_token(item) for item in value):
             # Token arrays are billed by their length: no tokenizer involved.
             return PromptInputs(RawCount(len(value), True), 1)

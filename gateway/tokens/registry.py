@@ -18,7 +18,9 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from gateway.config import BpeFileConfig, TokenRuleConfig, TokensConfig
+from gateway.tokens.counts import RawCount
 from gateway.tokens.images import ImageCostRule
+from gateway.tokens.runs import MAX_RUN_CHARS, count_in_runs
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,22 @@ class Tokenizer:
 
     name: str
     encoding: Any = field(repr=False, compare=False)
+    # Runs longer than this are cut before BPE (see runs.py); smaller in tests.
+    max_run_chars: int = MAX_RUN_CHARS
 
     def count(self, text: str) -> int:
-        # Special-token strings in user text are billed as plain text.
-        return len(self.encoding.encode_ordinary(text))
+        """Tokens of `text`, in time linear in its length (see `measure`)."""
+        if len(text) <= self.max_run_chars:
+            # Special-token strings in user text are billed as plain text.
+            return len(self.encoding.encode_ordinary(text))
+        return count_in_runs(self.encoding.encode_ordinary, text, self.max_run_chars)[0]
+
+    def measure(self, text: str) -> RawCount:
+        """Tokens of `text`, exact unless a run too long to encode whole had to be cut."""
+        if len(text) <= self.max_run_chars:
+            return RawCount(len(self.encoding.encode_ordinary(text)), True)
+        tokens, cuts = count_in_runs(self.encoding.encode_ordinary, text, self.max_run_chars)
+        return RawCount(tokens, cuts == 0)
 
     def encode(self, text: str) -> list[int]:
         return list(self.encoding.encode_ordinary(text))

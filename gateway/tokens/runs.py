@@ -1,0 +1,86 @@
+"""Counting in time linear in the text: no run longer than MAX_RUN_CHARS reaches BPE whole.
+
+tiktoken first splits a text into pieces with its encoding's regular expression, then
+merges each piece's bytes by BPE. Both cost more than linearly in a piece's length: a
+7 MB run of one letter took 12 s to count, and o200k_base's expression overflows its
+stack on a million spaces (tiktoken panics). Ordinary text is made of short pieces.
+
+So a long text is scanned for places where the encodings' pieces always end (BOUNDARY,
+below). Wherever MAX_RUN_CHARS characters pass without one, the text is cut there (a
+"forced" cut) and the parts are encoded apart. A text with no forced cut is encoded
+whole, as before, so its count is tiktoken's to the token; a forced cut makes the count
+an estimate, since BPE cannot merge across it (measured: at most one token per cut).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+
+# Longer runs without a boundary are cut. Measured with bench/tokens.py --worst: 1,024
+# to 4,096 cost about the same per byte on the worst shapes, and no ordinary text we
+# tried (prose in several scripts, code, JSON, base64) has a run as long.
+MAX_RUN_CHARS = 2048
+
+# Classes whose members the Unicode tables of every Python and of tiktoken agree on:
+# a character classed wrongly here would only make a run look shorter than it is.
+_LETTER = "[A-Za-z\u4e00-\u9fff\u3041-\u3096\u30a1-\u30fa\uac00-\ud7a3]"
+_DIGIT = "[0-9]"
+_PUNCTUATION = r"[!-/:-@\[-`{-~]"
+# Without the apostrophe, which may start a contraction ("it's" is one piece).
+# CJK's: 、。 〈〉《》「」『』【】 and the full-width forms of ! ( ) , . : ; ?
+_ENDS_A_WORD = r"[!-&(-/:-@\[-`{-~\u3001\u3002\u3008-\u3011\uff01\uff08\uff09\uff0c\uff0e\uff1a\uff1b\uff1f]"
+
+# A match ends where o200k_base, cl100k_base and Llama 3's expressions always end a piece
+# (tests/test_tokens_ceiling.py checks it against them): a letter before a digit or
+# punctuation, punctuation before a digit, a digit before a letter or punctuation, any
+# visible character before a space or tab, and a line break before a visible character
+# other than "/" (o200k_base keeps "/" with a punctuation piece's line breaks).
+BOUNDARY = re.compile(
+    rf"{_LETTER}(?={_DIGIT}|{_ENDS_A_WORD})"
+    rf"|{_PUNCTUATION}(?={_DIGIT})"
+    rf"|{_DIGIT}(?={_LETTER}|{_PUNCTUATION})"
+    r"|\S(?=[ \t])"
+    r"|[\r\n](?=[^\s/])"
+)
+
+
+def forced_cuts(text: str, max_run: int = MAX_RUN_CHARS) -> list[int]:
+    """Where `text` must be cut so that no run between boundaries exceeds `max_run`."""
+    return [end for end, forced in run_ends(text, max_run) if forced]
+
+
+def run_ends(text: str, max_run: int = MAX_RUN_CHARS) -> Iterator[tuple[int, bool]]:
+    """Ends of successive runs, each at most `max_run` characters: (position, forced).
+
+    Each step looks for a boundary in the second half of the next `max_run` characters
+    (ordinary text has one within a few characters), then in the first half, then cuts:
+    the text is scanned at most twice, so this costs time linear in its length.
+    """
+    start, half = 0, max_run // 2
+    while len(text) - start > max_run:
+        limit = start + max_run
+        found = BOUNDARY.search(text, start + half, limit)
+        if found is not None:
+            start = found.end()
+            yield start, False
+            continue
+        earlier = [match.end() for match in BOUNDARY.finditer(text, start, start + half + 1)]
+        start, forced = (earlier[-1], False) if earlier else (limit, True)
+        yield start, forced
+
+
+def count_in_runs(
+    encode: Callable[[str], Sequence[int]], text: str, max_run: int = MAX_RUN_CHARS
+) -> tuple[int, int]:
+    """Tokens of `text` encoded apart at its forced cuts, and how many cuts there were."""
+    if len(text) <= max_run:
+        return len(encode(text)), 0
+    cuts = forced_cuts(text, max_run)
+    if not cuts:
+        return len(encode(text)), 0
+    tokens, start = 0, 0
+    for end in [*cuts, len(text)]:
+        tokens += len(encode(text[start:end]))
+        start = end
+    return tokens, len(cuts)
