@@ -1,15 +1,32 @@
-"""Pre-flight counts without forwarding: Anthropic's count_tokens and our own count endpoint."""
+"""Pre-flight counts without forwarding: Anthropic's count_tokens and our own count endpoint.
+
+A count is work done for a caller, so it is held to what the caller may do, as the proxy
+holds a request: the key's model list and the policies' model rules (the same 403), and
+the policies' request limits (`requests` per window and `concurrent`), a count being one
+request. Nothing is generated, so token and cost limits are neither checked nor charged.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from gateway import state
+from gateway.config import ModelConfig
 from gateway.errors import InvalidRequest
-from gateway.requests import read_json_object, resolve_model, validate_messages
+from gateway.quota import ratelimit_headers
+from gateway.quota.headers import anthropic_ratelimit_headers
+from gateway.quota.service import Amounts
+from gateway.requests import PRINCIPAL, read_json_object, resolve_model, validate_messages
+from gateway.tokens import PromptCount
+
+REQUEST_LIMIT_KINDS = frozenset({"requests", "concurrent"})
+# A request limit charges 1 whatever the amounts; the others would charge these.
+NOTHING_GENERATED = Amounts(prompt_tokens=0, completion_tokens=0, cost_micro_usd=0)
 
 
 def route_of(body: Mapping[str, Any]) -> str:
@@ -26,14 +43,11 @@ def route_of(body: Mapping[str, Any]) -> str:
 async def count_openai_request(request: web.Request) -> web.Response:
     """POST /v1/tokens/count: the gateway's pre-flight count of an OpenAI request body."""
     body, raw, _ = await read_json_object(request)
-    size = len(raw)
     model = resolve_model(request, body)
     route = route_of(body)
     if route == "chat":
         validate_messages(body)
-    counter = request.app[state.COUNTER]
-    profile = counter.registry.profile(model.upstream_model, model.tokenizer)
-    count = await counter.count(route, body, profile, size)
+    count, headers = await count_for_caller(request, model, route, body, len(raw))
     return web.json_response(
         {
             "object": "token_count",
@@ -44,19 +58,51 @@ async def count_openai_request(request: web.Request) -> web.Response:
             "exact": count.exact,
             "tokenizer": count.tokenizer,
             "factor": count.factor,
-        }
+        },
+        headers=headers,
     )
 
 
 async def count_anthropic_request(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens in Anthropic's shape: {"input_tokens": N}."""
     body, raw, _ = await read_json_object(request)
-    size = len(raw)
     model = resolve_model(request, body)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages: Field required", param="messages")
-    counter = request.app[state.COUNTER]
+    count, headers = await count_for_caller(request, model, "messages", body, len(raw))
+    return web.json_response({"input_tokens": count.tokens}, headers=anthropic_ratelimit_headers(headers))
+
+
+async def count_for_caller(
+    request: web.Request, model: ModelConfig, route: str, body: Mapping[str, Any], body_bytes: int
+) -> tuple[PromptCount, dict[str, str]]:
+    """The count, and the rate-limit headers of the request limits it was admitted by;
+    or the proxy's 403 for a model the caller may not use, or a 429."""
+    app = request.app
+    quota = app[state.QUOTA]
+    decision = quota.request_policy(request[PRINCIPAL], model)
+    request_limits = tuple(limit for limit in decision.limits if limit.rule.kind in REQUEST_LIMIT_KINDS)
+    ticket = await quota.admit(dataclasses.replace(decision, limits=request_limits), NOTHING_GENERATED)
+    counter = app[state.COUNTER]
     profile = counter.registry.profile(model.upstream_model, model.tokenizer)
-    count = await counter.count("messages", body, profile, size)
-    return web.json_response({"input_tokens": count.tokens})
+
+    async def count_then_settle() -> PromptCount:
+        try:
+            return await counter.count(route, body, profile, body_bytes)
+        finally:
+            # The request stays charged; its place in flight is given back.
+            await quota.settle(ticket, NOTHING_GENERATED)
+
+    # A client that leaves cancels the handler, not a count in a worker thread: the task
+    # holds the caller's place in flight until the count is really done.
+    counting = asyncio.ensure_future(count_then_settle())
+    counting.add_done_callback(_retrieve)
+    count = await asyncio.shield(counting)
+    return count, ratelimit_headers(ticket.admission)
+
+
+def _retrieve(task: asyncio.Future[PromptCount]) -> None:
+    # Nobody awaits the task of a departed client: its error (a 400) is no news.
+    if not task.cancelled():
+        task.exception()

@@ -1,4 +1,5 @@
-"""Counting has a ceiling: long runs are cut before BPE (the count then an estimate)."""
+"""Counting has a ceiling: long runs are cut before BPE (the count then an estimate), and
+the count endpoints hold the caller to its model list and request limits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 import regex
 from hypothesis import given, settings
@@ -19,7 +21,9 @@ from gateway.config import TokensConfig
 from gateway.metrics import Metrics
 from gateway.tokens import Calibration, PromptCounter, RawCount, TokenizerRegistry
 from gateway.tokens.runs import BOUNDARY, MAX_RUN_CHARS, count_in_runs, forced_cuts, run_ends
-from tests.conftest import USER_KEY, RunningGateway
+from tests.conftest import USER_KEY, RunningGateway, StartGateway
+from tests.fakes.openai_upstream import FakeUpstream
+from tests.test_access import add_key
 
 REGISTRY = TokenizerRegistry()
 ENCODINGS = ("o200k_base", "cl100k_base", "llama3")
@@ -253,3 +257,85 @@ async def test_the_count_endpoint_counts_a_megabyte_of_spaces(gateway: RunningGa
     status, counted, _ = await post_count(gateway, "/v1/tokens/count", body)
     # 3 priming + 3 for the message + "user" 1 + the spaces 7,813.
     assert (status, counted["prompt_tokens"], counted["exact"]) == (200, 7_820, False)
+
+
+async def test_count_endpoints_refuse_a_model_the_key_may_not_use(
+    start_gateway: StartGateway, pg: asyncpg.Connection, database_url: str
+) -> None:
+    gateway = await start_gateway()
+    key = "gw-count-key-000001"
+    await add_key(database_url, key, models=["gpt-4o-mini"])
+    status, body, _ = await post_count(gateway, "/v1/tokens/count", {"model": "gpt-4", "messages": HI}, key)
+    assert (status, body["error"]) == (
+        403,
+        {
+            "message": "This key may not use model `gpt-4`.",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_allowed",
+        },
+    )
+    status, body, _ = await post_count(
+        gateway, "/v1/messages/count_tokens", {"model": "claude-sonnet", "messages": HI}, key
+    )
+    assert (status, body["type"], body["error"]["type"]) == (403, "error", "permission_error")
+    status, body, _ = await post_count(
+        gateway, "/v1/tokens/count", {"model": "gpt-4o-mini", "messages": HI}, key
+    )
+    assert (status, body["prompt_tokens"]) == (200, 8)
+
+
+async def test_count_endpoints_refuse_a_model_a_policy_denies(
+    start_gateway: StartGateway, pg: asyncpg.Connection
+) -> None:
+    gateway = await start_gateway("policies:\n  - {name: no-gpt-4, scope: key, models: {deny: ['gpt-4*']}}\n")
+    status, body, _ = await post_count(gateway, "/v1/tokens/count", {"model": "gpt-4", "messages": HI})
+    assert (status, body["error"]["code"]) == (403, "model_not_allowed")
+    assert body["error"]["message"] == "Policy 'no-gpt-4' does not allow model `gpt-4` for this key."
+
+
+async def test_counts_are_charged_as_requests_never_as_tokens(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    gateway = await start_gateway(
+        "policies:\n"
+        "  - {name: per-key, scope: key, limits: [{requests: 3, per: minute}, {tokens: 50, per: minute}]}\n"
+    )
+    # 204 tokens: more than the token limit, which counting neither checks nor charges.
+    long = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word " * 196}]}
+    remaining = []
+    for _ in range(2):
+        status, body, headers = await post_count(gateway, "/v1/tokens/count", long)
+        assert (status, body["prompt_tokens"]) == (200, 204)
+        remaining.append(headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["2", "1"]
+    assert "x-ratelimit-remaining-tokens" not in headers
+    # The third request of the minute goes upstream: 8 + 5 tokens fit in 50.
+    answer = await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+    assert answer.choices
+    status, body, headers = await post_count(
+        gateway, "/v1/messages/count_tokens", {**long, "model": "claude-sonnet"}
+    )
+    assert status == 429
+    assert (body["type"], body["error"]["type"]) == ("error", "rate_limit_error")
+    status, body, headers = await post_count(gateway, "/v1/tokens/count", long)
+    assert (status, body["error"]["code"], body["error"]["type"]) == (429, "rate_limit_exceeded", "requests")
+    assert headers["x-ratelimit-limit-name"] == "requests_per_minute"
+    assert len(fake_upstream.requests) == 1
+
+
+async def test_a_count_gives_back_its_place_in_flight(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection
+) -> None:
+    gateway = await start_gateway("policies:\n  - {name: lanes, scope: user, limits: [{concurrent: 1}]}\n")
+    for path, model in [
+        ("/v1/tokens/count", "gpt-4o-mini"),
+        ("/v1/messages/count_tokens", "claude-sonnet"),
+    ] * 2:
+        status, _, _ = await post_count(gateway, path, {"model": model, "messages": HI})
+        assert status == 200
+    # Even after a count that fails once admitted: 'prompt' must be a string or a list.
+    status, body, _ = await post_count(gateway, "/v1/tokens/count", {"model": "gpt-4o-mini", "prompt": 5})
+    assert (status, body["error"]["param"]) == (400, "prompt")
+    answer = await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+    assert answer.choices
