@@ -20,7 +20,11 @@ GuardedConnection first, which hands its bytes to aiohttp's own RequestHandler:
 A request that a client pipelines behind one still in progress is read by aiohttp
 alone: its line and headers meet aiohttp's limits on a line and on their count (some
 1 MiB in all, as without these guards), not the total, and the time limit counts only
-from the first byte that arrives once the earlier request is done.
+from the first byte that arrives once the earlier request is done (if none does, the
+connection idles as kept-alive ones do). Clients do not pipeline; attackers may.
+
+Over TLS the handshake has header_timeout_seconds of its own, and the deadline and the
+per-address count start once it is done.
 """
 
 from __future__ import annotations
