@@ -45,14 +45,20 @@ _SECRETS = re.compile(
     # A JSON Web Token: three base64url parts, the first always starting eyJ ({").
     r"|\beyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*"
     # Provider and gateway keys: OpenAI sk-, sk-proj-, Anthropic sk-ant-, ours gw-
-    # (gateway/auth.py), masked forms included (sk-proj-****9c1e); AWS access key ids.
-    r"|(?<![A-Za-z0-9_-])(?:sk-[A-Za-z0-9_*\u2026-]{6,}|gw-[A-Za-z0-9_-]{16,})"
+    # (gateway/auth.py), masked forms included (sk-proj-****9c1e), after a - or _ too
+    # (a header named X-gw-…), in capitals too (aiohttp's Python parser shouts a
+    # method: GW-…); AWS access key ids.
+    r"|(?<![A-Za-z0-9])(?i:sk-[A-Za-z0-9_*\u2026-]{6,}|gw-[A-Za-z0-9_-]{16,})"
     r"|(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"
     # Any other long token; replaced only if it looks random (see _looks_random).
     r"|(?P<token>(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{24,})"
     r")"
 )
-_KEY_PREFIX = re.compile(r"sk-|gw-|AKIA|ASIA|eyJ")
+_KEY_PREFIX = re.compile(r"(?i:sk-|gw-)|AKIA|ASIA|eyJ")
+# A key inside a longer token that is kept: aiohttp quotes a header line as it read it,
+# names run together ("HostConnectiongw-…"). One of our keys in 25 has no 16 letters and
+# digits in a row (its - and _ split them), so its token may not look random.
+_KEY_IN_TOKEN = re.compile(r"(?i:gw-[A-Za-z0-9_-]{16,}|(?<![A-Za-z0-9])sk-[A-Za-z0-9_*\u2026-]{6,})")
 # A run of letters and digits with no separator, as random keys have and names lack.
 _RANDOM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
 # What a cut at the length limit may leave of a secret: the token it went through.
@@ -85,7 +91,8 @@ def _replace(found: re.Match[str]) -> str:
         secret = len(token) >= 20 or any(c.isdigit() for c in token) or _KEY_PREFIX.match(token)
         return found["bearer"] + MARKER if secret else found[0]
     if found["token"] is not None:
-        return MARKER if _looks_random(found["token"]) else found[0]
+        token = found["token"]
+        return MARKER if _looks_random(token) else _KEY_IN_TOKEN.sub(MARKER, token)
     return MARKER
 
 
