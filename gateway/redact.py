@@ -1,12 +1,14 @@
-"""Secrets out of text the gateway logs or passes on: provider error bodies above all.
+"""Secrets out of text the gateway logs or passes on: every log line (gateway.logs),
+provider error bodies above all.
 
 Only secrets go: key-like strings, bearer tokens, credential headers, credentials in
 URLs and credential query parameters. Everything else stays, addresses and hostnames
 included, since the operator reading the log needs them to find what failed; whether a
 caller may see such text at all is decided elsewhere (`expose_errors`).
 
-Every rule is one branch of one regular expression, so a text is read once, and the
-text is cut to a bounded length first, so a huge body costs little.
+Every rule is one branch of one regular expression, so a text is read once (a long
+token kept as a name is searched once more, for a key inside it), and the text is cut
+to a bounded length first, so a huge body costs little.
 """
 
 from __future__ import annotations
@@ -46,19 +48,19 @@ _SECRETS = re.compile(
     r"|\beyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*"
     # Provider and gateway keys: OpenAI sk-, sk-proj-, Anthropic sk-ant-, ours gw-
     # (gateway/auth.py), masked forms included (sk-proj-****9c1e), after a - or _ too
-    # (a header named X-gw-…), in capitals too (aiohttp's Python parser shouts a
+    # (a header named X-gw-…), ours in capitals too (aiohttp's Python parser shouts a
     # method: GW-…); AWS access key ids.
-    r"|(?<![A-Za-z0-9])(?i:sk-[A-Za-z0-9_*\u2026-]{6,}|gw-[A-Za-z0-9_-]{16,})"
+    r"|(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_*\u2026-]{6,}|(?i:gw-)[A-Za-z0-9_-]{16,})"
     r"|(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"
     # Any other long token; replaced only if it looks random (see _looks_random).
     r"|(?P<token>(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{24,})"
     r")"
 )
-_KEY_PREFIX = re.compile(r"(?i:sk-|gw-)|AKIA|ASIA|eyJ")
+_KEY_PREFIX = re.compile(r"sk-|(?i:gw-)|AKIA|ASIA|eyJ")
 # A key inside a longer token that is kept: aiohttp quotes a header line as it read it,
 # names run together ("HostConnectiongw-…"). One of our keys in 25 has no 16 letters and
 # digits in a row (its - and _ split them), so its token may not look random.
-_KEY_IN_TOKEN = re.compile(r"(?i:gw-[A-Za-z0-9_-]{16,}|(?<![A-Za-z0-9])sk-[A-Za-z0-9_*\u2026-]{6,})")
+_KEY_IN_TOKEN = re.compile(r"(?i:gw-)[A-Za-z0-9_-]{16,}|(?<![A-Za-z0-9])sk-[A-Za-z0-9_*\u2026-]{6,}")
 # A run of letters and digits with no separator, as random keys have and names lack.
 _RANDOM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
 # What a cut at the length limit may leave of a secret: the token it went through.
