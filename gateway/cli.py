@@ -24,7 +24,7 @@ from gateway.auth import KeyRecord, generate_key, generate_key_id, hash_key
 from gateway.config import IDENTIFIER, GatewayConfig, TokensConfig, load_config
 from gateway.ledger import LedgerStore, open_store
 from gateway.ledger.schema import SchemaTooNew
-from gateway.logs import setup_logging
+from gateway.logs import TextHandler, setup_logging
 from gateway.tokens import ROUTES
 from gateway.yamlnode import ConfigError
 
@@ -34,9 +34,8 @@ EXIT_FAILURE = 1
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    # Redacted lines on stderr for every command; `serve` then sets its own level and format.
+    logging.basicConfig(level=logging.INFO, handlers=[TextHandler()])
     try:
         command: Callable[[argparse.Namespace], int] = args.run
         return command(args)

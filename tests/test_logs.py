@@ -95,12 +95,21 @@ async def test_prompts_are_logged_only_when_asked(
 def test_the_direct_request_line_is_the_formatter_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
     import re
+    import sys
+    import threading
+    import warnings
 
     from gateway.logs import JsonLinesHandler, log_request, setup_logging
 
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", list(root.handlers))
     monkeypatch.setattr(root, "level", root.level)
+    # setup_logging also routes Python's own reports (warnings, uncaught exceptions) to
+    # logging: all put back after.
+    for owner, hook in ((sys, "excepthook"), (sys, "unraisablehook"), (threading, "excepthook")):
+        monkeypatch.setattr(owner, hook, getattr(owner, hook))
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setattr(logging, "_warnings_showwarning", None)
     setup_logging("info", True)
     (handler,) = root.handlers
     assert isinstance(handler, JsonLinesHandler)
