@@ -83,6 +83,8 @@ async def _metrics_cleanup(app: web.Application) -> None:
 
 
 def _add_admin_routes(app: web.Application) -> None:
+    # Readiness with every component (providers, circuit states): for operators only.
+    app.router.add_get("/admin/health/ready", health.admin_readiness)
     app.router.add_get("/admin/quota/{scope}/{subject}", quota_routes.admin_show_quota)
     app.router.add_delete("/admin/quota/{scope}/{subject}", quota_routes.admin_reset_quota)
     app.router.add_get("/admin/usage", quota_routes.admin_usage)
@@ -98,6 +100,11 @@ async def _admin_site(app: web.Application) -> AsyncIterator[None]:
     admin[state.POLICIES] = app[state.POLICIES]
     admin[state.QUOTA] = app[state.QUOTA]
     admin[state.STORE] = app[state.STORE]
+    # Admin-key guesses are counted with the public port's, per client address.
+    admin[state.AUTH_FAILURES] = app[state.AUTH_FAILURES]
+    for key in (state.LEDGER, state.COUNTER, state.ROUTER):
+        if key in app:
+            admin[key] = app[key]
     _add_admin_routes(admin)
     # The same header deadline, size bound and per-address limit as the public port,
     # counted apart from it.

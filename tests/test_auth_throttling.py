@@ -221,11 +221,6 @@ async def test_admin_key_guesses_are_counted_and_throttled(
     assert (right, user_guess, user) == (OK, THROTTLED, OK)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the admin site's application needs the shared limiter: app.py's _admin_site must set "
-    "admin[state.AUTH_FAILURES] = app[state.AUTH_FAILURES]",
-)
 async def test_admin_key_guesses_on_the_admin_site_are_throttled(
     start_gateway: StartGateway, config_writer: ConfigWriter, pg: asyncpg.Connection
 ) -> None:

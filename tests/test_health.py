@@ -107,3 +107,16 @@ async def test_an_open_circuit_degrades_readiness_without_failing_it(
     upstreams = body["components"]["upstreams"]
     assert upstreams["status"] == "unhealthy" and upstreams["circuits"]["fake"] == "open"
     assert "circuit open: fake" in upstreams["detail"]
+
+
+async def test_the_admin_readiness_route_needs_the_admin_key(gateway: RunningGateway) -> None:
+    """/admin/health/ready: every component for operators (also on the admin listener)."""
+    url = f"{gateway.url}/admin/health/ready"
+    async with aiohttp.ClientSession() as session:
+        for headers in ({}, {"Authorization": f"Bearer {USER_KEY}"}):
+            async with session.get(url, headers=headers) as response:
+                assert (response.status, (await response.json())["error"]["code"]) == (401, "invalid_api_key")
+        async with session.get(url, headers=ADMIN) as response:
+            body = await response.json()
+            assert response.status == 200
+            assert body["components"]["upstreams"]["circuits"]["fake"] == "closed"
