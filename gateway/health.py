@@ -1,8 +1,9 @@
 """Liveness and readiness: each component checked, with its status and check latency.
 
 Anyone may ask whether the gateway is ready; which components it has, which providers
-it calls and their circuits' states are the operator's: the admin key (or the admin
-listener, `admin_readiness`) sees them, everyone else the overall status alone.
+it calls and their circuits' states are the operator's: the admin key sees them (on
+/health/ready, and on the admin API's /admin/health/ready, which the admin listener
+serves too), everyone else the overall status alone.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ async def readiness(request: web.Request) -> web.Response:
 
 
 async def admin_readiness(request: web.Request) -> web.Response:
-    """Readiness with every component, for the admin listener (reached only by operators)."""
+    """Readiness with every component, for the admin API (its middleware checks the admin key)."""
     body, status = await checked(request.app)
     return web.json_response(body, status=status)
 
