@@ -102,9 +102,10 @@ async def _admin_site(app: web.Application) -> AsyncIterator[None]:
     admin[state.STORE] = app[state.STORE]
     # Admin-key guesses are counted with the public port's, per client address.
     admin[state.AUTH_FAILURES] = app[state.AUTH_FAILURES]
-    for key in (state.LEDGER, state.COUNTER, state.ROUTER):
-        if key in app:
-            admin[key] = app[key]
+    # What /admin/health/ready checks.
+    admin[state.LEDGER] = app[state.LEDGER]
+    admin[state.COUNTER] = app[state.COUNTER]
+    admin[state.ROUTER] = app[state.ROUTER]
     _add_admin_routes(admin)
     # The same header deadline, size bound and per-address limit as the public port,
     # counted apart from it.

@@ -29,7 +29,7 @@ MAX_SPANNED_KEYS = 64
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 _WHITESPACE = " \t\n\r"  # JSON's, as json.decoder has it
 # json.loads's own scanners, in C: a value from an index, a string from after its quote.
-_scan_value: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_PLAIN = json.JSONDecoder()
 _scan_string: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
@@ -65,19 +65,22 @@ class ParsedObject(NamedTuple):
     text: ObjectText | None  # for an object of SPANS_FROM_BYTES or more in UTF-8
 
 
-def parse(raw: bytes) -> ParsedObject:
-    """json.loads(raw), with the same result and errors; large objects also with their spans."""
-    if len(raw) >= SPANS_FROM_BYTES and json.detect_encoding(raw) == "utf-8":
+def parse(raw: bytes, decoder: json.JSONDecoder = _PLAIN) -> ParsedObject:
+    """json.loads(raw) with `decoder`'s hooks, with the same result and errors (and
+    whatever its hooks raise); large objects also with their spans."""
+    encoding = json.detect_encoding(raw)
+    text = raw.decode(encoding, "surrogatepass")
+    if len(raw) >= SPANS_FROM_BYTES and encoding == "utf-8":
         try:
-            found = _object_text(raw.decode("utf-8", "surrogatepass"))
+            found = _object_text(text, decoder.scan_once)  # type: ignore[attr-defined]
         except (ValueError, StopIteration, RecursionError):
-            found = None  # json.loads below says what is wrong
+            found = None  # decoder.decode below says what is wrong
         if found is not None:
             return found
-    return ParsedObject(json.loads(raw), None)
+    return ParsedObject(decoder.decode(text), None)
 
 
-def _object_text(text: str) -> ParsedObject | None:
+def _object_text(text: str, scan_value: Callable[[str, int], tuple[Any, int]]) -> ParsedObject | None:
     """The object json.loads would make, and its spans; None for anything but a plain object
     (not an object, a key given twice: which one a provider takes is its own choice, or
     more than MAX_SPANNED_KEYS keys)."""
@@ -98,7 +101,7 @@ def _object_text(text: str) -> ParsedObject | None:
         if text[at : at + 1] != ":" or key in spans or len(spans) == MAX_SPANNED_KEYS:
             return None
         start = _skip(text, at + 1)
-        value[key], end = _scan_value(text, start)
+        value[key], end = scan_value(text, start)
         spans[key] = (start, end)
         at = _skip(text, end)
         separator = text[at : at + 1]

@@ -15,7 +15,7 @@ from gateway import jsontext, state
 from gateway.auth import Principal
 from gateway.config import ModelConfig
 from gateway.errors import InvalidRequest, ModelNotFound, RequestTimeout, RequestTooLarge
-from gateway.jsontext import SPANS_FROM_BYTES, ObjectText
+from gateway.jsontext import ObjectText
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 MODEL_LABEL = web.RequestKey("model_label", str)
@@ -128,24 +128,14 @@ _ENCODED_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
 
 
 def _parse(raw: bytes, spans: bool) -> tuple[Any, ObjectText | None]:
-    if spans and len(raw) >= SPANS_FROM_BYTES:
-        parsed = jsontext.parse(raw)
-        if parsed.text is not None:
-            # jsontext refuses a top-level key given twice (and anything but a UTF-8 object).
-            # TODO(jsontext): scan nested values with _STRICT, see tests/test_hostile_input.py.
-            return parsed.value, parsed.text
-        # Parsed by json.loads (a key given twice, not an object, past MAX_SPANNED_KEYS):
-        # again, strictly; rare, so the second parse costs little overall.
-    return _decode(raw), None
-
-
-def _decode(raw: bytes) -> Any:
     """json.loads(raw), but only UTF-8 (RFC 8259: JSON between systems is UTF-8, and
-    the body is forwarded as sent) and each key once per object (DuplicateKey)."""
+    the body is forwarded as sent) and each key once per object, at any depth (DuplicateKey)."""
     encoding = json.detect_encoding(raw)
     if encoding != "utf-8" and encoding != "utf-8-sig":
         raise ValueError(f"JSON must be UTF-8, not {encoding}")
-    return _STRICT.decode(raw.decode(encoding, "surrogatepass"))
+    if spans:
+        return jsontext.parse(raw, _STRICT)
+    return _STRICT.decode(raw.decode(encoding, "surrogatepass")), None
 
 
 def _may_hold_surrogates(raw: bytes) -> bool:

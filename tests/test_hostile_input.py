@@ -353,11 +353,6 @@ async def test_a_top_level_key_given_twice_in_a_large_body_is_a_400(
     await assert_nothing_charged(gateway, pg, before, fake_upstream)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jsontext scans a large body's top-level values with json's default scanner, "
-    "which keeps a nested key's last value; it needs the strict decoder of gateway.requests",
-)
 async def test_a_nested_key_given_twice_in_a_large_body_is_a_400(
     gateway: RunningGateway, fake_upstream: FakeUpstream
 ) -> None:

@@ -47,6 +47,8 @@ from tests.test_ledger_stores import RECORD
 HI = [{"role": "user", "content": "hi"}]
 UNLIMITED = "policies:\n  - {name: roomy, scope: user, limits: [{requests: 1000000, per: minute}]}\n"
 
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}  # /health/ready shows its components to the admin key
+
 
 async def rollups_match_events(pg: asyncpg.Connection) -> None:
     mismatches = await pg.fetch(
@@ -122,7 +124,10 @@ async def test_database_outage_mid_load_loses_nothing(
     await asyncio.sleep(0.7)
     await proxy.stop()  # the database goes away mid-load
     await asyncio.sleep(1.0)
-    async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/health/ready") as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{gateway.url}/health/ready", headers=ADMIN) as response,
+    ):
         ready = await response.json()
     assert response.status == 200 and ready["status"] == "degraded"
     assert ready["components"]["database"]["status"] == "unhealthy"
@@ -406,7 +411,10 @@ async def test_a_full_disk_is_loud_and_loses_nothing(
     try:
         for _ in range(5):
             await client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2)
-        async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/health/ready") as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{gateway.url}/health/ready", headers=ADMIN) as response,
+        ):
             ready = await response.json()
         # Still serving, but loudly degraded: recording has stopped for lack of disk.
         assert response.status == 200 and ready["status"] == "degraded"

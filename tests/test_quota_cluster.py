@@ -35,7 +35,7 @@ from gateway.config import RedisConfig, load_config
 from gateway.quota.limiter import Admission, Charge, CountersNotSynced, QuotaLimiter
 from gateway.quota.policy import AppliedLimit, LimitRule
 from gateway.quota.store import open_redis
-from tests.conftest import T0_MS, USER_KEY, ConfigWriter
+from tests.conftest import ADMIN_KEY, T0_MS, USER_KEY, ConfigWriter
 
 CLUSTER_BUS_OFFSET = 10_000
 STARTUP_SECONDS = 20.0
@@ -438,7 +438,10 @@ async def test_the_gateway_serves_and_rejects_on_a_cluster(
         # The user's slot admitted the request first and was rolled back.
         assert await usage(limiter, user, team) == [(1, 0), (1, 0)]
 
-        async with aiohttp.ClientSession() as session, session.get(f"{base}/health/ready") as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{base}/health/ready", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as response,
+        ):
             body = await response.json()
         assert response.status == 200, body
         assert body["components"]["redis"]["status"] == "healthy"

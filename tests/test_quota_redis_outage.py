@@ -22,7 +22,15 @@ import openai
 import pytest
 
 from gateway import state
-from tests.conftest import OTHER_KEY, USER_KEY, ConfigWriter, RunningGateway, StartGateway, free_port
+from tests.conftest import (
+    ADMIN_KEY,
+    OTHER_KEY,
+    USER_KEY,
+    ConfigWriter,
+    RunningGateway,
+    StartGateway,
+    free_port,
+)
 from tests.fakes.openai_upstream import FakeUpstream
 
 HI = [{"role": "user", "content": "hi"}]
@@ -237,7 +245,10 @@ class Outage:
 
 async def ready(gateway: RunningGateway) -> tuple[int, Any]:
     async with httpx.AsyncClient(timeout=10) as http:
-        response = await http.get(f"{gateway.url}/health/ready")
+        # The components are shown to the admin key.
+        response = await http.get(
+            f"{gateway.url}/health/ready", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        )
     return response.status_code, response.json()
 
 
