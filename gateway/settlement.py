@@ -18,6 +18,7 @@ from gateway.exchange import Exchange, FinalUsage
 from gateway.ledger import LedgerWriter, UsageRecord
 from gateway.metrics import Metrics
 from gateway.quota.service import QuotaService, actual_amounts
+from gateway.redact import redact
 from gateway.relay import take_body_usage
 from gateway.routing import Routed
 from gateway.tokens import Calibration
@@ -152,7 +153,8 @@ def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
         usage_source=final.source,
         latency_ms=(time.monotonic() - exchange.started_at) * 1000,
         upstream_latency_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
-        client_request_id=exchange.client_request_id,
+        # The caller's own id: a key pasted there must not rest in the ledger in clear.
+        client_request_id=redact(exchange.client_request_id) if exchange.client_request_id else None,
         attempts=exchange.attempts,
         error_detail=exchange.error_detail,
         cost_usd=(

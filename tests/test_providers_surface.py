@@ -214,6 +214,19 @@ async def test_headers_never_leak_either_way(
     row = await pg.fetchrow("SELECT request_id, client_request_id FROM usage_events")
     assert row is not None and (row["request_id"], row["client_request_id"]) == (gateway_id, "caller-req-42")
 
+    # A key pasted into the caller's id is echoed to that caller, never kept in clear.
+    generated = "gw-q3VxN8kz0Lr5fT2bYw7HcJ9mDs4pAe1uGiXo6nKtR-E"  # as `gateway keys create` makes them
+    pasted = gateway.client(default_headers={"X-Request-Id": f"trace-{generated}"})
+    raw = await pasted.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HI, max_tokens=2
+    )
+    await gateway.settle()
+    kept = await pg.fetchval(
+        "SELECT client_request_id FROM usage_events WHERE request_id = $1",
+        raw.headers["x-gateway-request-id"],
+    )
+    assert kept == "[redacted]"
+
 
 async def test_mock_speaks_both_apis_with_pacing(
     start_gateway: StartGateway, config_writer, pg: asyncpg.Connection
