@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from gateway.config import TokensConfig
 from gateway.metrics import Metrics
-from gateway.tokens import Calibration, PromptCounter, RawCount, TokenizerRegistry
+from gateway.tokens import Calibration, PromptCounter, RawCount, Tokenizer, TokenizerRegistry
 from gateway.tokens.runs import BOUNDARY, MAX_RUN_CHARS, count_in_runs, forced_cuts, run_ends
 from tests.conftest import USER_KEY, RunningGateway, StartGateway
 from tests.fakes.openai_upstream import FakeUpstream
@@ -203,6 +203,25 @@ def test_a_megabyte_of_spaces_is_counted() -> None:
     """tiktoken alone panics here: o200k_base's expression overflows its stack."""
     tokenizer = REGISTRY.tokenizer("o200k_base")
     assert tokenizer.measure(" " * 1_000_000) == RawCount(7_813, False)
+
+
+class RecordingEncoding:
+    """An encoding whose encode_ordinary records the length of every text it is given."""
+
+    def __init__(self, name: str) -> None:
+        self.recorder = Recorder(REGISTRY.tokenizer(name).encoding.encode_ordinary)
+        self.encode_ordinary = self.recorder
+
+
+def test_short_texts_are_encoded_once() -> None:
+    """Roles, names and enum items: a body of a million one-digit items made a million calls."""
+    encoding = RecordingEncoding("o200k_base")
+    tokenizer = Tokenizer("o200k_base", encoding)
+    for _ in range(1000):
+        assert tokenizer.count("user") == 1
+        assert tokenizer.measure("7") == RawCount(1, True)
+        assert tokenizer.count("a longer text than sixteen characters") == 6
+    assert encoding.recorder.calls == [4, 1, 37] + [37] * 999
 
 
 def make_counter() -> PromptCounter:

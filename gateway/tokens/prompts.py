@@ -23,10 +23,10 @@ def count_prompt_input(value: Any, profile: ModelProfile, param: str) -> PromptI
         return PromptInputs(profile.tokenizer.measure(value) + RawCount(0, profile.exact), 1)
     if isinstance(value, list) and value:
         if all(isinstance(item, str) for item in value):
-            total = RawCount(0, profile.exact)
-            for item in value:
-                total += profile.tokenizer.measure(item)
-            return PromptInputs(total, len(value))
+            measured = [profile.tokenizer.measure(item) for item in value]
+            tokens = sum(count.tokens for count in measured)
+            exact = profile.exact and all(count.exact for count in measured)
+            return PromptInputs(RawCount(tokens, exact), len(value))
         if all(_is_token(item) for item in value):
             # Token arrays are billed by their length: no tokenizer involved.
             return PromptInputs(RawCount(len(value), True), 1)

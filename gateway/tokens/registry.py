@@ -134,6 +134,13 @@ class TokenizerUnavailable(Exception):
     """A configured tokenizer could not be loaded (file missing, unknown name)."""
 
 
+# Texts this short (roles, names, enum items, tiny prompts) are looked up, not encoded:
+# handing one to tiktoken costs more than a dict lookup, and a body of 4 million one-digit
+# enum items took 3.8 s of calls. Up to SHORT_TEXTS_REMEMBERED of them, then forgotten.
+SHORT_TEXT_CHARS = 16
+SHORT_TEXTS_REMEMBERED = 65_536
+
+
 @dataclass(frozen=True)
 class Tokenizer:
     """A loaded encoding and its name."""
@@ -142,9 +149,12 @@ class Tokenizer:
     encoding: Any = field(repr=False, compare=False)
     # Runs longer than this are cut before BPE (see runs.py); smaller in tests.
     max_run_chars: int = MAX_RUN_CHARS
+    _short: dict[str, RawCount] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def count(self, text: str) -> int:
         """Tokens of `text`, in time linear in its length (see `measure`)."""
+        if len(text) <= SHORT_TEXT_CHARS:
+            return self._measure_short(text).tokens
         if len(text) <= self.max_run_chars:
             # Special-token strings in user text are billed as plain text.
             return len(self.encoding.encode_ordinary(text))
@@ -152,10 +162,20 @@ class Tokenizer:
 
     def measure(self, text: str) -> RawCount:
         """Tokens of `text`, exact unless a run too long to encode whole had to be cut."""
+        if len(text) <= SHORT_TEXT_CHARS:
+            return self._measure_short(text)
         if len(text) <= self.max_run_chars:
             return RawCount(len(self.encoding.encode_ordinary(text)), True)
         tokens, cuts = count_in_runs(self.encoding.encode_ordinary, text, self.max_run_chars)
         return RawCount(tokens, cuts == 0)
+
+    def _measure_short(self, text: str) -> RawCount:
+        remembered = self._short.get(text)
+        if remembered is None:
+            if len(self._short) >= SHORT_TEXTS_REMEMBERED:
+                self._short.clear()
+            remembered = self._short[text] = RawCount(len(self.encoding.encode_ordinary(text)), True)
+        return remembered
 
     def encode(self, text: str) -> list[int]:
         return list(self.encoding.encode_ordinary(text))
