@@ -139,6 +139,8 @@ class TokenizerUnavailable(Exception):
 # enum items took 3.8 s of calls. Up to SHORT_TEXTS_REMEMBERED of them, then forgotten.
 SHORT_TEXT_CHARS = 16
 SHORT_TEXTS_REMEMBERED = 65_536
+# Their counts, made once: at most 4 bytes a character, at least 1 byte a token.
+_SHORT_COUNTS = tuple(RawCount(tokens, True) for tokens in range(4 * SHORT_TEXT_CHARS + 1))
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ class Tokenizer:
         if remembered is None:
             if len(self._short) >= SHORT_TEXTS_REMEMBERED:
                 self._short.clear()
-            remembered = self._short[text] = RawCount(len(self.encoding.encode_ordinary(text)), True)
+            remembered = self._short[text] = _SHORT_COUNTS[len(self.encoding.encode_ordinary(text))]
         return remembered
 
     def encode(self, text: str) -> list[int]:
