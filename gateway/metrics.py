@@ -11,7 +11,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 from gateway import __version__
 
@@ -22,6 +30,15 @@ UNKNOWN_MODEL = "unknown"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Relative error of pre-flight prompt counts; 0 is exact, negative under-reserves.
 ESTIMATE_ERROR_BUCKETS = (-0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+# prometheus_client's own switch. Unset, the gateway turns the `_created` series off: a
+# start time per counter and histogram child (with its own HELP and TYPE lines), a fifth
+# of /metrics that no dashboard or alert reads. PROMETHEUS_DISABLE_CREATED_SERIES=false
+# brings them back. (Workers' metrics, added up from their files, never had them.)
+CREATED_SERIES_ENV = "PROMETHEUS_DISABLE_CREATED_SERIES"
+
+if CREATED_SERIES_ENV not in os.environ:
+    # prometheus_client reads this flag at every scrape, for every registry in the process.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 _Child = TypeVar("_Child")
@@ -407,6 +424,11 @@ class Metrics:
         """Hand every tally to prometheus_client (before anything reads the registry)."""
         for tally in self._tallies or ():
             tally.flush()
+
+    def sample(self, name: str) -> float:
+        """One unlabelled sample of this process (e.g. `gateway_requests_in_flight`), 0 if absent."""
+        self.flush()
+        return self.registry.get_sample_value(name) or 0.0
 
     def exposition(self) -> bytes:
         """This process's metrics, or, with several workers, every worker's added up."""

@@ -186,6 +186,8 @@ async def test_two_workers_add_up_on_one_port(config_writer, pg: asyncpg.Connect
                 )
             )
         assert set(totals) == {(40.0, 320.0, 80.0)}
+        # Added up from the workers' files: no `_created` series on this path either.
+        assert [line for line in (await scrape_text(url)).splitlines() if "_created" in line] == []
         # Each worker spools into its own slot: both served some of the 40.
         per_slot = [
             sum(len(path.read_bytes().splitlines()) for path in slot.glob("segment-*.jsonl"))
@@ -280,3 +282,40 @@ def test_tallied_metrics_read_as_prometheus_client_counts_them(monkeypatch: pyte
     assert lines(metrics.exposition(), "gateway_re") == lines(first, "gateway_re")
     metrics.in_flight.dec()
     assert lines(metrics.exposition(), "gateway_requests_in_flight ") == ["gateway_requests_in_flight 0.0"]
+
+
+CREATED_PROBE = """
+from gateway.metrics import Metrics
+metrics = Metrics()
+metrics.requests.labels("r", "m", "200").inc()
+metrics.request_duration.labels("r", "m").observe(0.1)
+metrics.ledger_rows.inc()
+text = metrics.exposition().decode()
+print(len(text.splitlines()), sum("_created" in line for line in text.splitlines()))
+"""
+
+
+def test_created_series_only_when_asked() -> None:
+    """PROMETHEUS_DISABLE_CREATED_SERIES: unset, the gateway leaves `_created` out; false brings it back."""
+    import os
+    import subprocess
+    import sys
+
+    from gateway.metrics import CREATED_SERIES_ENV
+
+    def probe(setting: str | None) -> tuple[int, int]:
+        environment = {name: value for name, value in os.environ.items() if name != CREATED_SERIES_ENV}
+        if setting is not None:
+            environment[CREATED_SERIES_ENV] = setting
+        # The flag is read when gateway.metrics is imported: a fresh process each time.
+        run = subprocess.run(
+            [sys.executable, "-c", CREATED_PROBE], env=environment, capture_output=True, text=True, check=True
+        )
+        lines, created = map(int, run.stdout.split())
+        return lines, created
+
+    default, asked, refused = probe(None), probe("false"), probe("true")
+    assert default[1] == 0 and refused == default
+    # Each unlabelled counter and each child used: a sample, plus a HELP and a TYPE line.
+    assert asked[1] > 0
+    assert asked[0] - default[0] == asked[1]
