@@ -2,7 +2,8 @@
 
 Each shared resource is opened and closed by one cleanup context, in the order below;
 teardown runs in reverse, so in-flight settlements finish before Redis and the ledger
-close, and the ledger flushes before the database closes.
+close, and the ledger flushes before the database closes. Shutdown ends with one line
+saying what it waited for and what it wrote (ShutdownReport).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import multiprocess
@@ -38,6 +41,19 @@ log = logging.getLogger("gateway")
 POLICY_RELOAD_SECONDS = 2.0
 
 
+@dataclass
+class ShutdownReport:
+    """Figures taken as shutdown begins and as resources close, logged as one line at the end."""
+
+    began_at: float | None = None
+    requests_in_flight: int = 0
+    ledger_rows_before: float = 0.0
+    settlements_drained: int = 0
+
+
+SHUTDOWN = web.AppKey("shutdown", ShutdownReport)
+
+
 def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = None) -> web.Application:
     """The gateway application; `clock_ms` pins the quota clock (tests only)."""
     app = web.Application(
@@ -50,6 +66,9 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     _load_tokenizers(config, registry)
     app[state.COUNTER] = PromptCounter(registry, Calibration(config.tokens, app[state.METRICS]))
     app[state.POLICIES] = PolicyHolder(config.base_dir, config.quota.policy_glob, app[state.METRICS])
+    app[SHUTDOWN] = ShutdownReport()
+    # Before aiohttp waits for the requests being served: their count is the one at the signal.
+    app.on_shutdown.append(_shutdown_begins)
 
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_ledger)
@@ -72,8 +91,48 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app.router.add_get("/health", health.liveness)
     app.router.add_get("/health/ready", health.readiness)
     app.router.add_get("/metrics", _metrics)
+    app.on_cleanup.append(_log_shutdown)
     app.on_cleanup.append(_metrics_cleanup)
     return app
+
+
+async def _shutdown_begins(app: web.Application) -> None:
+    report = app[SHUTDOWN]
+    report.began_at = time.monotonic()
+    metrics = app[state.METRICS]
+    report.requests_in_flight = int(metrics.sample("gateway_requests_in_flight"))
+    report.ledger_rows_before = metrics.sample("gateway_ledger_rows_written_total")
+
+
+async def _log_shutdown(app: web.Application) -> None:
+    """After every cleanup context has closed (the ledger flushed, the database closed)."""
+    report = app[SHUTDOWN]
+    now = time.monotonic()
+    seconds = now - (report.began_at if report.began_at is not None else now)
+    written_total = int(app[state.METRICS].sample("gateway_ledger_rows_written_total"))
+    written = written_total - int(report.ledger_rows_before)
+    ledger = app.get(state.LEDGER)
+    still_spooled = ledger.pending if ledger is not None else 0
+    log.info(
+        "shut down in %.2f s: %d requests were in flight, %d settlements drained, "
+        "%d ledger rows written (%d since start), %d left in the spool",
+        seconds,
+        report.requests_in_flight,
+        report.settlements_drained,
+        written,
+        written_total,
+        still_spooled,
+        extra={
+            "fields": {
+                "shutdown_seconds": round(seconds, 3),
+                "requests_in_flight": report.requests_in_flight,
+                "settlements_drained": report.settlements_drained,
+                "ledger_rows_written": written,
+                "ledger_rows_written_since_start": written_total,
+                "ledger_rows_still_spooled": still_spooled,
+            }
+        },
+    )
 
 
 async def _metrics_cleanup(app: web.Application) -> None:
@@ -118,6 +177,7 @@ async def _admin_site(app: web.Application) -> AsyncIterator[None]:
 
 def _load_tokenizers(config: GatewayConfig, registry: TokenizerRegistry) -> None:
     """Load every model's tokenizer now: a missing BPE file must stop start-up, not a request."""
+    started = time.monotonic()
     for name, model in config.models.items():
         try:
             profile = registry.profile(model.upstream_model, model.tokenizer)
@@ -125,6 +185,7 @@ def _load_tokenizers(config: GatewayConfig, registry: TokenizerRegistry) -> None
             raise ConfigError(str(config.path), f"models.{name}", str(exc)) from exc
         if not profile.exact:
             log.info("model %s: prompts are estimated with %s", name, profile.tokenizer.name)
+    log.info("tokenizers loaded for %d models in %.2f s", len(config.models), time.monotonic() - started)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -206,6 +267,8 @@ async def _settlement(app: web.Application) -> AsyncIterator[None]:
     )
     app[state.SETTLEMENT] = settlement
     yield
+    # Settlements still running once the last request is answered (read for the shutdown line).
+    app[SHUTDOWN].settlements_drained = len(settlement._tasks)
     await settlement.drain()
 
 

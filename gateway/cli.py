@@ -150,14 +150,14 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config)
     app.on_startup.append(_settle_memory)
     loop, loop_name = _event_loop()
-    logging.getLogger("gateway").info(
-        "gateway %s listening on http://%s:%d (%s, %s open files)",
-        __version__,
-        host,
-        port,
-        loop_name,
-        open_files,
-    )
+
+    def serving(site: connections.GuardedSite) -> None:
+        # Only once every resource is open (the database migrated, the quota store and the
+        # ledger ready) and the socket is bound: a port in use never logs "listening".
+        logging.getLogger("gateway").info(
+            "gateway %s listening on %s (%s, %s open files)", __version__, site.name, loop_name, open_files
+        )
+
     # web.run_app's loop, with each connection's header deadline, header size bound and
     # per-address limit (gateway/connections.py). Cancel the handler of a client that
     # left, so its upstream call stops too; the request path settles and records in a
@@ -170,6 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
         loop=loop,
         ssl_context=_tls(config),
         reuse_port=args.worker,
+        on_serving=serving,
         shutdown_timeout=30,
         handler_cancellation=True,
     )

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -397,15 +398,17 @@ def run(
     loop: asyncio.AbstractEventLoop,
     ssl_context: Any = None,
     reuse_port: bool = False,
+    on_serving: Callable[[GuardedSite], None] | None = None,
     **options: Any,
 ) -> None:
     """Serves until SIGINT or SIGTERM, as web.run_app does, then shuts down and closes `loop`.
 
+    `on_serving` is called once the application has started and the socket listens.
     `options` go to the AppRunner (shutdown_timeout, handler_cancellation, ...).
     """
 
     async def serve() -> None:
-        runner, _ = await start(
+        runner, site = await start(
             app,
             server,
             host,
@@ -416,6 +419,8 @@ def run(
             **options,
         )
         try:
+            if on_serving is not None:
+                on_serving(site)
             await asyncio.Future()  # until a signal raises GracefulExit, or cancelled
         finally:
             await runner.cleanup()
