@@ -53,19 +53,20 @@ def forced_cuts(text: str, max_run: int = MAX_RUN_CHARS) -> list[int]:
 def run_ends(text: str, max_run: int = MAX_RUN_CHARS) -> Iterator[tuple[int, bool]]:
     """Ends of successive runs, each at most `max_run` characters: (position, forced).
 
-    Each step looks for a boundary in the second half of the next `max_run` characters
-    (ordinary text has one within a few characters), then in the first half, then cuts:
-    the text is scanned at most twice, so this costs time linear in its length.
+    Each step looks for a boundary in the last eighth of the next `max_run` characters
+    (ordinary text has one within a few characters: one short search per run), then for
+    the last one before that, then cuts. A step that finds only an early boundary is
+    followed by one that goes far or cuts, so the scan takes time linear in the text.
     """
-    start, half = 0, max_run // 2
+    start, near_end = 0, max_run - max(1, max_run // 8)
     while len(text) - start > max_run:
         limit = start + max_run
-        found = BOUNDARY.search(text, start + half, limit)
+        found = BOUNDARY.search(text, start + near_end, limit)
         if found is not None:
             start = found.end()
             yield start, False
             continue
-        earlier = [match.end() for match in BOUNDARY.finditer(text, start, start + half + 1)]
+        earlier = [match.end() for match in BOUNDARY.finditer(text, start, start + near_end + 1)]
         start, forced = (earlier[-1], False) if earlier else (limit, True)
         yield start, forced
 
