@@ -9,7 +9,12 @@ So a long text is scanned for places where the encodings' pieces always end (BOU
 below). Wherever MAX_RUN_CHARS characters pass without one, the text is cut there (a
 "forced" cut) and the parts are encoded apart. A text with no forced cut is encoded
 whole, as before, so its count is tiktoken's to the token; a forced cut makes the count
-an estimate, since BPE cannot merge across it (measured: at most one token per cut).
+an estimate, since BPE cannot merge across it (on the long runs we measured, within one
+token per cut; not a bound in general).
+
+BOUNDARY holds for the built-in expressions (o200k_base, cl100k_base, Llama 3). A
+tokenizer of one's own (tokens.bpe_files) is cut at the same places; if its expression
+makes pieces across them, its cost is not bounded by this.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 
-# Longer runs without a boundary are cut. Measured with bench/tokens.py --worst: 1,024
-# to 4,096 cost about the same per byte on the worst shapes, and no ordinary text we
-# tried (prose in several scripts, code, JSON, base64) has a run as long.
+# Longer runs without a boundary are cut. On the worst shapes, runs of 1,024 to 4,096
+# characters cost about the same per byte (one of 65,536 about twice as much); none of
+# the ordinary texts in tests/test_tokens_ceiling.py has a run as long.
 MAX_RUN_CHARS = 2048
 
-# Classes whose members the Unicode tables of every Python and of tiktoken agree on:
-# a character classed wrongly here would only make a run look shorter than it is.
+# Ranges, not Unicode properties, so that Python's tables and tiktoken's cannot disagree
+# on them. (A boundary that was none would let a piece run on past it: slower, never a
+# different count, since only forced cuts split what tiktoken is given.)
 _LETTER = "[A-Za-z\u4e00-\u9fff\u3041-\u3096\u30a1-\u30fa\uac00-\ud7a3]"
 _DIGIT = "[0-9]"
 _PUNCTUATION = r"[!-/:-@\[-`{-~]"
