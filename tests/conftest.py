@@ -1,7 +1,15 @@
 """Shared fixtures: real Redis, real PostgreSQL, a fake provider, and gateways built on them.
 
-Redis and PostgreSQL come from REDIS_URL / DATABASE_URL (scripts/test sets them) or
-the standard local ports. When they do not answer, tests fail loudly; nothing is mocked.
+Redis and PostgreSQL come from REDIS_URL / DATABASE_URL (scripts/test sets them), or
+from the standard local ports when GATEWAY_TEST_LOCAL_SERVICES=1 says they may be
+used. When they do not answer, tests fail loudly; nothing is mocked. Tests write only
+into a database of their own (created and dropped) and under this session's Redis key
+prefix (deleted at the end).
+
+Tiers: each test is marked here, so nobody has to remember to. `services` marks a test
+that needs Redis or PostgreSQL or a server or tool that scripts/test installs; `bench`
+marks the benchmark smoke tests; `slow`, the few that take seconds each without any
+server. `./scripts/test --fast` runs the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import textwrap
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +43,14 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _SHARED_TIKTOKEN_CACHE.is_dir():
     # tiktoken reads this when an encoding is first loaded: no test may download one.
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_SHARED_TIKTOKEN_CACHE)
 
+# Without REDIS_URL / DATABASE_URL, the local servers are used only when the developer
+# says so: they may hold data of their own.
+LOCAL_SERVICES = os.environ.get("GATEWAY_TEST_LOCAL_SERVICES") == "1"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Every key a test gateway writes starts with this, so that the keys of one run can be
+# told apart from anyone else's and deleted when it ends.
+REDIS_KEY_PREFIX = f"gwtest:{uuid.uuid4().hex[:8]}:"
 PROVIDER_KEY = "sk-fake-provider-key-for-tests"
 ANTHROPIC_PROVIDER_KEY = "sk-ant-fake-provider-key"
 USER_KEY = "gw-test-key-alice"
@@ -51,8 +66,71 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# ---------------------------------------------------------------- tiers
+
+# A test that uses one of these fixtures (directly or through others) needs the servers.
+SERVICE_FIXTURES = frozenset({"redis_url", "database_url"})
+# A test module naming one of these starts a server of its own or runs a tool that only
+# scripts/test installs (redis-server, promtool, psql, ...).
+SYSTEM_TOOLS = ("redis-server", "redis-cli", "promtool", "psql", "nginx", "wrk", "valgrind")
+BENCH_MODULES = frozenset({"test_bench_smoke.py"})
+# Tests that need no server but take seconds each (fuzzing, thousands of requests, a
+# property tried hundreds of times): the full tier runs them, the fast tier does not.
+SLOW_TESTS = (
+    "tests/test_fuzz.py::",
+    "tests/test_jsontext.py::test_parse_gives_what_json_loads_gives_and_each_values_span",
+)
+
+
+@cache
+def _names_a_system_tool(path: Path) -> bool:
+    source = path.read_text()
+    return any(f'"{tool}"' in source for tool in SYSTEM_TOOLS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in BENCH_MODULES:
+            item.add_marker(pytest.mark.bench)
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SERVICE_FIXTURES or _names_a_system_tool(item.path):
+            item.add_marker(pytest.mark.services)
+
+
+# ---------------------------------------------------------------- servers
+
+
+def _require_service(variable: str, url: str) -> None:
+    """Fails the test when no server was named and the local ones were not allowed."""
+    if variable not in os.environ and not LOCAL_SERVICES:
+        pytest.fail(
+            f"{variable} is not set: run the tests with scripts/test (it starts throwaway servers), "
+            f"or set GATEWAY_TEST_LOCAL_SERVICES=1 to use the local server at {url}"
+        )
+
+
+async def _delete_keys(url: str, pattern: str) -> None:
+    client = redis_asyncio.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await client.delete(*batch)
+                batch.clear()
+        if batch:
+            await client.delete(*batch)
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_url() -> Iterator[str]:
+    """The Redis of this session; the keys under REDIS_KEY_PREFIX are deleted at the end."""
+    _require_service("REDIS_URL", REDIS_URL)
+
     async def ping() -> None:
         client = redis_asyncio.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
         try:
@@ -64,12 +142,14 @@ def redis_url() -> str:
         asyncio.run(ping())
     except Exception as exc:
         pytest.fail(f"Redis at {REDIS_URL} does not answer ({exc}); run the tests with scripts/test")
-    return REDIS_URL
+    yield REDIS_URL
+    asyncio.run(_delete_keys(REDIS_URL, f"{REDIS_KEY_PREFIX}*"))
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A fresh database for this test session, dropped at the end."""
+    _require_service("DATABASE_URL", DATABASE_URL)
     name = f"gateway_test_{uuid.uuid4().hex[:10]}"
 
     async def admin(sql: str) -> None:
@@ -162,7 +242,7 @@ class ConfigWriter:
         policy_dir = self.directory / "policies"
         policy_dir.mkdir(exist_ok=True)
         (policy_dir / "test.yaml").write_text(textwrap.dedent(policies))
-        prefix = f"gwtest:{uuid.uuid4().hex[:8]}:"
+        prefix = f"{REDIS_KEY_PREFIX}{uuid.uuid4().hex[:8]}:"
         backends = (
             "backends:\n  sqlite:\n    path: var/test.db\n"
             if embedded
