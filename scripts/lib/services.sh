@@ -3,7 +3,9 @@
 #
 # Each service comes from, in this order:
 #   1. REDIS_URL / DATABASE_URL when set;
-#   2. the machine's standard local server (127.0.0.1:6379, 127.0.0.1:5432);
+#   2. the machine's standard local server (127.0.0.1:6379, 127.0.0.1:5432), only when
+#      GATEWAY_TEST_LOCAL_SERVICES=1 allows it: a developer's servers hold data of
+#      their own (the tests then keep to their own database and key prefix);
 #   3. a throwaway server on a free port, in a temp dir, stopped on exit.
 # GATEWAY_TEST_THROWAWAY=1 skips 1 and 2, to exercise the fresh-machine path.
 # The caller must run `trap cleanup_services EXIT` before ensure_redis/ensure_postgres.
@@ -124,9 +126,12 @@ ensure_redis() {
     echo "redis: throwaway server at $REDIS_URL (GATEWAY_TEST_THROWAWAY=1)"
   elif [ -n "${REDIS_URL:-}" ]; then
     echo "redis: $(redact_url "$REDIS_URL") (from REDIS_URL)"
+  elif [ "${GATEWAY_TEST_LOCAL_SERVICES:-}" != 1 ]; then
+    start_throwaway_redis
+    echo "redis: throwaway server at $REDIS_URL (GATEWAY_TEST_LOCAL_SERVICES=1 uses 127.0.0.1:6379)"
   elif redis_answers redis://127.0.0.1:6379/0; then
     export REDIS_URL=redis://127.0.0.1:6379/0
-    echo "redis: local server at $REDIS_URL"
+    echo "redis: local server at $REDIS_URL (GATEWAY_TEST_LOCAL_SERVICES=1)"
   else
     start_throwaway_redis
     echo "redis: throwaway server at $REDIS_URL (nothing answered on 127.0.0.1:6379)"
@@ -191,9 +196,12 @@ ensure_postgres() {
     echo "postgres: throwaway cluster at $DATABASE_URL (GATEWAY_TEST_THROWAWAY=1)"
   elif [ -n "${DATABASE_URL:-}" ]; then
     echo "postgres: $(redact_url "$DATABASE_URL") (from DATABASE_URL)"
+  elif [ "${GATEWAY_TEST_LOCAL_SERVICES:-}" != 1 ]; then
+    start_throwaway_postgres
+    echo "postgres: throwaway cluster at $DATABASE_URL (GATEWAY_TEST_LOCAL_SERVICES=1 uses 127.0.0.1:5432)"
   elif tcp_open 127.0.0.1 5432 && _pg_usable "$local_url"; then
     export DATABASE_URL="$local_url"
-    echo "postgres: local server at $DATABASE_URL"
+    echo "postgres: local server at $DATABASE_URL (GATEWAY_TEST_LOCAL_SERVICES=1)"
   else
     start_throwaway_postgres
     echo "postgres: throwaway cluster at $DATABASE_URL (no usable server on 127.0.0.1:5432)"

@@ -27,13 +27,20 @@ apt_install() {
     apt-get install -y -q --no-install-recommends "$@"
 }
 
-# Installs each named tool from the Debian package of the same name, unless it is
+# ensure_tool TOOL PACKAGE: installs the Debian PACKAGE that ships TOOL, unless TOOL is
 # already on PATH or in /usr/sbin (nginx lives there and is not on a user's PATH).
+ensure_tool() {
+  if ! command -v "$1" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$1" ]; then
+    echo "$1 is missing" >&2
+    apt_install "$2"
+  fi
+}
+
+# Installs each named tool from the Debian package of the same name, unless it is
+# already there (see ensure_tool).
 ensure_tools() {
   local tool
   for tool in "$@"; do
-    if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
-      apt_install "$tool" >/dev/null
-    fi
+    ensure_tool "$tool" "$tool"
   done
 }

@@ -43,8 +43,9 @@ ensure_installed() {
   if [ -f "$stamp" ]; then
     return 0
   fi
-  echo "installing $spec into $VENV_DIR" >&2
-  (cd "$REPO_ROOT" && "$VENV_DIR/bin/pip" install -q --disable-pip-version-check -e "$spec")
+  # Not quiet: a first install takes a minute or more, and pip's lines show it moving.
+  echo "installing $spec into $VENV_DIR (once per change of pyproject.toml)" >&2
+  (cd "$REPO_ROOT" && "$VENV_DIR/bin/pip" install --disable-pip-version-check -e "$spec")
   touch "$stamp"
 }
 
