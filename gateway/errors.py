@@ -113,6 +113,14 @@ class RequestTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class UnsupportedContentEncoding(GatewayError):
+    """The request body is compressed (415)."""
+
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+
 class RateLimited(GatewayError):
     """A quota limit rejected the request (429)."""
 

@@ -14,7 +14,13 @@ from aiohttp import web
 from gateway import jsontext, state
 from gateway.auth import Principal
 from gateway.config import ModelConfig
-from gateway.errors import InvalidRequest, ModelNotFound, RequestTimeout, RequestTooLarge
+from gateway.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    RequestTimeout,
+    RequestTooLarge,
+    UnsupportedContentEncoding,
+)
 from gateway.jsontext import ObjectText
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -47,6 +53,14 @@ async def read_json_object(
     or forwarded as UTF-8).
     """
     server = request.app[state.CONFIG].server
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        # aiohttp would inflate it (within max_body_bytes): some 8 KB of gzip buys a full
+        # body to parse and count. No SDK compresses its requests.
+        raise UnsupportedContentEncoding(
+            "Compressed request bodies are not accepted; send the JSON uncompressed.",
+            param="Content-Encoding",
+        )
     try:
         # A client that trickles its body (slowloris) holds a connection: bound the wait.
         # A body that arrived with the headers (the common case) needs no timer.

@@ -5,6 +5,7 @@ is reserved, charged, recorded or sent to a provider."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from typing import Any
 from urllib.parse import urlsplit
@@ -376,6 +377,39 @@ async def test_a_utf16_body_is_refused(gateway: RunningGateway, fake_upstream: F
         ),
     )
     assert fake_upstream.requests == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/tokens/count"])
+async def test_a_compressed_body_is_a_415_before_it_is_inflated(
+    gateway: RunningGateway, fake_upstream: FakeUpstream, pg: asyncpg.Connection, path: str
+) -> None:
+    """8 KB of gzip would inflate to a full body to parse and count; no SDK sends one."""
+    before = await quota_used(gateway)
+    prompt = "a" * 1_000_000
+    raw = gzip.compress(
+        json.dumps(
+            {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": prompt}]}
+        ).encode()
+    )
+    assert len(raw) < 8_000
+    assert await post(gateway, path, raw, {"Content-Encoding": "gzip"}) == (
+        415,
+        {
+            "error": {
+                "message": "Compressed request bodies are not accepted; send the JSON uncompressed.",
+                "type": "invalid_request_error",
+                "param": "Content-Encoding",
+                "code": "unsupported_content_encoding",
+            }
+        },
+    )
+    assert await quota_used(gateway) == before
+    assert await pg.fetchval("SELECT count(*) FROM usage_events") == 0
+    assert fake_upstream.requests == []
+    # Identity is no compression: served as usual.
+    small = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5, "messages": HI}).encode()
+    status, _ = await post(gateway, "/v1/tokens/count", small, {"Content-Encoding": "identity"})
+    assert status == 200
 
 
 # Readiness ---------------------------------------------------------------------------
