@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import PROVIDER_KEY, USER_KEY, _sha256
+from tests.conftest import PROVIDER_KEY, REDIS_KEY_PREFIX, USER_KEY, _sha256
 
 
 def write_config(
@@ -26,7 +26,7 @@ def write_config(
         textwrap.dedent(
             f"""\
             backends:
-              redis: {{url: "{redis_url}", key_prefix: "proc:{uuid.uuid4().hex[:8]}:"}}
+              redis: {{url: "{redis_url}", key_prefix: "{REDIS_KEY_PREFIX}proc:{uuid.uuid4().hex[:8]}:"}}
               postgres: {{dsn: "{database_url}"}}
             providers:
               fake: {{type: openai, base_url: "{upstream_url}", api_key_env: FAKE_PROVIDER_KEY}}

@@ -12,7 +12,7 @@ import redis.asyncio as redis_asyncio
 
 from gateway.quota.limiter import Charge, QuotaLimiter
 from gateway.quota.policy import AppliedLimit, LimitRule
-from tests.conftest import T0_MS
+from tests.conftest import REDIS_KEY_PREFIX, T0_MS
 
 # A rolling window's running total and the bucket it starts at (see reserve_quota.lua).
 RUNNING_TOTAL_FIELDS = (b"0", b"1")
@@ -40,7 +40,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def limiter(redis_client: redis_asyncio.Redis, clock: Clock) -> QuotaLimiter:
-    return QuotaLimiter(redis_client, f"luatest:{uuid.uuid4().hex[:8]}:", clock_ms=clock)
+    return QuotaLimiter(redis_client, f"{REDIS_KEY_PREFIX}luatest:{uuid.uuid4().hex[:8]}:", clock_ms=clock)
 
 
 def limit(
@@ -269,7 +269,7 @@ async def test_a_limit_never_charged_leaves_no_key(limiter: QuotaLimiter, clock:
 
 
 async def test_redis_clock_is_used_when_not_pinned(redis_client: redis_asyncio.Redis) -> None:
-    limiter = QuotaLimiter(redis_client, f"luatest:{uuid.uuid4().hex[:8]}:")
+    limiter = QuotaLimiter(redis_client, f"{REDIS_KEY_PREFIX}luatest:{uuid.uuid4().hex[:8]}:")
     before_ms = int(time.time() * 1000)
     decision = await limiter.reserve([Charge(limit(10), 1)])
     after_ms = int(time.time() * 1000)
