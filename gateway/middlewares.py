@@ -231,7 +231,7 @@ def _count_failure(request: web.Request, refused: InvalidApiKey) -> None:
     for clients stuck on a wrong key, telling them to stop (x-should-retry: false).
     """
     failures = request.app.get(state.AUTH_FAILURES)
-    if failures is None:  # the separate admin site, until app.py shares the limiter with it
+    if failures is None:  # an application without the limiter (tests' bare apps)
         return
     address = client_address(request, trusted_networks(request.app[state.CONFIG].server.trusted_proxies))
     request[CLIENT_ADDRESS] = address
