@@ -258,6 +258,11 @@ async def stalling_provider() -> AsyncIterator[tuple[str, list[bytes]]]:
         yield provider
 
 
+def stalling_yaml(url: str, timeouts: str) -> str:
+    """gateway.yaml's entry for the stalling provider, with these timeouts."""
+    return f"stalling:\n  type: openai\n  base_url: {url}\n  timeouts: {timeouts}\n"
+
+
 async def test_timeouts_are_retried_failed_over_and_open_the_breaker(
     start_gateway: StartGateway,
     config_writer: ConfigWriter,
@@ -266,13 +271,8 @@ async def test_timeouts_are_retried_failed_over_and_open_the_breaker(
     pg: asyncpg.Connection,
 ) -> None:
     stalling_url, stalled = stalling_provider
-    config_writer.extra_providers = textwrap.dedent(
-        f"""\
-        stalling:
-          type: openai
-          base_url: {stalling_url}
-          timeouts: {{first_byte_seconds: 0.3, idle_seconds: 0.1}}
-        """
+    config_writer.extra_providers = stalling_yaml(
+        stalling_url, "{first_byte_seconds: 0.3, idle_seconds: 0.1}"
     )
     config_writer.extra_models = textwrap.dedent(
         """\
@@ -346,14 +346,7 @@ async def test_every_attempt_timing_out_is_a_504_with_its_attempts_and_detail(
     pg: asyncpg.Connection,
 ) -> None:
     stalling_url, stalled = stalling_provider
-    config_writer.extra_providers = textwrap.dedent(
-        f"""\
-        stalling:
-          type: openai
-          base_url: {stalling_url}
-          timeouts: {{first_byte_seconds: 0.2}}
-        """
-    )
+    config_writer.extra_providers = stalling_yaml(stalling_url, "{first_byte_seconds: 0.2}")
     config_writer.extra_models = (
         "stalled:\n  deployments:\n    - {provider: stalling, upstream_model: gpt-4o-mini}\n"
     )
