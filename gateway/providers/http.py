@@ -199,17 +199,9 @@ class HttpProvider:
         sending = _SENDING.set(attempt)
         try:
             async with asyncio.timeout(seconds):
-                response = await session.get(
-                    self.models_url(),
-                    headers=self._with_proxy_credentials(
-                        self.headers(UpstreamRequest("models", {}, stream=False))
-                    ),
-                    proxy=self._proxy,
-                    proxy_headers=self._proxy_headers,
-                    allow_redirects=False,
-                )
+                headers = self.headers(UpstreamRequest("models", {}, stream=False))
+                response = await self._request(session, "GET", self.models_url(), headers, attempt)
                 response.close()
-                self._check_proxy(response, attempt)
                 return response.status
         except TimeoutError as exc:
             raise self._timeout(exc, "first_byte_timeout") from exc
@@ -252,15 +244,9 @@ class HttpProvider:
         sending = _SENDING.set(attempt)
         try:
             async with asyncio.timeout_at(first_byte_at) as deadline:
-                response = await session.post(
-                    self._parsed_url(self.url(request)),
-                    data=payload,
-                    headers=self._with_proxy_credentials(self.headers(request)),
-                    proxy=self._proxy,
-                    proxy_headers=self._proxy_headers,
-                    allow_redirects=False,
+                response = await self._request(
+                    session, "POST", self.url(request), self.headers(request), attempt, payload
                 )
-                self._check_proxy(response, attempt)
                 _check_encodings(response, self.name)
                 streamed = request.stream and response.status == 200
                 content_type = response.headers.get("Content-Type", "")
@@ -317,20 +303,40 @@ class HttpProvider:
             parsed = self._parsed_urls[url] = URL(url)
         return parsed
 
-    def _with_proxy_credentials(self, headers: dict[str, str]) -> dict[str, str]:
+    async def _request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        attempt: _Attempt,
+        data: bytes | None = None,
+    ) -> aiohttp.ClientResponse:
+        """One request through the provider's proxy (if any), its head read.
+
+        A forward proxy's 407 is the proxy refusing us, not the provider answering: raised
+        as an unreachable provider, and the attempt marked as never sent.
+        """
         if self._forwarded_headers is not None:
             headers.update(self._forwarded_headers)
-        return headers
-
-    def _check_proxy(self, response: aiohttp.ClientResponse, attempt: _Attempt) -> None:
-        """A forward proxy's 407 is the proxy refusing us, not the provider answering."""
+        response = await session.request(
+            method,
+            self._parsed_url(url),
+            data=data,
+            headers=headers,
+            proxy=self._proxy,
+            proxy_headers=self._proxy_headers,
+            allow_redirects=False,
+        )
         if response.status == 407 and self._proxy is not None:
+            response.close()
             attempt.refused_by_proxy = True
             raise _BadResponse(
                 f"Provider '{self.name}' could not be reached (proxy).",
                 code="upstream_unreachable",
                 cause="proxy",
             )
+        return response
 
     async def _body(self, response: aiohttp.ClientResponse) -> bytes:
         """The whole body, at most max_response_bytes of it after decompression."""
