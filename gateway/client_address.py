@@ -10,24 +10,18 @@ written by the client or by proxies we do not know, so they are never read.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from collections.abc import Sequence
 
 from aiohttp import web
 
+from gateway.config import Network
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 UNKNOWN = "unknown"
 # The client's address, kept on a request whose authentication failed (for its log line).
 CLIENT_ADDRESS = web.RequestKey("client_address", str)
-
-
-@functools.lru_cache(maxsize=8)
-def trusted_networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
-    """`server.trusted_proxies` as networks; parsed once per configuration (config.py has
-    already checked and normalised them)."""
-    return tuple(ipaddress.ip_network(cidr) for cidr in cidrs)
 
 
 def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:

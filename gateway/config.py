@@ -25,6 +25,9 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 PROVIDER_TYPES = {"openai", "azure", "anthropic", "mock"}
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -55,7 +58,7 @@ class ServerConfig:
     max_connections_per_address: int = 256
     # Peers (addresses or CIDR networks) whose X-Forwarded-For / Forwarded headers name
     # the client address; from any other peer those headers are ignored.
-    trusted_proxies: tuple[str, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -380,12 +383,12 @@ def _server(node: Node | None, base_dir: Path) -> ServerConfig:
     )
 
 
-def _networks(node: Node) -> tuple[str, ...]:
-    """Addresses or CIDR networks, normalised (10.0.0.1 → 10.0.0.1/32)."""
+def _networks(node: Node) -> tuple[Network, ...]:
+    """Addresses or CIDR networks (10.0.0.1 is 10.0.0.1/32), parsed here once for every user."""
     networks = []
     for item in node.elements():
         try:
-            networks.append(str(ipaddress.ip_network(item.as_str(), strict=False)))
+            networks.append(ipaddress.ip_network(item.as_str(), strict=False))
         except ValueError:
             item.fail("must be an IP address or a CIDR network such as 10.0.0.0/8")
     return tuple(networks)

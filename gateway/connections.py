@@ -81,7 +81,7 @@ class ConnectionGuards:
             header_timeout_seconds=server.header_timeout_seconds,
             max_header_bytes=server.max_header_bytes,
             max_connections_per_address=server.max_connections_per_address,
-            unlimited_networks=tuple(ipaddress.ip_network(network) for network in server.trusted_proxies),
+            unlimited_networks=server.trusted_proxies,
         )
 
     def address_of(self, peername: Any) -> str | None:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway import state
 from gateway.auth import hash_key, presented_key
-from gateway.client_address import CLIENT_ADDRESS, client_address, trusted_networks
+from gateway.client_address import CLIENT_ADDRESS, client_address
 from gateway.errors import (
     GatewayError,
     InvalidApiKey,
@@ -233,7 +233,7 @@ def _count_failure(request: web.Request, refused: InvalidApiKey) -> None:
     failures = request.app.get(state.AUTH_FAILURES)
     if failures is None:  # an application without the limiter (tests' bare apps)
         return
-    address = client_address(request, trusted_networks(request.app[state.CONFIG].server.trusted_proxies))
+    address = client_address(request, request.app[state.CONFIG].server.trusted_proxies)
     request[CLIENT_ADDRESS] = address
     wait = failures.failed(address)
     if wait is not None:

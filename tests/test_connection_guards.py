@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -267,7 +268,7 @@ def test_addresses_counted_together() -> None:
     assert guards.address_of(("2001:db8:1:2::1", 5000, 0, 0)) == "2001:db8:1:2::/64"
     assert guards.address_of(("2001:db8:1:2:ffff::9", 5000, 0, 0)) == "2001:db8:1:2::/64"
     assert guards.address_of("/run/gateway.sock") is None  # a Unix socket
-    proxies = ("10.0.0.0/8", "2001:db8::/32")
+    proxies = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
     proxied = ConnectionGuards.of(ServerConfig(max_connections_per_address=3, trusted_proxies=proxies))
     assert proxied.address_of(("10.1.2.3", 5000)) is None
     assert proxied.address_of(("::ffff:10.1.2.3", 5000, 0, 0)) is None
