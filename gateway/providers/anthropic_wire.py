@@ -18,8 +18,9 @@ def message_usage(usage: Any) -> Usage | None:
     if not isinstance(usage, Mapping) or not isinstance(usage.get("input_tokens"), int):
         return None
     cache_read = _count(usage.get("cache_read_input_tokens"))
-    prompt = _count(usage.get("input_tokens")) + _count(usage.get("cache_creation_input_tokens")) + cache_read
-    return Usage(prompt, _count(usage.get("output_tokens")), cache_read)
+    cache_write = _count(usage.get("cache_creation_input_tokens"))
+    prompt = _count(usage.get("input_tokens")) + cache_write + cache_read
+    return Usage(prompt, _count(usage.get("output_tokens")), cache_read, cache_write)
 
 
 def message_text(message: Any) -> str:

@@ -15,6 +15,9 @@ class Usage:
     completion_tokens: int
     # Of the prompt tokens, those served from the provider's prompt cache (cheaper).
     cached_prompt_tokens: int = 0
+    # Of the prompt tokens, those written to the provider's prompt cache (Anthropic's
+    # cache_creation_input_tokens, priced above plain input).
+    cache_write_prompt_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -1,0 +1,1 @@
+"""Translators between API families (docs/translation.md)."""
