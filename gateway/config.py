@@ -141,23 +141,39 @@ class PriceConfig:
     input: float
     output: float
     cached_input: float | None = None
+    # Prompt tokens written to the provider's cache (Anthropic bills them above input).
+    cache_write_input: float | None = None
 
-    def cost_usd(self, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0) -> float:
+    def cost_usd(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int = 0,
+        cache_write_prompt_tokens: int = 0,
+    ) -> float:
         cached_price = self.input if self.cached_input is None else self.cached_input
+        write_price = self.input if self.cache_write_input is None else self.cache_write_input
+        plain = prompt_tokens - cached_prompt_tokens - cache_write_prompt_tokens
         micro = (
-            (prompt_tokens - cached_prompt_tokens) * self.input
+            plain * self.input
             + cached_prompt_tokens * cached_price
+            + cache_write_prompt_tokens * write_price
             + completion_tokens * self.output
         )
         return micro / 1_000_000
 
     def cost_micro_usd(
-        self, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int = 0,
+        cache_write_prompt_tokens: int = 0,
     ) -> int:
         """Whole millionths of a dollar, rounded up: what quota counters count."""
-        return math.ceil(
-            self.cost_usd(prompt_tokens, completion_tokens, cached_prompt_tokens) * 1_000_000 - 1e-9
+        cost = self.cost_usd(
+            prompt_tokens, completion_tokens, cached_prompt_tokens, cache_write_prompt_tokens
         )
+        return math.ceil(cost * 1_000_000 - 1e-9)
 
 
 @dataclass(frozen=True)
@@ -613,12 +629,13 @@ def _provider_name(node: Node, providers: dict[str, ProviderConfig]) -> str:
 def _price(node: Node | None) -> PriceConfig | None:
     if node is None:
         return None
-    node.mapping({"input", "output", "cached_input"})
-    cached = node.get("cached_input")
+    node.mapping({"input", "output", "cached_input", "cache_write_input"})
+    cached, cache_write = node.get("cached_input"), node.get("cache_write_input")
     return PriceConfig(
         input=node.require("input").as_float(minimum=0),
         output=node.require("output").as_float(minimum=0),
         cached_input=cached.as_float(minimum=0) if cached else None,
+        cache_write_input=cache_write.as_float(minimum=0) if cache_write else None,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,7 +88,7 @@ async def test_a_replayed_batch_never_counts_twice(store: LedgerStore) -> None:
 async def test_migrate_is_idempotent_and_versioned(store: LedgerStore) -> None:
     assert await store.migrate() == []
     dialect = "postgres" if isinstance(store, PostgresStore) else "sqlite"
-    assert await store.schema_version() == latest_version(dialect) == 6
+    assert await store.schema_version() == latest_version(dialect) == 7
 
 
 async def test_a_newer_schema_is_refused(store: LedgerStore, database_url: str, tmp_path: Path) -> None:
@@ -112,3 +113,33 @@ async def test_a_newer_schema_is_refused(store: LedgerStore, database_url: str, 
 def test_logged_dsn_has_no_password() -> None:
     assert _safe_dsn("postgresql://gw:s3cret@db:5432/gw") == "postgresql://gw@db:5432/gw"
     assert "s3cret" not in _safe_dsn("postgresql://gw:s3cret@db/gw")
+
+
+async def test_cache_figures_and_api_families_are_kept(
+    store: LedgerStore, database_url: str, tmp_path: Path
+) -> None:
+    translated = RECORD._replace(
+        request_id="req_translated",
+        cached_prompt_tokens=3,
+        cache_write_tokens=2,
+        caller_api="openai",
+        provider_api="anthropic",
+    )
+    assert await store.write_usage([translated, RECORD]) == 2
+    query = (
+        "SELECT request_id, cached_prompt_tokens, cache_write_tokens, caller_api, provider_api"
+        " FROM usage_events ORDER BY request_id"
+    )
+    if isinstance(store, PostgresStore):
+        pg = await asyncpg.connect(database_url)
+        try:
+            rows = [tuple(row) for row in await pg.fetch(query)]
+        finally:
+            await pg.close()
+    else:
+        with sqlite3.connect(tmp_path / "ledger.db") as db:
+            rows = db.execute(query).fetchall()
+    assert rows == [
+        ("req_1", None, None, None, None),
+        ("req_translated", 3, 2, "openai", "anthropic"),
+    ]

@@ -45,6 +45,13 @@ class UsageRecord(NamedTuple):
     # What more is known of an error than its code, from a small fixed set: the cause of
     # a failed connection (dns, refused, tls, ...) or the timeout that ran out.
     error_detail: str | None = None
+    # Of prompt_tokens, those read from and written to the provider's prompt cache.
+    cached_prompt_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    # The API family the caller spoke and the one the provider spoke ("openai",
+    # "anthropic"): they differ when the gateway translated (docs/translation.md).
+    caller_api: str | None = None
+    provider_api: str | None = None
 
     def row(self) -> tuple[object, ...]:
         return self
