@@ -272,11 +272,10 @@ def _quota_command(args: argparse.Namespace, reset: bool) -> int:
 
     config = _load(args)
     if config.backends.redis is None:
-        print(
-            "gateway: the embedded quota store lives inside the serving process; nothing to show",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        # Not a failure of the store but of this configuration for this command: the
+        # counters exist only inside `gateway serve`, which answers for them over HTTP.
+        print(_embedded_quota_guidance(config, args.scope, args.subject, reset), file=sys.stderr)
+        return EXIT_CONFIG
     limits = PolicyHolder(config.base_dir, config.quota.policy_glob).current.limits_of_subject(
         args.scope, args.subject
     )
@@ -313,6 +312,40 @@ def _quota_command(args: argparse.Namespace, reset: bool) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _embedded_quota_guidance(config: GatewayConfig, scope: str, subject: str, reset: bool) -> str:
+    """What to run instead of `gateway quota show|reset` when the quota store is embedded:
+    curl lines for the running gateway, at its configured address."""
+    from shlex import quote as shell_quote
+    from urllib.parse import quote as url_quote
+
+    def base_url(host: str, port: int) -> str:
+        if host in ("", "0.0.0.0", "::"):  # listening everywhere: this machine answers too
+            host = "127.0.0.1"
+        scheme = "https" if config.server.tls_cert_file is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+    public = base_url(config.server.host, config.server.port)
+    admin = base_url(*config.admin_address) if config.admin_address is not None else public
+    admin_url = shell_quote(f"{admin}/admin/quota/{scope}/{url_quote(subject, safe='@+')}")
+    own_url = shell_quote(f"{public}/v1/quota")
+    lines = [
+        f"gateway: {config.path} has no backends.redis: its quota store is embedded in the serving",
+        f"process, where `gateway quota` cannot {'reset' if reset else 'read'} it. Ask the running gateway:",
+    ]
+    if config.admin_key_sha256 is None:
+        lines.append(
+            "  (the admin API is off: add `admin: {key_sha256: ...}` to the config, the hash from "
+            "`gateway keys hash KEY`, and restart)"
+        )
+    method = "-X DELETE " if reset else ""
+    lines.append(f'  curl -sS {method}-H "Authorization: Bearer $GATEWAY_ADMIN_KEY" {admin_url}')
+    lines.append("    GATEWAY_ADMIN_KEY: the admin key (the one whose SHA-256 is admin.key_sha256)")
+    if not reset:
+        lines.append(f'  curl -sS -H "Authorization: Bearer $GATEWAY_KEY" {own_url}')
+        lines.append("    GATEWAY_KEY: a caller's key: that caller's own limits")
+    return "\n".join(lines)
 
 
 def _quota_show(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -12,13 +13,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import openai
 import pytest
 
+from gateway.config import load_config
 from gateway.ledger.schema import latest_version
 from tests.conftest import ConfigWriter, StartGateway, free_port
+from tests.quickstart import ADMIN_KEY, DEMO_KEY, project_copy, shipped_gateway
 
 REPO = Path(__file__).resolve().parents[1]
 HI = [{"role": "user", "content": "hi"}]
@@ -246,3 +250,95 @@ def test_sighup_reloads_policies_at_once(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
     assert "policies reloaded: 1 policies from 1 files" in (tmp_path / "gateway.log").read_text()
+
+
+def quota_command(folder: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`.venv/bin/gateway quota ...` as the README writes it, from a project copy."""
+    return subprocess.run(
+        [str(folder / ".venv" / "bin" / "gateway"), "quota", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=folder,
+        env=env,
+    )
+
+
+def printed_curl_lines(stderr: str) -> list[str]:
+    return [line.strip() for line in stderr.splitlines() if line.strip().startswith("curl ")]
+
+
+def run_printed(line: str, env: dict[str, str]) -> Any:
+    """A printed curl line, pasted into a shell with the keys it names set."""
+    keys = {"GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_KEY": DEMO_KEY}
+    result = subprocess.run(
+        ["bash", "-c", line + " --fail-with-body"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, **keys},
+    )
+    assert result.returncode == 0, (line, result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+def test_quota_show_and_reset_on_the_embedded_store_print_curl_lines_for_the_running_gateway(
+    tmp_path: Path,
+) -> None:
+    """Exit status 2 (this config has no store the command can reach) and, on stderr,
+    curl lines for the gateway's own routes at its configured address that work when pasted."""
+    folder = project_copy(tmp_path)
+    with shipped_gateway(folder) as gateway:
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=DEMO_KEY, max_retries=0)
+        client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=4)
+        client.close()
+
+        shown = quota_command(folder, gateway.env, "show", "user", "demo")
+        assert (shown.returncode, shown.stdout) == (2, "")
+        assert "has no backends.redis: its quota store is embedded in the serving" in shown.stderr
+        admin_line, own_line = printed_curl_lines(shown.stderr)
+        assert admin_line == (
+            f'curl -sS -H "Authorization: Bearer $GATEWAY_ADMIN_KEY" {gateway.url}/admin/quota/user/demo'
+        )
+        assert own_line == f'curl -sS -H "Authorization: Bearer $GATEWAY_KEY" {gateway.url}/v1/quota'
+        by_admin, own = run_printed(admin_line, gateway.env), run_printed(own_line, gateway.env)
+        assert (by_admin["object"], by_admin["subject"], own["object"], own["user"]) == (
+            "quota",
+            "demo",
+            "quota",
+            "demo",
+        )
+        requests_used = [r["used"] for r in by_admin["limits"] if r["kind"] == "requests"]
+        assert requests_used == [1]
+
+        reset = quota_command(folder, gateway.env, "reset", "user", "demo")
+        assert (reset.returncode, reset.stdout) == (2, "")
+        [reset_line] = printed_curl_lines(reset.stderr)
+        assert reset_line == (
+            f'curl -sS -X DELETE -H "Authorization: Bearer $GATEWAY_ADMIN_KEY" {gateway.url}/admin/quota/user/demo'
+        )
+        assert run_printed(reset_line, gateway.env)["object"] == "quota.reset"
+        after = run_printed(admin_line, gateway.env)
+        assert [r["used"] for r in after["limits"]] == [0, 0, 0]
+
+
+def test_quota_guidance_without_an_admin_api_and_on_a_wildcard_address(tmp_path: Path) -> None:
+    folder = project_copy(tmp_path)
+    shipped = (folder / "gateway.yaml").read_text()
+    admin_section = shipped[shipped.index("admin:\n") : shipped.index("quota:\n")]
+    (folder / "gateway.yaml").write_text(shipped.replace(admin_section, ""))
+    env = {**os.environ, "GATEWAY_HOST": "0.0.0.0", "GATEWAY_PORT": "9123"}
+    shown = quota_command(folder, env, "show", "team", "ml research", "--json")
+    assert (shown.returncode, shown.stdout) == (2, "")
+    assert "the admin API is off: add `admin: {key_sha256: ...}` to the config" in shown.stderr
+    # Listening on every address: this machine's loopback answers; the id is quoted for a URL.
+    assert printed_curl_lines(shown.stderr) == [
+        'curl -sS -H "Authorization: Bearer $GATEWAY_ADMIN_KEY" http://127.0.0.1:9123/admin/quota/team/ml%20research',
+        'curl -sS -H "Authorization: Bearer $GATEWAY_KEY" http://127.0.0.1:9123/v1/quota',
+    ]
+
+
+def test_the_shipped_admin_key_is_the_hash_the_config_holds() -> None:
+    config = load_config(REPO / "gateway.yaml")
+    assert config.admin_key_sha256 == hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
+    assert config.admin_address is None  # the admin API shares the public port
