@@ -240,6 +240,8 @@ class BpeFileConfig:
     special_tokens: tuple[str, ...]
     # Pads the special tokens with <|reserved_special_token_N|> up to this many.
     reserved_special_tokens: int = 0
+    # The file's expected SHA-256: another file is never counted as exact.
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,20 @@ class TokensConfig:
     cache_entries: int = 20_000
     remote_image_width: int = 1024
     remote_image_height: int = 1024
+    # Where the tiktoken encoding files are read from (never downloaded at run time;
+    # `gateway tokenizers fetch` fills it). None: default_tokenizer_cache(Path.cwd()).
+    cache_dir: Path | None = None
+
+
+TOKENIZER_CACHE_ENV = "TIKTOKEN_CACHE_DIR"
+DEFAULT_TOKENIZER_CACHE = Path("var/tokenizers")
+
+
+def default_tokenizer_cache(base_dir: Path) -> Path:
+    """tokens.cache_dir when gateway.yaml has none: $TIKTOKEN_CACHE_DIR, which tiktoken
+    itself reads (so an existing cache keeps working), else var/tokenizers beside it."""
+    from_env = os.environ.get(TOKENIZER_CACHE_ENV)
+    return Path(from_env) if from_env else base_dir / DEFAULT_TOKENIZER_CACHE
 
 
 @dataclass(frozen=True)
@@ -727,14 +743,16 @@ def _ledger(node: Node | None, base_dir: Path) -> LedgerConfig:
     )
 
 
-CHAT_FORMATS = {"openai", "llama3", "anthropic"}
+CHAT_FORMATS = {"openai", "llama3", "llama4", "anthropic"}
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _tokens(node: Node | None, base_dir: Path) -> TokensConfig:
     if node is None:
-        return TokensConfig()
+        return TokensConfig(cache_dir=default_tokenizer_cache(base_dir))
     node.mapping(
         {
+            "cache_dir",
             "fallback",
             "rules",
             "bpe_files",
@@ -747,7 +765,7 @@ def _tokens(node: Node | None, base_dir: Path) -> TokensConfig:
         }
     )
     default = TokensConfig()
-    fallback = node.get("fallback")
+    fallback, cache_dir = node.get("fallback"), node.get("cache_dir")
     rules_node = node.get("rules")
     rules = tuple(_token_rule(entry) for entry in rules_node.elements()) if rules_node else ()
     files_node = node.get("bpe_files")
@@ -779,6 +797,7 @@ def _tokens(node: Node | None, base_dir: Path) -> TokensConfig:
         cache_entries=number("cache_entries", default.cache_entries, 0),
         remote_image_width=width,
         remote_image_height=height,
+        cache_dir=base_dir / cache_dir.as_str() if cache_dir else default_tokenizer_cache(base_dir),
     )
 
 
@@ -800,12 +819,17 @@ def _token_rule(node: Node) -> TokenRuleConfig:
 
 
 def _bpe_file(name: str, node: Node, base_dir: Path) -> BpeFileConfig:
-    node.mapping({"path", "package_resource", "pattern", "special_tokens", "reserved_special_tokens"})
+    node.mapping(
+        {"path", "package_resource", "pattern", "special_tokens", "reserved_special_tokens", "sha256"}
+    )
     path, resource = node.get("path"), node.get("package_resource")
     if (path is None) == (resource is None):
         node.fail("give exactly one of path or package_resource")
     specials = node.get("special_tokens")
     reserved = node.get("reserved_special_tokens")
+    sha256 = node.get("sha256")
+    if sha256 is not None and not SHA256_HEX.fullmatch(sha256.as_str()):
+        sha256.fail("must be 64 hexadecimal digits")
     return BpeFileConfig(
         name=name,
         path=base_dir / path.as_str() if path else None,
@@ -813,6 +837,7 @@ def _bpe_file(name: str, node: Node, base_dir: Path) -> BpeFileConfig:
         pattern=node.require("pattern").as_str(),
         special_tokens=tuple(element.as_str() for element in specials.elements()) if specials else (),
         reserved_special_tokens=reserved.as_int(minimum=0) if reserved else 0,
+        sha256=sha256.as_str().lower() if sha256 else None,
     )
 
 

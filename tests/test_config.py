@@ -174,7 +174,7 @@ def test_tokenizer_rules_and_bpe_files_from_config(tmp_path: Path) -> None:
 
     from gateway.tokens import TokenizerRegistry
     from gateway.tokens.chat import count_chat
-    from gateway.tokens.registry import LLAMA3_PATTERN
+    from gateway.tokens.llama import LLAMA3_PATTERN
 
     model_file = Path(str(resources.files("llama_models").joinpath("llama3/tokenizer.model")))
     (tmp_path / "house.model").write_bytes(model_file.read_bytes())

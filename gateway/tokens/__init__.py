@@ -3,7 +3,8 @@
 from gateway.tokens.calibration import Calibration
 from gateway.tokens.counter import ROUTES, PromptCounter
 from gateway.tokens.counts import PromptCount, RawCount
-from gateway.tokens.registry import ModelProfile, Tokenizer, TokenizerRegistry, TokenizerUnavailable
+from gateway.tokens.errors import TokenizerFilesMissing, TokenizerUnavailable
+from gateway.tokens.registry import ModelProfile, Tokenizer, TokenizerRegistry
 
 __all__ = [
     "ROUTES",
@@ -13,6 +14,7 @@ __all__ = [
     "PromptCounter",
     "RawCount",
     "Tokenizer",
+    "TokenizerFilesMissing",
     "TokenizerRegistry",
     "TokenizerUnavailable",
 ]

@@ -1,4 +1,4 @@
-"""OpenAI chat requests counted by OpenAI's published rules, and Llama 3's chat template.
+"""OpenAI chat requests counted by OpenAI's published rules, and Llama 3's and 4's templates.
 
 OpenAI: per message 3 tokens, plus the encoded length of every string field, plus 1
 when `name` is present; then 3 tokens priming the reply. Function definitions follow
@@ -25,6 +25,11 @@ TOKENS_PER_TOOL_CALL = 3
 EXACT_MESSAGE_FIELDS = frozenset({"role", "content", "name"})
 
 MessageCounter = Callable[[Mapping[str, Any]], RawCount]
+# Each Llama turn's header: its two special tokens around the role, then a blank line.
+LLAMA_HEADERS = {
+    "llama3": "<|start_header_id|><|end_header_id|>\n\n",
+    "llama4": "<|header_start|><|header_end|>\n\n",
+}
 
 
 def count_chat(
@@ -35,8 +40,8 @@ def count_chat(
 ) -> RawCount:
     """Prompt tokens of a chat completions body (messages already validated)."""
     messages: Sequence[Mapping[str, Any]] = body["messages"]
-    if profile.chat_format == "llama3":
-        return count_llama3_chat(messages, profile)
+    if profile.chat_format in LLAMA_HEADERS:
+        return count_llama_chat(messages, profile)
 
     def one(message: Mapping[str, Any]) -> RawCount:
         return count_openai_message(message, profile, remote_image_size)
@@ -181,27 +186,24 @@ def _strip_period(description: Any) -> str:
     return text[:-1] if text.endswith(".") else text
 
 
-def count_llama3_chat(messages: Sequence[Mapping[str, Any]], profile: ModelProfile) -> RawCount:
-    """Llama 3's chat template, encoded as Meta's reference does: each header with its
-    special tokens, each content as plain text, then end of turn. Contents are trimmed,
-    as the template that serving engines (vLLM, llama.cpp) apply does."""
+def count_llama_chat(messages: Sequence[Mapping[str, Any]], profile: ModelProfile) -> RawCount:
+    """Llama 3's and Llama 4's chat template, encoded as Meta's reference does: each header
+    with its special tokens, each content as plain text, then end of turn. Contents are
+    trimmed, as the template that serving engines (vLLM, llama.cpp) apply does. Parts
+    other than text (images) are left out, and the count is then an estimate."""
     tokenizer = profile.tokenizer
-    # <|start_header_id|>, <|end_header_id|> and the blank line around each role.
-    header_tokens = len(
-        tokenizer.encoding.encode("<|start_header_id|><|end_header_id|>\n\n", allowed_special="all")
-    )
+    header = LLAMA_HEADERS[profile.chat_format]
+    header_tokens = len(tokenizer.encoding.encode(header, allowed_special="all"))
     tokens, exact = 1, profile.exact  # <|begin_of_text|>
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
-            content = "".join(
-                part.get("text", "")
-                for part in content
-                if isinstance(part, Mapping) and part.get("type") == "text"
-            )
+            text_parts = [p for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
+            exact = exact and len(text_parts) == len(content)
+            content = "".join(str(part.get("text", "")) for part in text_parts)
         role = "ipython" if message["role"] == "tool" else message["role"]
         counted = tokenizer.measure(role) + tokenizer.measure(str(content or "").strip())
-        tokens += header_tokens + counted.tokens + 1  # <|eot_id|>
+        tokens += header_tokens + counted.tokens + 1  # end of turn
         exact = exact and counted.exact
     tokens += header_tokens + tokenizer.count("assistant")
     return RawCount(tokens, exact)

@@ -19,6 +19,11 @@ from gateway.tokens.prompts import count_prompt_input
 from gateway.tokens.registry import ModelProfile, TokenizerRegistry
 
 ROUTES = ("chat", "completions", "embeddings", "messages", "responses")
+# Why a count of an exactly counted model is an estimate all the same.
+PART_WITHOUT_RULE = (
+    "part of the request has no published counting rule (e.g. tool calls, remote images), "
+    "or a run too long to encode whole was cut"
+)
 # Made once: json.dumps with options builds an encoder on every call.
 _SORTED = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
 
@@ -118,4 +123,15 @@ class PromptCounter:
             tokenizer=profile.tokenizer.name,
             factor=factor,
             method=f"{route} ({profile.chat_format} format) with {profile.tokenizer.name}",
+            reason=_reason(exact, profile, factor),
         )
+
+
+def _reason(exact: bool, profile: ModelProfile, factor: float) -> str:
+    """Why a count is exact or an estimate, for people: e.g. "estimate: Claude's tokenizer
+    is not public; o200k_base x 1.15"."""
+    if exact:
+        return f"exact: {profile.reason}"
+    why = profile.reason if not profile.exact else PART_WITHOUT_RULE
+    scaled = "" if factor == 1.0 else f" x {factor:g}"
+    return f"estimate: {why}; {profile.tokenizer.name}{scaled}"

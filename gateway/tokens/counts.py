@@ -27,3 +27,5 @@ class PromptCount:
     factor: float
     # How the count was made, for people: e.g. "openai-chat with o200k_base".
     method: str
+    # Exact or estimate, and why: e.g. "exact: Meta's Llama 3 tokenizer (llama-models)".
+    reason: str

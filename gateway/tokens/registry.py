@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
-from gateway.config import BpeFileConfig, TokenRuleConfig, TokensConfig
+from gateway.config import BpeFileConfig, TokenRuleConfig, TokensConfig, default_tokenizer_cache
 from gateway.tokens.counts import RawCount
+from gateway.tokens.errors import TokenizerFilesMissing, TokenizerPackageMissing, TokenizerUnavailable
+from gateway.tokens.files import ENCODING_FILES, parse_ranks, read_cached, sha256_of
 from gateway.tokens.images import ImageCostRule
+from gateway.tokens.llama import LLAMA3_FILE, LLAMA4_FILE, llama_generation
 from gateway.tokens.runs import MAX_RUN_CHARS, count_in_runs
 
 
@@ -53,12 +55,32 @@ class BuiltinRule:
     functions_exact: bool = False
     images: ImageCostRule | None = None
     images_exact: bool = False
+    # Why the count is exact, or why it is an estimate: said with every count.
+    reason: str = ""
+    # Names matched by a function instead of patterns (the Llama generations).
+    generation: int | None = None
+
+    def matches(self, model: str) -> bool:
+        if self.generation is not None:
+            return llama_generation(model) == self.generation
+        return _matches(model, self.models)
 
 
+OPENAI_RULE = "OpenAI's tokenizer and published counting rule"
+OPENAI_TEXT_RULE = f"{OPENAI_RULE} (tools and images: constants not published)"
 # Facts from OpenAI's and Meta's published material; see docs/token-counting.md.
 BUILTIN_RULES: tuple[BuiltinRule, ...] = (
     BuiltinRule(
-        ("gpt-4o-mini*",), "o200k_base", "openai", True, 1.0, GPT4O_FUNCTIONS, True, GPT4O_MINI_IMAGES, True
+        ("gpt-4o-mini*",),
+        "o200k_base",
+        "openai",
+        True,
+        1.0,
+        GPT4O_FUNCTIONS,
+        True,
+        GPT4O_MINI_IMAGES,
+        True,
+        reason=OPENAI_RULE,
     ),
     BuiltinRule(
         ("gpt-4o*", "chatgpt-4o*"),
@@ -70,6 +92,7 @@ BUILTIN_RULES: tuple[BuiltinRule, ...] = (
         True,
         GPT4O_IMAGES,
         True,
+        reason=OPENAI_RULE,
     ),
     BuiltinRule(
         ("gpt-4.1*", "gpt-4.5*", "gpt-5*", "o1*", "o3*", "o4*", "gpt-oss*"),
@@ -81,6 +104,7 @@ BUILTIN_RULES: tuple[BuiltinRule, ...] = (
         False,
         GPT4O_IMAGES,
         False,
+        reason=OPENAI_TEXT_RULE,
     ),
     BuiltinRule(
         ("gpt-4-turbo*", "gpt-4-1106*", "gpt-4-0125*", "gpt-4-vision*"),
@@ -92,47 +116,41 @@ BUILTIN_RULES: tuple[BuiltinRule, ...] = (
         True,
         GPT4O_IMAGES,
         True,
+        reason=OPENAI_RULE,
     ),
-    BuiltinRule(("gpt-4*", "gpt-3.5*"), "cl100k_base", "openai", True, 1.0, GPT4_FUNCTIONS, True),
-    BuiltinRule(("text-embedding-3*", "text-embedding-ada-002*"), "cl100k_base", "openai", True),
-    # Claude's tokenizer is not public: counted with o200k_base and calibrated.
-    BuiltinRule(("claude*", "anthropic/*", "anthropic.claude*"), "o200k_base", "anthropic", False, 1.15),
     BuiltinRule(
-        ("llama-3*", "llama3*", "meta-llama/Llama-3*", "meta-llama/Meta-Llama-3*"), "llama3", "llama3", True
+        ("gpt-4*", "gpt-3.5*"), "cl100k_base", "openai", True, 1.0, GPT4_FUNCTIONS, True, reason=OPENAI_RULE
+    ),
+    BuiltinRule(
+        ("text-embedding-3*", "text-embedding-ada-002*"), "cl100k_base", "openai", True, reason=OPENAI_RULE
+    ),
+    # Claude's tokenizer is not public: counted with o200k_base and calibrated.
+    BuiltinRule(
+        ("claude*", "anthropic/*", "anthropic.claude*"),
+        "o200k_base",
+        "anthropic",
+        False,
+        1.15,
+        reason="Claude's tokenizer is not public",
+    ),
+    BuiltinRule((), "llama3", "llama3", True, reason="Meta's Llama 3 tokenizer (llama-models)", generation=3),
+    BuiltinRule((), "llama4", "llama4", True, reason="Meta's Llama 4 tokenizer (llama-models)", generation=4),
+    # Llama 1 and 2 share a SentencePiece vocabulary of 32,000 pieces that no package we
+    # know ships. Meta reports Llama 3's tokenizer takes up to 15% fewer tokens than Llama
+    # 2's, and o200k_base counts English about as Llama 3's does: hence 1.15.
+    *(
+        BuiltinRule(
+            (),
+            "o200k_base",
+            "openai",
+            False,
+            1.15,
+            reason=f"Llama {generation}'s SentencePiece vocabulary is not installed",
+            generation=generation,
+        )
+        for generation in (1, 2)
     ),
 )
-
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Meta's Llama 3 tokenizer, as shipped in the llama-models package.
-LLAMA3_FILE = BpeFileConfig(
-    name="llama3",
-    path=None,
-    package_resource="llama_models/llama3/tokenizer.model",
-    pattern=LLAMA3_PATTERN,
-    special_tokens=(
-        "<|begin_of_text|>",
-        "<|end_of_text|>",
-        "<|reserved_special_token_0|>",
-        "<|reserved_special_token_1|>",
-        "<|finetune_right_pad_id|>",
-        "<|step_id|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eom_id|>",
-        "<|eot_id|>",
-        "<|python_tag|>",
-        "<|image|>",
-    ),
-    reserved_special_tokens=256,
-)
-
-
-class TokenizerUnavailable(Exception):
-    """A configured tokenizer could not be loaded (file missing, unknown name)."""
-
 
 # Texts this short (roles, names, enum items, tiny prompts) are looked up, not encoded:
 # handing one to tiktoken costs more than a dict lookup, and a body of 4 million one-digit
@@ -196,14 +214,26 @@ class ModelProfile:
     functions_exact: bool = False
     images: ImageCostRule | None = None
     images_exact: bool = False
+    # Why its counts are exact, or estimates (e.g. "Claude's tokenizer is not public").
+    reason: str = ""
+
+
+# Where a package that ships a tokenizer file comes from.
+INSTALL_HINTS = {"llama_models": "install the gateway with its llama extra: pip install 'llm-gateway[llama]'"}
 
 
 class TokenizerRegistry:
-    """Loads encodings once and resolves model names to profiles (both cached)."""
+    """Loads encodings once and resolves model names to profiles (both cached).
+
+    tiktoken's encodings are read from tokens.cache_dir only: a missing file is a
+    TokenizerFilesMissing naming `gateway tokenizers fetch`, never a download.
+    """
 
     def __init__(self, config: TokensConfig | None = None) -> None:
         self.config = config or TokensConfig()
-        self._files = {LLAMA3_FILE.name: LLAMA3_FILE} | {f.name: f for f in self.config.bpe_files}
+        self.cache_dir = self.config.cache_dir or default_tokenizer_cache(Path.cwd())
+        builtin_files = (LLAMA3_FILE, LLAMA4_FILE)
+        self._files = {f.name: f for f in builtin_files} | {f.name: f for f in self.config.bpe_files}
         self._encodings: dict[str, Tokenizer] = {}
         self._profiles: dict[tuple[str, str | None], ModelProfile] = {}
         self._lock = threading.Lock()
@@ -219,13 +249,21 @@ class TokenizerRegistry:
 
     def _load(self, name: str) -> Any:
         spec = self._files.get(name)
-        if spec is None:
-            try:
-                encoding = tiktoken.get_encoding(name)
-            except ValueError as exc:
-                raise TokenizerUnavailable(f"unknown tokenizer {name!r}") from exc
-        else:
+        if spec is not None:
             encoding = _load_bpe_file(spec)
+        elif name in ENCODING_FILES:
+            encoding_file = ENCODING_FILES[name]
+            encoding = tiktoken.Encoding(
+                name=name,
+                pat_str=encoding_file.pattern,
+                mergeable_ranks=parse_ranks(read_cached(encoding_file, self.cache_dir), name),
+                special_tokens=dict(encoding_file.special_tokens),
+            )
+        else:
+            known = ", ".join(sorted({*ENCODING_FILES, *self._files}))
+            raise TokenizerUnavailable(
+                f"unknown tokenizer {name!r} (known: {known}; others through tokens.bpe_files)"
+            )
         # tiktoken keeps a Python dict of every token's bytes only to pickle the encoding;
         # the Rust core holds its own. Dropping it saves ~20 MB per large vocabulary in
         # every worker (we never pickle encodings).
@@ -244,23 +282,36 @@ class TokenizerRegistry:
         for rule in self.config.rules:
             if _matches(model, rule.models):
                 return self._from_user_rule(model, rule, configured_tokenizer)
+        reason = f"no built-in rule knows {model!r}"
         for builtin in BUILTIN_RULES:
-            if _matches(model, builtin.models):
-                try:
-                    tokenizer = self.tokenizer(configured_tokenizer or builtin.encoding)
-                except TokenizerUnavailable:
-                    break  # e.g. llama-models not installed: count as an estimate
-                return ModelProfile(
-                    model=model,
-                    tokenizer=tokenizer,
-                    chat_format=builtin.chat_format,
-                    exact=builtin.exact and configured_tokenizer in (None, builtin.encoding),
-                    factor=builtin.factor,
-                    functions=builtin.functions,
-                    functions_exact=builtin.functions_exact,
-                    images=builtin.images,
-                    images_exact=builtin.images_exact,
-                )
+            if not builtin.matches(model):
+                continue
+            encoding = configured_tokenizer or builtin.encoding
+            try:
+                tokenizer = self.tokenizer(encoding)
+            except TokenizerFilesMissing:
+                raise  # the fallback needs them too: fetching them is the fix
+            except TokenizerUnavailable as exc:
+                # e.g. llama-models not installed: counted as an estimate, saying why.
+                reason = str(exc)
+                break
+            replaced = encoding != builtin.encoding
+            return ModelProfile(
+                model=model,
+                tokenizer=tokenizer,
+                chat_format=builtin.chat_format,
+                exact=builtin.exact and not replaced,
+                factor=builtin.factor,
+                functions=builtin.functions,
+                functions_exact=builtin.functions_exact,
+                images=builtin.images,
+                images_exact=builtin.images_exact,
+                reason=(
+                    f"the model's tokenizer {encoding} replaces {builtin.encoding}"
+                    if replaced and builtin.exact
+                    else builtin.reason
+                ),
+            )
         return ModelProfile(
             model=model,
             tokenizer=self.tokenizer(configured_tokenizer or self.config.fallback),
@@ -268,6 +319,7 @@ class TokenizerRegistry:
             exact=False,
             functions=GPT4O_FUNCTIONS,
             images=GPT4O_IMAGES,
+            reason=reason,
         )
 
     def _from_user_rule(
@@ -281,6 +333,8 @@ class TokenizerRegistry:
             factor=rule.factor,
             functions=GPT4O_FUNCTIONS,
             images=GPT4O_IMAGES,
+            reason=f"tokens.rules counts it with {rule.tokenizer}"
+            + ("" if rule.exact else ", marked as an estimate"),
         )
 
     def self_test(self, name: str) -> bool:
@@ -297,9 +351,14 @@ def _matches(model: str, patterns: tuple[str, ...]) -> bool:
 def _load_bpe_file(spec: BpeFileConfig) -> Any:
     path = _bpe_path(spec)
     try:
-        ranks = load_tiktoken_bpe(str(path))
-    except (OSError, ValueError) as exc:
-        raise TokenizerUnavailable(f"cannot load BPE file {path} for tokenizer {spec.name!r}") from exc
+        contents = path.read_bytes()
+    except OSError as exc:
+        raise TokenizerUnavailable(f"cannot load BPE file {path} for tokenizer {spec.name!r}: {exc}") from exc
+    if spec.sha256 is not None and (digest := sha256_of(contents)) != spec.sha256:
+        raise TokenizerUnavailable(
+            f"{path} is not the file tokenizer {spec.name!r} expects (sha256 {digest}, not {spec.sha256})"
+        )
+    ranks = parse_ranks(contents, str(path))
     # Reserved names continue after the ones listed by hand (Llama 3 lists 0 and 1).
     specials = _renumber_reserved(spec.special_tokens, spec.reserved_special_tokens)
     base = len(ranks)
@@ -325,6 +384,7 @@ def _bpe_path(spec: BpeFileConfig) -> Path:
     try:
         return Path(str(resources.files(package).joinpath(relative)))
     except ModuleNotFoundError as exc:
-        raise TokenizerUnavailable(
-            f"tokenizer {spec.name!r} needs the Python package {package!r} (pip install it)"
+        hint = INSTALL_HINTS.get(package, f"pip install the package that provides {package!r}")
+        raise TokenizerPackageMissing(
+            f"tokenizer {spec.name!r} is not installed: its Python package {package!r} is missing ({hint})"
         ) from exc
