@@ -34,7 +34,13 @@ from gateway.quota.service import QuotaService
 from gateway.quota.store import open_redis
 from gateway.routing import Router
 from gateway.settlement import Settlement
-from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry, TokenizerUnavailable
+from gateway.tokens import (
+    Calibration,
+    PromptCounter,
+    TokenizerFilesMissing,
+    TokenizerRegistry,
+    TokenizerUnavailable,
+)
 
 log = logging.getLogger("gateway")
 
@@ -181,10 +187,14 @@ def _load_tokenizers(config: GatewayConfig, registry: TokenizerRegistry) -> None
     for name, model in config.models.items():
         try:
             profile = registry.profile(model.upstream_model, model.tokenizer)
+        except TokenizerFilesMissing:
+            raise  # not the configuration's fault: the message names `gateway tokenizers fetch`
         except TokenizerUnavailable as exc:
             raise ConfigError(str(config.path), f"models.{name}", str(exc)) from exc
         if not profile.exact:
-            log.info("model %s: prompts are estimated with %s", name, profile.tokenizer.name)
+            log.info(
+                "model %s: prompts are estimated with %s (%s)", name, profile.tokenizer.name, profile.reason
+            )
     log.info("tokenizers loaded for %d models in %.2f s", len(config.models), time.monotonic() - started)
 
 

@@ -26,6 +26,7 @@ from gateway.ledger import LedgerStore, open_store
 from gateway.ledger.schema import SchemaTooNew
 from gateway.logs import TextHandler, setup_logging
 from gateway.tokens import ROUTES
+from gateway.tokens.errors import TokenizerUnavailable
 from gateway.yamlnode import ConfigError
 
 EXIT_CONFIG = 2
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gateway: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except SchemaTooNew as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except TokenizerUnavailable as exc:
+        # Missing tokenizer files above all: one line naming `gateway tokenizers fetch`.
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
@@ -108,6 +113,20 @@ def _parser() -> argparse.ArgumentParser:
     count.add_argument("--route", choices=ROUTES, help="default: from the body's fields")
     count.add_argument("--json", action="store_true", help="machine-readable output")
 
+    tokenizers = commands.add_parser("tokenizers", help="tokenizer files").add_subparsers(
+        dest="tokenizers_command", required=True
+    )
+    fetch = command(
+        tokenizers, "fetch", _tokenizers_fetch, "download and check the tiktoken files into tokens.cache_dir"
+    )
+    fetch.add_argument("--cache-dir", help="where to put them (default: tokens.cache_dir of --config)")
+    fetch.add_argument(
+        "--from",
+        dest="source",
+        metavar="URL_OR_DIR",
+        help="a mirror's base URL (BASE/o200k_base.tiktoken) or a folder holding the files",
+    )
+
     create = command(keys, "create", _keys_create, "create a key (printed once)")
     create.add_argument("--user", required=True)
     create.add_argument("--team")
@@ -140,6 +159,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     setup_logging(config.server.log_level, config.server.log_json)
+    if not args.worker:
+        # Before any worker starts: one clear line, not one per worker restarted.
+        _require_tokenizer_files(config.tokens)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     open_files = _raise_open_file_limit()
@@ -241,11 +263,46 @@ def _check(args: argparse.Namespace) -> int:
 
     config = _load(args)
     holder = PolicyHolder(config.base_dir, config.quota.policy_glob)
+    _require_tokenizer_files(config.tokens)
     print(
         f"{config.path}: ok ({len(config.models)} models, {len(config.providers)} providers, "
         f"{len(holder.current.policies)} policies in {len(holder.current.files)} files)"
     )
     return 0
+
+
+def _require_tokenizer_files(tokens: TokensConfig) -> None:
+    """Raises TokenizerFilesMissing unless every tiktoken file is in the cache, checked."""
+    from gateway.tokens.errors import TokenizerFilesMissing
+    from gateway.tokens.files import missing_files
+    from gateway.tokens.registry import TokenizerRegistry
+
+    cache_dir = TokenizerRegistry(tokens).cache_dir
+    problems = missing_files(cache_dir)
+    if problems:
+        raise TokenizerFilesMissing(cache_dir, problems)
+
+
+def _tokenizers_fetch(args: argparse.Namespace) -> int:
+    from gateway.config import default_tokenizer_cache
+    from gateway.tokens.fetch import fetch_encoding_files
+    from gateway.tokens.registry import builtin_file_problems
+
+    if args.cache_dir is not None:
+        cache_dir = Path(args.cache_dir).resolve()
+    elif Path(args.config).exists():
+        cache_dir = _load(args).tokens.cache_dir or default_tokenizer_cache(Path.cwd())
+    else:
+        cache_dir = default_tokenizer_cache(Path.cwd()).resolve()
+    print(f"tokenizer cache: {cache_dir}")
+    outcomes = asyncio.run(fetch_encoding_files(cache_dir, args.source))
+    for outcome in outcomes:
+        print(f"{outcome.encoding}: {outcome.status}: {outcome.detail}")
+    for name, problem in builtin_file_problems().items():
+        # Not fetched: they come with the llama-models package, or not at all.
+        state = "Meta's file from llama-models, sha256 checked" if problem is None else problem
+        print(f"{name}: {state}")
+    return EXIT_FAILURE if any(outcome.status == "failed" for outcome in outcomes) else 0
 
 
 def _usage(args: argparse.Namespace) -> int:
@@ -513,7 +570,7 @@ def _tokens_count(args: argparse.Namespace) -> int:
     from gateway.count_routes import route_of
     from gateway.errors import GatewayError
     from gateway.metrics import Metrics
-    from gateway.tokens import Calibration, PromptCounter, TokenizerRegistry, TokenizerUnavailable
+    from gateway.tokens import Calibration, PromptCounter, TokenizerFilesMissing, TokenizerRegistry
 
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     try:
@@ -538,6 +595,8 @@ def _tokens_count(args: argparse.Namespace) -> int:
         profile = counter.registry.profile(upstream, alias.tokenizer if alias is not None else None)
         route = args.route or route_of(body)
         count = counter.finish(counter.count_raw(route, body, profile), profile, route)
+    except TokenizerFilesMissing:
+        raise  # main's one line naming `gateway tokenizers fetch`
     except (GatewayError, KeyError, TypeError, TokenizerUnavailable) as exc:
         message = exc.message if isinstance(exc, GatewayError) else f"cannot count: {exc}"
         print(f"gateway: {message}", file=sys.stderr)
@@ -555,6 +614,7 @@ def _tokens_count(args: argparse.Namespace) -> int:
                     "tokenizer": count.tokenizer,
                     "factor": count.factor,
                     "method": count.method,
+                    "reason": count.reason,
                 }
             )
         )
@@ -563,6 +623,7 @@ def _tokens_count(args: argparse.Namespace) -> int:
     print(f"prompt tokens: {count.tokens} ({how})")
     print(f"tokenizer:     {count.tokenizer}")
     print(f"method:        {count.method}")
+    print(f"why:           {count.reason}")
     print(f"model:         {name}" + (f" (upstream {upstream})" if upstream != name else ""))
     return 0
 

@@ -58,6 +58,7 @@ async def count_openai_request(request: web.Request) -> web.Response:
             "exact": count.exact,
             "tokenizer": count.tokenizer,
             "factor": count.factor,
+            "reason": count.reason,
         },
         headers=headers,
     )

@@ -23,7 +23,8 @@ from gateway.ledger.schema import latest_version
 from gateway.policies import PolicyHolder
 from gateway.providers import build_http_provider
 from gateway.quota.store import open_redis
-from gateway.tokens import TokenizerRegistry, TokenizerUnavailable
+from gateway.tokens import TokenizerFilesMissing, TokenizerRegistry, TokenizerUnavailable
+from gateway.tokens.files import missing_files
 
 EXPECTED_TABLES = (
     "api_keys",
@@ -48,6 +49,7 @@ TOKENIZER_SAMPLES = {
     "o200k_base": ("hello world", 2),
     "cl100k_base": ("hello world", 2),
     "llama3": ("hello world", 2),
+    "llama4": ("hello world", 2),
 }
 
 
@@ -214,7 +216,14 @@ async def _redis(check: Check, config: GatewayConfig) -> None:
 
 async def _tokenizers(check: Check, config: GatewayConfig) -> None:
     registry = TokenizerRegistry(config.tokens)
+    check.facts["cache_dir"] = str(registry.cache_dir)
+    problems = missing_files(registry.cache_dir)
+    if problems:
+        missing = TokenizerFilesMissing(registry.cache_dir, problems)
+        check.status, check.detail, check.fix = "fail", "; ".join(problems), missing.fix
+        return
     results: dict[str, str] = {}
+    reasons: dict[str, str] = {}
     for name, model in config.models.items():
         try:
             profile = registry.profile(model.upstream_model, model.tokenizer)
@@ -230,9 +239,10 @@ async def _tokenizers(check: Check, config: GatewayConfig) -> None:
         results[name] = (
             f"{tokenizer.name} ({'exact' if profile.exact else 'estimate'})" if ok else "failed self-test"
         )
+        reasons[name] = f"{'exact' if profile.exact else 'estimate'}: {profile.reason}"
         if not ok:
             check.status, check.fix = "fail", f"the tokenizer file of {tokenizer.name} is wrong or damaged"
-    check.facts = {"models": results}
+    check.facts |= {"models": results, "reasons": reasons}
     check.detail = f"{len(results)} models; " + ", ".join(sorted(set(results.values())))
 
 

@@ -42,6 +42,7 @@ async def test_count_endpoint_returns_the_preflight_count(
         "exact": True,
         "tokenizer": "o200k_base",
         "factor": 1.0,
+        "reason": "exact: OpenAI's tokenizer and published counting rule",
     }
     status, body = await post(
         gateway,
@@ -137,6 +138,7 @@ def test_cli_json_output_and_estimates() -> None:
         "tokenizer": "o200k_base",
         "factor": 1.15,
         "method": "messages (anthropic format) with o200k_base",
+        "reason": "estimate: Claude's tokenizer is not public; o200k_base x 1.15",
     }
 
 

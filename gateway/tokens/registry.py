@@ -348,7 +348,19 @@ def _matches(model: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
 
 
-def _load_bpe_file(spec: BpeFileConfig) -> Any:
+def builtin_file_problems() -> dict[str, str | None]:
+    """Each built-in BPE file (Llama's): None when it is installed and checked, else why not."""
+    problems: dict[str, str | None] = {}
+    for spec in (LLAMA3_FILE, LLAMA4_FILE):
+        try:
+            _read_bpe_file(spec)
+            problems[spec.name] = None
+        except TokenizerUnavailable as exc:
+            problems[spec.name] = str(exc)
+    return problems
+
+
+def _read_bpe_file(spec: BpeFileConfig) -> tuple[Path, bytes]:
     path = _bpe_path(spec)
     try:
         contents = path.read_bytes()
@@ -358,6 +370,11 @@ def _load_bpe_file(spec: BpeFileConfig) -> Any:
         raise TokenizerUnavailable(
             f"{path} is not the file tokenizer {spec.name!r} expects (sha256 {digest}, not {spec.sha256})"
         )
+    return path, contents
+
+
+def _load_bpe_file(spec: BpeFileConfig) -> Any:
+    path, contents = _read_bpe_file(spec)
     ranks = parse_ranks(contents, str(path))
     # Reserved names continue after the ones listed by hand (Llama 3 lists 0 and 1).
     specials = _renumber_reserved(spec.special_tokens, spec.reserved_special_tokens)
