@@ -479,9 +479,9 @@ def _refusal_block(part: Mapping[str, Any], path: str) -> list[dict[str, Any]]:
 def _tool_use(call: Any, path: str) -> dict[str, Any]:
     if not isinstance(call, Mapping):
         raise _invalid(path, "an object")
-    _check_keys(call, frozenset({"id", "type", "function"}), path)
     if call.get("type", "function") != "function":
         raise _refuse(f"{path}.type", "only function tool calls can be carried to Claude.")
+    _check_keys(call, frozenset({"id", "type", "function"}), path)
     function = call.get("function")
     if not isinstance(call.get("id"), str) or not isinstance(function, Mapping):
         raise _invalid(path, "a tool call with an id and a function")
@@ -543,9 +543,9 @@ def _tools(body: Mapping[str, Any]) -> dict[str, Any]:
 def _tool(tool: Any, path: str) -> dict[str, Any]:
     if not isinstance(tool, Mapping):
         raise _invalid(path, "an object")
-    _check_keys(tool, frozenset({"type", "function"}), path)
     if tool.get("type") != "function":
         raise _refuse(f"{path}.type", "only function tools can be carried to Claude.")
+    _check_keys(tool, frozenset({"type", "function"}), path)
     function = tool.get("function")
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
         raise _invalid(f"{path}.function.name", "a string")
