@@ -186,7 +186,7 @@ def _images_seen(body: dict[str, Any]) -> str:
         block["source"] for block in content if isinstance(block, dict) and block.get("type") == "image"
     ]
     described = [
-        f"a {source['media_type']} image of {len(source['data'])} base64 characters"
+        f"a base64 {source['media_type']} image of {len(source['data'])} characters"
         if source["type"] == "base64"
         else f"the image at {source['url']}"
         for source in images
