@@ -26,7 +26,7 @@ from tests.fakes.openai_upstream import FakeUpstream
 from tests.test_access import add_key
 
 REGISTRY = TokenizerRegistry()
-ENCODINGS = ("o200k_base", "cl100k_base", "llama3")
+ENCODINGS = ("o200k_base", "cl100k_base", "llama3", "llama4")
 ROOT = Path(__file__).parent.parent
 HI = [{"role": "user", "content": "hi"}]
 

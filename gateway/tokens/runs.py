@@ -12,7 +12,7 @@ whole, as before, so its count is tiktoken's to the token; a forced cut makes th
 an estimate, since BPE cannot merge across it (on the long runs we measured, within one
 token per cut; not a bound in general).
 
-BOUNDARY holds for the built-in expressions (o200k_base, cl100k_base, Llama 3). A
+BOUNDARY holds for the built-in expressions (o200k_base, cl100k_base, Llama 3 and 4). A
 tokenizer of one's own (tokens.bpe_files) is cut at the same places; if its expression
 makes pieces across them, its cost is not bounded by this.
 """
