@@ -20,8 +20,6 @@ from gateway.providers.base import Usage
 from gateway.providers.openai_wire import DONE_EVENT, chunk_object, event_data
 from gateway.translate.base import StreamContext
 
-UNSUPPORTED = "unsupported_by_provider"
-
 # The tool through which a JSON answer is asked for when Claude's structured outputs
 # cannot carry it (json_object, a json_schema without strict): forced, so Claude answers
 # only by calling it, and its input comes back as the message content. Responses are
@@ -122,7 +120,8 @@ _MESSAGE_KEYS = {
 
 
 def _refuse(param: str, reason: str) -> InvalidRequest:
-    return InvalidRequest(f"{param}: {reason}", param=param, code=UNSUPPORTED)
+    # The code written out: tests/test_errors.py finds every code in the sources this way.
+    return InvalidRequest(f"{param}: {reason}", param=param, code="unsupported_by_provider")
 
 
 def _invalid(param: str, expected: str) -> InvalidRequest:
