@@ -3,6 +3,10 @@
 It bills like OpenAI: prompt tokens by the published chat formula in the model's
 encoding (computed here independently, from tiktoken), completion tokens as the
 encoded length of what it sends, unless a test overrides either figure.
+
+Given tools and a user turn last, its chat calls tools as OpenAI does (whole, or streamed
+as tool-call deltas: the call's id, type and name first, then its arguments in pieces);
+after a tool result it answers text, so a tool round trip can run against it.
 """
 
 from __future__ import annotations
@@ -20,16 +24,39 @@ REPLY = "Hello from the fake upstream! It speaks OpenAI's wire format."
 
 
 def openai_chat_prompt_tokens(messages: list[dict[str, Any]], encoding_name: str) -> int:
-    """OpenAI's formula, written out as the cookbook gives it (string fields only)."""
+    """OpenAI's formula, written out as the cookbook gives it (string fields), plus the
+    text of content parts and the names and arguments of tool calls (no published rule)."""
     encoding = tiktoken.get_encoding(encoding_name)
     total = 3
     for message in messages:
         total += 3
         for key, value in message.items():
-            total += len(encoding.encode_ordinary(value))
+            if isinstance(value, str):
+                total += len(encoding.encode_ordinary(value))
+            elif key == "content" and isinstance(value, list):
+                texts = [part["text"] for part in value if part.get("type") == "text"]
+                total += sum(len(encoding.encode_ordinary(text)) for text in texts)
+            elif key == "tool_calls":
+                total += sum(_call_tokens(call, encoding) for call in value)
             if key == "name":
                 total += 1
     return total
+
+
+def _call_tokens(call: dict[str, Any], encoding: Any) -> int:
+    function = call["function"]
+    return len(encoding.encode_ordinary(function["name"])) + len(
+        encoding.encode_ordinary(function["arguments"])
+    )
+
+
+def arguments_for(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """Arguments that fit a function's JSON schema: a made-up value per required property
+    (every property when none is marked required)."""
+    properties: dict[str, Any] = (parameters or {}).get("properties") or {}
+    names = (parameters or {}).get("required") or list(properties)
+    samples = {"string": "fake", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+    return {name: samples.get(properties.get(name, {}).get("type"), "fake") for name in names}
 
 
 @dataclass
@@ -41,7 +68,16 @@ class FakeUpstream:
     completion_tokens: int | None = None
     # Report completion_tokens = max_tokens, whatever was sent (to fill reservations).
     bill_max_tokens: bool = False
-    mode: str = "ok"  # ok | error_500 | error_429 | garbage | cut_stream | stall_stream | no_usage
+    # ok | error_500 | error_429 | garbage | cut_stream | stall_stream | no_usage
+    # | stream_error (an in-stream error chunk after the first content chunk, then the end)
+    mode: str = "ok"
+    # Report prompt_tokens_details.cached_tokens; None sends no details (as some
+    # compatible servers do).
+    cached_tokens: int | None = None
+    # Tool calls per answer (cycling through the tools) unless parallel_tool_calls is
+    # false or tool_choice names one; their arguments (None: made from each schema).
+    tool_calls_per_turn: int = 1
+    tool_arguments: dict[str, Any] | None = None
     delay_seconds: float = 0.0
     # Chat requests inside their delay now, and the most there were at once.
     delayed: int = 0
@@ -238,14 +274,50 @@ class FakeUpstream:
         await asyncio.sleep(self.linger_seconds)
         return response
 
-    def _usage(self, body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+    def _usage(self, body: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
         prompt = self.prompt_tokens
         if prompt is None:
             prompt = openai_chat_prompt_tokens(body["messages"], self.encoding_name)
         completion = self.completion_tokens if self.completion_tokens is not None else completion_tokens
         if self.bill_max_tokens:
             completion = body.get("max_completion_tokens") or body["max_tokens"]
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens, "audio_tokens": 0}
+        return usage
+
+    def _tool_calls(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The calls OpenAI's model would make: with tools, a user turn last and
+        tool_choice not none; none after a tool result, so the next turn is text."""
+        functions = [tool["function"] for tool in body.get("tools") or [] if tool.get("type") == "function"]
+        messages = body.get("messages") or []
+        choice = body.get("tool_choice", "auto")
+        if not functions or not messages or messages[-1].get("role") != "user" or choice == "none":
+            return []
+        if isinstance(choice, dict):
+            functions = [f for f in functions if f["name"] == choice["function"]["name"]]
+        count = 1 if body.get("parallel_tool_calls") is False else self.tool_calls_per_turn
+        calls = []
+        for index in range(count):
+            function = functions[index % len(functions)]
+            arguments = self.tool_arguments
+            if arguments is None:
+                arguments = arguments_for(function.get("parameters"))
+            calls.append(
+                {
+                    "id": f"call_fake{index}",
+                    "type": "function",
+                    "function": {
+                        "name": function["name"],
+                        "arguments": json.dumps(arguments, separators=(",", ":")),
+                    },
+                }
+            )
+        return calls
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -274,14 +346,58 @@ class FakeUpstream:
         if limit is not None:
             tokens = tokens[:limit]
         text = encoding.decode(tokens)
-        usage = self._usage(body, len(tokens))
+        calls = self._tool_calls(body)
+        generated = sum(_call_tokens(call, encoding) for call in calls) if calls else len(tokens)
+        usage = self._usage(body, generated)
         created = int(time.time())
         if not body.get("stream"):
-            completion = chat_completion("chatcmpl-fake", created, body["model"], text, usage)
+            completion = chat_completion("chatcmpl-fake", created, body["model"], text, usage, calls)
             if self.mode == "no_usage":
                 del completion["usage"]
             return web.json_response(completion)
+        if calls:
+            return await self._stream_tool_calls(request, body, calls, encoding, usage, created)
         return await self._stream(request, body, tokens, encoding, usage, created)
+
+    async def _stream_tool_calls(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        calls: list[dict[str, Any]],
+        encoding: Any,
+        usage: dict[str, Any],
+        created: int,
+    ) -> web.StreamResponse:
+        """Tool calls as OpenAI streams them: each call's index, id, type and name with
+        empty arguments first (the first with the role), then its arguments in pieces."""
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(delta: dict[str, Any], finish_reason: str | None = None) -> None:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            await response.write(_chunk_event(body, created, [choice], include_usage))
+
+        for index, call in enumerate(calls):
+            header = {
+                "index": index,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
+            delta: dict[str, Any] = {"tool_calls": [header]}
+            if index == 0:
+                delta = {"role": "assistant", "content": None, **delta, "refusal": None}
+            await send(delta)
+            for token in encoding.encode(call["function"]["arguments"]):
+                piece = encoding.decode([token])
+                await send({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+        await send({}, "tool_calls")
+        if include_usage:
+            await response.write(_chunk_event(body, created, [], include_usage, usage))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def _stream(
         self,
@@ -344,6 +460,10 @@ class FakeUpstream:
                 return response
             if self.mode == "stall_stream" and position == 1:
                 await asyncio.sleep(3600)
+            if self.mode == "stream_error" and position == 1:
+                await response.write(STREAM_ERROR_EVENT)
+                await response.write_eof()
+                return response
             if self.chunk_delay_seconds:
                 await asyncio.sleep(self.chunk_delay_seconds)
             piece = encoding.decode([token])
@@ -362,9 +482,18 @@ class FakeUpstream:
 
 
 def chat_completion(
-    completion_id: str, created: int, model: str, text: str, usage: dict[str, Any]
+    completion_id: str,
+    created: int,
+    model: str,
+    text: str,
+    usage: dict[str, Any],
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A whole chat.completion of one choice, in OpenAI's shape."""
+    """A whole chat.completion of one choice, in OpenAI's shape: text, or tool calls
+    (content null, finish_reason tool_calls)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls, "refusal": None}
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -373,13 +502,39 @@ def chat_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": "tool_calls" if tool_calls else "stop",
             }
         ],
         "usage": usage,
     }
+
+
+# OpenAI's in-stream error: a chunk carrying only `error`, and no [DONE] after it.
+STREAM_ERROR_EVENT = (
+    b'data: {"error":{"message":"The server had an error while processing your request.",'
+    b'"type":"server_error","param":null,"code":null}}\n\n'
+)
+
+
+def _chunk_event(
+    body: dict[str, Any],
+    created: int,
+    choices: list[dict[str, Any]],
+    include_usage: bool,
+    usage: dict[str, Any] | None = None,
+) -> bytes:
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": body["model"],
+        "choices": choices,
+    }
+    if include_usage:
+        chunk["usage"] = usage
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _error(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> web.Response:
