@@ -310,6 +310,64 @@ def test_thinking_disabled_or_adaptive_and_thinking_in_history_send_nothing() ->
         assert set(out) == {"model", "messages", "max_completion_tokens"}
 
 
+def test_nulls_and_fields_that_ask_for_nothing_are_accepted() -> None:
+    body = {
+        "model": "m",
+        "max_tokens": 9,
+        "temperature": None,
+        "top_k": None,
+        "container": None,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image",
+                        "source": {"type": "url", "url": "https://x/a.png"},
+                        "transformations": {},
+                        "cache_control": None,
+                    }
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": "t", "name": "f", "input": {}, "caller": {"type": "direct"}}
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok", "is_error": False}],
+            },
+        ],
+        "tools": [
+            {
+                "name": "f",
+                "input_schema": TIME_SCHEMA,
+                "defer_loading": False,
+                "input_examples": [],
+                "eager_input_streaming": True,
+            }
+        ],
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "metadata": {"user_id": None},
+    }
+    assert request(body) == {
+        "model": "gpt-4o-2024-08-06",
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            {"role": "tool", "tool_call_id": "t", "content": "ok"},
+        ],
+        "max_completion_tokens": 9,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": TIME_SCHEMA}}],
+    }
+
+
 def test_an_assistant_turn_of_thinking_only_is_left_out() -> None:
     history = [
         user_turn("a"),
@@ -501,6 +559,90 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
         "messages[1].content[0].type",
     ),
     ({"messages": [user_turn(), {"role": "assistant", "content": "The answer is"}]}, "messages[1]"),
+    # Unknown fields, at every level.
+    ({"user_profile_id": "up_1"}, "user_profile_id"),
+    ({"messages": [{"role": "user", "content": "Hi", "name": "ann"}]}, "messages[0].name"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "lang": "en"}]}]},
+        "messages[0].content[0].lang",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {"type": "url", "url": "https://x/a.png"},
+                            "transformations": {"oversized_image": "error"},
+                        }
+                    ],
+                }
+            ]
+        },
+        "messages[0].content[0].transformations",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {"type": "url", "url": "https://x/a.png", "detail": "low"},
+                        }
+                    ],
+                }
+            ]
+        },
+        "messages[0].content[0].source.detail",
+    ),
+    (
+        {
+            "messages": [
+                user_turn(),
+                {
+                    "role": "assistant",
+                    "content": [
+                        {
+                            "type": "tool_use",
+                            "id": "t",
+                            "name": "f",
+                            "input": {},
+                            "caller": {"type": "code_execution_20250825", "tool_id": "s"},
+                        }
+                    ],
+                },
+                user_turn(),
+            ]
+        },
+        "messages[1].content[0].caller",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t", "content": "ok", "toolset_name": "mcp"}
+                    ],
+                }
+            ]
+        },
+        "messages[0].content[0].toolset_name",
+    ),
+    ({"tools": [{"name": "f", "input_schema": TIME_SCHEMA, "mcp_server": "x"}]}, "tools[0].mcp_server"),
+    (
+        {"tools": [{"name": "f", "input_schema": TIME_SCHEMA}], "tool_choice": {"type": "auto", "bias": 1}},
+        "tool_choice.bias",
+    ),
+    (
+        {"output_config": {"format": {"type": "json_schema", "schema": {}, "name": "x"}}},
+        "output_config.format.name",
+    ),
+    ({"thinking": {"type": "adaptive", "budget": 5}}, "thinking.budget"),
 ]
 
 
@@ -1051,7 +1193,7 @@ def test_an_in_stream_error_becomes_an_anthropic_error_event() -> None:
     stream.feed(chunk({"role": "assistant", "content": "Hi"}))
     out = stream.feed(error)
     assert out == [
-        b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"The server had an error while processing your request."}}\n\n'
+        b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"The provider\'s stream ended with an error (server_error)."}}\n\n'
     ]
     anthropic.types.ErrorResponse.model_validate(events_of(out)[0])
     assert stream.finished
@@ -1060,20 +1202,37 @@ def test_an_in_stream_error_becomes_an_anthropic_error_event() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "kind"),
+    ("error", "kind", "message"),
     [
-        ({"message": "slow down", "type": "tokens", "code": "rate_limit_exceeded"}, "rate_limit_error"),
-        ({"message": "bad", "type": "invalid_request_error"}, "invalid_request_error"),
+        (
+            {"message": "slow down", "type": "tokens", "code": "rate_limit_exceeded"},
+            "rate_limit_error",
+            " (tokens, rate_limit_exceeded)",
+        ),
+        (
+            {"message": "bad", "type": "invalid_request_error"},
+            "invalid_request_error",
+            " (invalid_request_error)",
+        ),
+        # vLLM's shape: the status as the code.
         (
             {"object": "error", "message": "busy", "type": "ServiceUnavailableError", "code": 503},
             "overloaded_error",
+            " (ServiceUnavailableError, 503)",
         ),
-        ({"message": "?"}, "api_error"),
+        ({"message": "?"}, "api_error", ""),
+        # Free text in the type is not repeated either (it could name an internal host).
+        ({"message": "refused by 10.0.0.5:8000", "type": "proxy error at 10.0.0.5"}, "api_error", ""),
     ],
 )
-def test_error_types(error: dict[str, Any], kind: str) -> None:
+def test_an_error_events_type_and_what_it_repeats(error: dict[str, Any], kind: str, message: str) -> None:
     out = TRANSLATOR.stream(CONTEXT).feed(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
-    assert events_of(out) == [{"type": "error", "error": {"type": kind, "message": error["message"]}}]
+    assert events_of(out) == [
+        {
+            "type": "error",
+            "error": {"type": kind, "message": f"The provider's stream ended with an error{message}."},
+        }
+    ]
 
 
 def test_a_cut_stream_gets_no_fabricated_ending() -> None:

@@ -9,6 +9,7 @@ the provider's own. Whatever OpenAI's chat API cannot do as asked is refused wit
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any, Literal, TypeGuard
@@ -18,7 +19,6 @@ from gateway.providers.base import Usage
 from gateway.providers.openai_wire import chunk_object, event_data, usage_from_object
 from gateway.translate.base import StreamContext
 
-UNSUPPORTED = "unsupported_by_provider"
 # OpenAI's chat API takes at most this many stop sequences.
 MAX_STOP_SEQUENCES = 4
 # What message_start reports as output so far, as Anthropic's own streams do.
@@ -59,6 +59,28 @@ _MAPPED_FIELDS = frozenset(
 # the answer (OpenAI caches prompts by itself; its service tiers are its own).
 _DROPPED_FIELDS = frozenset({"cache_control", "service_tier", "diagnostics"})
 _EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
+UNKNOWN_FIELD = "not a field this gateway can carry to OpenAI's chat API"
+# The fields each nested object may have (cache_control everywhere: dropped, as above).
+_MESSAGE_KEYS = frozenset({"role", "content"})
+_BLOCK_KEYS = {
+    "text": frozenset({"type", "text", "cache_control", "citations"}),
+    "image": frozenset({"type", "source", "cache_control", "transformations"}),
+    "document": frozenset({"type", "source", "cache_control", "citations", "context", "title"}),
+    "tool_use": frozenset({"type", "id", "name", "input", "cache_control", "caller"}),
+    "tool_result": frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"}),
+}
+_SOURCE_KEYS = {
+    "base64": frozenset({"type", "media_type", "data"}),
+    "url": frozenset({"type", "url"}),
+    "text": frozenset({"type", "media_type", "data"}),
+}
+_TOOL_KEYS = frozenset(
+    {"type", "name", "description", "input_schema", "cache_control", "strict", "eager_input_streaming"}
+    | {"input_examples", "defer_loading", "allowed_callers"}
+)
+_TOOL_CHOICE_KEYS = frozenset({"type", "name", "disable_parallel_tool_use"})
+_THINKING_KEYS = frozenset({"type", "budget_tokens", "display"})
+_FORMAT_KEYS = frozenset({"type", "schema"})
 _FINISH_TO_STOP = {
     "stop": "end_turn",
     "length": "max_tokens",
@@ -69,9 +91,20 @@ _FINISH_TO_STOP = {
 
 
 def _unsupported(param: str, why: str) -> InvalidRequest:
+    # The code written out: tests/test_errors.py finds every code in the sources this way.
     return InvalidRequest(
-        f"'{param}': {why} (this model is served through OpenAI's chat API).", param=param, code=UNSUPPORTED
+        f"'{param}': {why} (this model is served through OpenAI's chat API).",
+        param=param,
+        code="unsupported_by_provider",
     )
+
+
+def _check_keys(obj: Mapping[str, Any], known: frozenset[str], path: str) -> None:
+    """Unknown fields are refused, not dropped: one that was meant could change the
+    answer. A null is absent (SDKs send unset optional fields as null)."""
+    for key, value in obj.items():
+        if key not in known and value is not None:
+            raise _unsupported(f"{path}.{key}", UNKNOWN_FIELD)
 
 
 def _malformed(param: str, what: str) -> InvalidRequest:
@@ -96,7 +129,7 @@ class AnthropicToOpenAI:
     ) -> dict[str, Any]:
         for key, value in body.items():
             if key not in _MAPPED_FIELDS and key not in _DROPPED_FIELDS and value is not None:
-                raise _unsupported(key, "OpenAI's chat API has no such field")
+                raise _unsupported(key, UNKNOWN_FIELD)
         out: dict[str, Any] = {"model": upstream_model, "messages": chat_messages(body)}
         caller_max = body.get("max_tokens")
         out[self.max_tokens_field] = caller_max if _is_int(caller_max) else max_tokens
@@ -178,6 +211,7 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         path = f"messages[{index}]"
         if not isinstance(message, Mapping):
             raise _malformed(path, "must be an object")
+        _check_keys(message, _MESSAGE_KEYS, path)
         role = message.get("role")
         if role == "user":
             out.extend(_user_turn(message.get("content"), path))
@@ -204,6 +238,7 @@ def _system_content(system: Any) -> str | list[dict[str, Any]]:
         path = f"system[{index}]"
         if not isinstance(block, Mapping) or block.get("type") != "text":
             raise _malformed(path, "must be a text block")
+        _check_keys(block, _BLOCK_KEYS["text"], path)
         _refuse_citations(block, path)
         texts.append(_text(block, path))
     return _text_content(texts)
@@ -219,6 +254,8 @@ def _user_turn(content: Any, path: str) -> list[dict[str, Any]]:
     for index, block in enumerate(_blocks(content, f"{path}.content")):
         block_path = f"{path}.content[{index}]"
         kind = block.get("type")
+        if isinstance(kind, str) and kind in _BLOCK_KEYS:
+            _check_keys(block, _BLOCK_KEYS[kind], block_path)
         if kind == "text":
             _refuse_citations(block, block_path)
             parts.append({"type": "text", "text": _text(block, block_path)})
@@ -247,6 +284,8 @@ def _assistant_turn(content: Any, path: str) -> dict[str, Any] | None:
     for index, block in enumerate(_blocks(content, f"{path}.content")):
         block_path = f"{path}.content[{index}]"
         kind = block.get("type")
+        if kind in ("text", "tool_use"):
+            _check_keys(block, _BLOCK_KEYS[kind], block_path)
         if kind == "text":
             # Citations describe where earlier text came from; the text itself is kept.
             texts.append(_text(block, block_path))
@@ -265,6 +304,10 @@ def _assistant_turn(content: Any, path: str) -> dict[str, Any] | None:
 
 
 def _tool_call(block: Mapping[str, Any], path: str) -> dict[str, Any]:
+    caller = block.get("caller")
+    if caller is not None and caller != {"type": "direct"}:
+        # Called from Anthropic's code execution: OpenAI's model never ran that code.
+        raise _unsupported(f"{path}.caller", "only the model's own (direct) tool calls can be sent")
     call_id, name, tool_input_value = block.get("id"), block.get("name"), block.get("input")
     if not isinstance(call_id, str) or not isinstance(name, str) or not isinstance(tool_input_value, Mapping):
         raise _malformed(path, "must be a tool_use block with a string id and name and an object input")
@@ -299,6 +342,7 @@ def _tool_message(block: Mapping[str, Any], path: str) -> dict[str, Any]:
                 raise _unsupported(
                     f"{part_path}.type", f"a tool result cannot hold '{part.get('type')}' content"
                 )
+            _check_keys(part, _BLOCK_KEYS["text"], part_path)
             _refuse_citations(part, part_path)
             texts.append(_text(part, part_path))
     if block.get("is_error") is True:
@@ -307,8 +351,9 @@ def _tool_message(block: Mapping[str, Any], path: str) -> dict[str, Any]:
 
 
 def _image_part(block: Mapping[str, Any], path: str) -> dict[str, Any]:
-    source = block.get("source")
-    source = source if isinstance(source, Mapping) else {}
+    if block.get("transformations"):  # an empty object asks for nothing
+        raise _unsupported(f"{path}.transformations", "OpenAI's chat API does not transform images")
+    source = _source(block, path)
     kind = source.get("type")
     if kind == "base64":
         media_type, data = source.get("media_type"), source.get("data")
@@ -328,8 +373,7 @@ def _document_part(block: Mapping[str, Any], path: str) -> dict[str, Any]:
     _refuse_citations(block, path)
     if block.get("context") is not None:
         raise _unsupported(f"{path}.context", "a document's context has no counterpart")
-    source = block.get("source")
-    source = source if isinstance(source, Mapping) else {}
+    source = _source(block, path)
     kind, data, title = source.get("type"), source.get("data"), block.get("title")
     if kind == "base64" and source.get("media_type") == "application/pdf" and isinstance(data, str):
         filename = title if isinstance(title, str) and title else DEFAULT_PDF_FILENAME
@@ -342,6 +386,16 @@ def _document_part(block: Mapping[str, Any], path: str) -> dict[str, Any]:
             raise _unsupported(f"{path}.title", "a plain-text document's title has no counterpart")
         return {"type": "text", "text": data}
     raise _unsupported(f"{path}.source", "only base64 PDF and plain-text documents can be sent")
+
+
+def _source(block: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    source = block.get("source")
+    if not isinstance(source, Mapping):
+        raise _malformed(f"{path}.source", "must be an object")
+    kind = source.get("type")
+    if isinstance(kind, str) and kind in _SOURCE_KEYS:
+        _check_keys(source, _SOURCE_KEYS[kind], f"{path}.source")
+    return source
 
 
 def _refuse_citations(block: Mapping[str, Any], path: str) -> None:
@@ -375,6 +429,7 @@ def _tools(body: Mapping[str, Any]) -> dict[str, Any]:
         return out
     if not isinstance(choice, Mapping):
         raise _malformed("tool_choice", "must be an object")
+    _check_keys(choice, _TOOL_CHOICE_KEYS, "tool_choice")
     kind = choice.get("type")
     if kind in ("auto", "none"):
         if functions:  # OpenAI refuses a tool_choice without tools; without any, both mean the same
@@ -400,6 +455,7 @@ def _function_tool(tool: Any, path: str) -> dict[str, Any]:
     if kind not in (None, "custom"):
         # web_search, code_execution, bash, computer...: tools Anthropic runs itself.
         raise _unsupported(f"{path}.type", f"OpenAI's chat API cannot run Anthropic's '{kind}' tool")
+    _check_keys(tool, _TOOL_KEYS, path)
     name, schema = tool.get("name"), tool.get("input_schema")
     if not isinstance(name, str) or not isinstance(schema, Mapping):
         raise _malformed(path, "must have a string name and an object input_schema")
@@ -423,6 +479,8 @@ def _check_thinking(thinking: Any) -> None:
     if thinking is None:
         return
     kind = thinking.get("type") if isinstance(thinking, Mapping) else None
+    if isinstance(thinking, Mapping):
+        _check_keys(thinking, _THINKING_KEYS, "thinking")
     if kind not in ("disabled", "adaptive"):
         raise _unsupported(
             "thinking", "OpenAI's chat API returns no thinking blocks; send it disabled or leave it out"
@@ -439,7 +497,7 @@ def _output_config(body: Mapping[str, Any]) -> dict[str, Any]:
     config = config or {}
     for key, value in config.items():
         if key not in ("format", "effort") and value is not None:
-            raise _unsupported(f"output_config.{key}", "OpenAI's chat API has no such field")
+            raise _unsupported(f"output_config.{key}", UNKNOWN_FIELD)
     formats = [("output_config.format", config.get("format")), ("output_format", body.get("output_format"))]
     for param, output_format in formats:
         if output_format is None:
@@ -447,6 +505,7 @@ def _output_config(body: Mapping[str, Any]) -> dict[str, Any]:
         schema = output_format.get("schema") if isinstance(output_format, Mapping) else None
         if not isinstance(output_format, Mapping) or output_format.get("type") != "json_schema":
             raise _unsupported(f"{param}.type", "only json_schema output formats can be sent")
+        _check_keys(output_format, _FORMAT_KEYS, param)
         if not isinstance(schema, Mapping):
             raise _malformed(f"{param}.schema", "must be an object")
         # strict: Anthropic's structured outputs always follow the schema.
@@ -467,7 +526,7 @@ def _metadata_user(metadata: Any) -> str | None:
         raise _malformed("metadata", "must be an object")
     for key, value in metadata.items():
         if key != "user_id" and value is not None:
-            raise _unsupported(f"metadata.{key}", "OpenAI's chat API has no such field")
+            raise _unsupported(f"metadata.{key}", UNKNOWN_FIELD)
     user = metadata.get("user_id")
     if user is not None and not isinstance(user, str):
         raise _malformed("metadata.user_id", "must be a string")
@@ -575,6 +634,8 @@ def sse_event(data: Mapping[str, Any]) -> bytes:
     return f"event: {data['type']}\ndata: {payload}\n\n".encode()
 
 
+# What of a provider's error may be repeated: short identifiers (as docs/errors.md says).
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # An OpenAI error's type or status → Anthropic's error type.
 _ERROR_TYPES = {
     "invalid_request_error": "invalid_request_error",
@@ -600,20 +661,23 @@ _STATUS_ERROR_TYPES = {
 
 
 def error_event(error: Mapping[str, Any]) -> bytes:
-    """OpenAI's in-stream `{"error": {...}}` as Anthropic's `error` event."""
-    kind = _ERROR_TYPES.get(str(error.get("type"))) or _ERROR_TYPES.get(str(error.get("code")))
-    code = error.get("code")
+    """OpenAI's in-stream `{"error": {...}}` as Anthropic's `error` event. The provider's
+    own message stays out, as with every provider error (docs/errors.md: it can hold
+    internal addresses); its type and code are named when they are plain identifiers."""
+    provider_type, code = error.get("type"), error.get("code")
+    kind = _ERROR_TYPES.get(str(provider_type)) or _ERROR_TYPES.get(str(code))
     if kind is None and _is_int(code):
         kind = _STATUS_ERROR_TYPES.get(code)
-    message = error.get("message")
-    body = {
-        "type": "error",
-        "error": {
-            "type": kind or "api_error",
-            "message": message if isinstance(message, str) else "The provider failed during the stream.",
-        },
-    }
-    return sse_event(body)
+    named = [str(value) for value in (provider_type, code) if _is_identifier(value)]
+    detail = f" ({', '.join(named)})" if named else ""
+    message = f"The provider's stream ended with an error{detail}."
+    return sse_event({"type": "error", "error": {"type": kind or "api_error", "message": message}})
+
+
+def _is_identifier(value: Any) -> bool:
+    if _is_int(value):
+        return 100 <= value <= 599
+    return isinstance(value, str) and _IDENTIFIER.fullmatch(value) is not None
 
 
 class ChunksToEvents:
