@@ -207,6 +207,13 @@ def test_a_plain_request_and_the_default_completion_cap() -> None:
     }
 
 
+def test_an_empty_system_prompt_is_left_out() -> None:
+    for system in ("", []):
+        assert request({"model": "m", "max_tokens": 9, "system": system, "messages": [user_turn()]})[
+            "messages"
+        ] == [{"role": "user", "content": "Hi"}]
+
+
 def test_the_cap_can_go_out_as_max_tokens_for_servers_that_read_only_that() -> None:
     body = {"model": "m", "max_tokens": 64, "messages": [user_turn()]}
     out = AnthropicToOpenAI(max_tokens_field="max_tokens").request(body, "llama3", False, 4096)

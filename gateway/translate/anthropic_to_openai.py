@@ -201,9 +201,9 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The system prompt and every turn as chat messages, tool results as tool messages
     right after the assistant turn that called them."""
     out: list[dict[str, Any]] = []
-    system = body.get("system")
-    if system is not None:
-        out.append({"role": "system", "content": _system_content(system)})
+    system = _system_content(body.get("system"))
+    if system:  # an empty system prompt says nothing
+        out.append({"role": "system", "content": system})
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise _malformed("messages", "must be an array of messages")
@@ -229,6 +229,8 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _system_content(system: Any) -> str | list[dict[str, Any]]:
+    if system is None:
+        return ""
     if isinstance(system, str):
         return system
     if not isinstance(system, list):
@@ -241,7 +243,7 @@ def _system_content(system: Any) -> str | list[dict[str, Any]]:
         _check_keys(block, _BLOCK_KEYS["text"], path)
         _refuse_citations(block, path)
         texts.append(_text(block, path))
-    return _text_content(texts)
+    return _text_content(texts) if texts else ""
 
 
 def _user_turn(content: Any, path: str) -> list[dict[str, Any]]:
