@@ -300,6 +300,8 @@ class FakeUpstream:
             return []
         if isinstance(choice, dict):
             functions = [f for f in functions if f["name"] == choice["function"]["name"]]
+            if not functions:
+                return []
         count = 1 if body.get("parallel_tool_calls") is False else self.tool_calls_per_turn
         calls = []
         for index in range(count):
