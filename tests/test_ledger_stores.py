@@ -88,7 +88,7 @@ async def test_a_replayed_batch_never_counts_twice(store: LedgerStore) -> None:
 async def test_migrate_is_idempotent_and_versioned(store: LedgerStore) -> None:
     assert await store.migrate() == []
     dialect = "postgres" if isinstance(store, PostgresStore) else "sqlite"
-    assert await store.schema_version() == latest_version(dialect) == 7
+    assert await store.schema_version() == latest_version(dialect) == 8
 
 
 async def test_a_newer_schema_is_refused(store: LedgerStore, database_url: str, tmp_path: Path) -> None:

@@ -11,11 +11,15 @@ import asyncpg
 from gateway.auth import KeyRecord
 from gateway.config import PostgresConfig
 from gateway.ledger.records import (
+    EVENT_GROUPS_SELECT,
     REPORT_GROUPS,
     SCOPE_COLUMNS,
     USAGE_COLUMNS,
+    ConsoleSession,
+    EventGroup,
     ModelUsage,
     ReportRow,
+    UsageFilter,
     UsageRecord,
 )
 from gateway.ledger.schema import check_not_newer, migrations
@@ -190,14 +194,20 @@ class PostgresStore:
     async def ping(self) -> None:
         await self._pool.fetchval("SELECT 1")
 
-    async def usage_report(self, by: str, since: date, until: date) -> list[ReportRow]:
+    async def usage_report(
+        self, by: str, since: date, until: date, where: UsageFilter | None = None
+    ) -> list[ReportRow]:
         column = REPORT_GROUPS[by]
+        conditions = where.conditions() if where is not None else []
+        # Column names come from UsageFilter's fixed set, values are parameters.
+        filters = "".join(f" AND {name} = ${index}" for index, (name, _) in enumerate(conditions, start=3))
         rows = await self._pool.fetch(
             f"SELECT {column}::text AS name, sum(requests) AS requests, sum(prompt_tokens) AS prompt, "
             "sum(completion_tokens) AS completion, sum(cost_usd) AS cost FROM usage_daily "
-            f"WHERE day >= $1 AND day < $2 GROUP BY {column} ORDER BY {column}",
+            f"WHERE day >= $1 AND day < $2{filters} GROUP BY {column} ORDER BY {column}",
             since,
             until,
+            *(value for _, value in conditions),
         )
         return [
             ReportRow(
@@ -209,6 +219,44 @@ class PostgresStore:
             )
             for row in rows
         ]
+
+    async def event_groups(self, since: datetime, until: datetime) -> list[EventGroup]:
+        select = EVENT_GROUPS_SELECT.format(exact="prompt_estimate_exact", since="$1", until="$2")
+        rows = await self._pool.fetch(select, since, until)
+        return [EventGroup(row[0], row[1], row[2], *(int(value) for value in tuple(row)[3:])) for row in rows]
+
+    async def insert_console_session(self, session: ConsoleSession) -> None:
+        await self._pool.execute(
+            "INSERT INTO console_sessions (session_sha256, created_at, last_seen_at, expires_at) "
+            "VALUES ($1, $2, $3, $4)",
+            session.sha256,
+            session.created_at,
+            session.last_seen_at,
+            session.expires_at,
+        )
+
+    async def find_console_session(self, sha256: str) -> ConsoleSession | None:
+        row = await self._pool.fetchrow(
+            "SELECT session_sha256, created_at, last_seen_at, expires_at FROM console_sessions "
+            "WHERE session_sha256 = $1",
+            sha256,
+        )
+        return ConsoleSession(*row) if row is not None else None
+
+    async def touch_console_session(self, sha256: str, at: datetime) -> None:
+        await self._pool.execute(
+            "UPDATE console_sessions SET last_seen_at = $2 WHERE session_sha256 = $1", sha256, at
+        )
+
+    async def delete_console_session(self, sha256: str) -> bool:
+        status = await self._pool.execute("DELETE FROM console_sessions WHERE session_sha256 = $1", sha256)
+        return bool(status == "DELETE 1")
+
+    async def delete_stale_console_sessions(self, idle_before: datetime, now: datetime) -> int:
+        status = await self._pool.execute(
+            "DELETE FROM console_sessions WHERE last_seen_at < $1 OR expires_at <= $2", idle_before, now
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def usage_by_model(self, scope: str, subject: str, since: datetime) -> list[ModelUsage]:
         column = SCOPE_COLUMNS[scope]

@@ -13,11 +13,15 @@ from typing import TypeVar
 
 from gateway.auth import KeyRecord
 from gateway.ledger.records import (
+    EVENT_GROUPS_SELECT,
     REPORT_GROUPS,
     SCOPE_COLUMNS,
     USAGE_COLUMNS,
+    ConsoleSession,
+    EventGroup,
     ModelUsage,
     ReportRow,
+    UsageFilter,
     UsageRecord,
 )
 from gateway.ledger.schema import check_not_newer, migrations
@@ -194,18 +198,87 @@ class SqliteStore:
 
         return await self._run(revoke)
 
-    async def usage_report(self, by: str, since: date, until: date) -> list[ReportRow]:
+    async def usage_report(
+        self, by: str, since: date, until: date, where: UsageFilter | None = None
+    ) -> list[ReportRow]:
         column = REPORT_GROUPS[by]
+        conditions = where.conditions() if where is not None else []
+        # Column names come from UsageFilter's fixed set, values are parameters.
+        filters = "".join(f" AND {name} = ?" for name, _ in conditions)
+        parameters = (since.isoformat(), until.isoformat(), *(value for _, value in conditions))
 
         def read(connection: sqlite3.Connection) -> list[ReportRow]:
             rows = connection.execute(
                 f"SELECT {column}, sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(cost_usd) "
-                f"FROM usage_daily WHERE day >= ? AND day < ? GROUP BY {column} ORDER BY {column}",
-                (since.isoformat(), until.isoformat()),
+                f"FROM usage_daily WHERE day >= ? AND day < ?{filters} GROUP BY {column} ORDER BY {column}",
+                parameters,
             ).fetchall()
             return [ReportRow(str(r[0]), int(r[1]), int(r[2]), int(r[3]), float(r[4])) for r in rows]
 
         return await self._run(read)
+
+    async def event_groups(self, since: datetime, until: datetime) -> list[EventGroup]:
+        select = EVENT_GROUPS_SELECT.format(exact="prompt_estimate_exact = 1", since="?", until="?")
+
+        def read(connection: sqlite3.Connection) -> list[EventGroup]:
+            rows = connection.execute(select, (_text(since), _text(until))).fetchall()
+            return [EventGroup(str(r[0]), int(r[1]), r[2], *(int(value) for value in r[3:])) for r in rows]
+
+        return await self._run(read)
+
+    async def insert_console_session(self, session: ConsoleSession) -> None:
+        values = (
+            session.sha256,
+            _text(session.created_at),
+            _text(session.last_seen_at),
+            _text(session.expires_at),
+        )
+        await self._run(
+            lambda connection: connection.execute(
+                "INSERT INTO console_sessions (session_sha256, created_at, last_seen_at, expires_at) "
+                "VALUES (?, ?, ?, ?)",
+                values,
+            )
+        )
+
+    async def find_console_session(self, sha256: str) -> ConsoleSession | None:
+        def find(connection: sqlite3.Connection) -> ConsoleSession | None:
+            row = connection.execute(
+                "SELECT session_sha256, created_at, last_seen_at, expires_at FROM console_sessions "
+                "WHERE session_sha256 = ?",
+                (sha256,),
+            ).fetchone()
+            if row is None:
+                return None
+            return ConsoleSession(row[0], *(datetime.fromisoformat(value) for value in row[1:]))
+
+        return await self._run(find)
+
+    async def touch_console_session(self, sha256: str, at: datetime) -> None:
+        at_text = _text(at)
+        await self._run(
+            lambda connection: connection.execute(
+                "UPDATE console_sessions SET last_seen_at = ? WHERE session_sha256 = ?", (at_text, sha256)
+            )
+        )
+
+    async def delete_console_session(self, sha256: str) -> bool:
+        def delete(connection: sqlite3.Connection) -> bool:
+            cursor = connection.execute("DELETE FROM console_sessions WHERE session_sha256 = ?", (sha256,))
+            return cursor.rowcount == 1
+
+        return await self._run(delete)
+
+    async def delete_stale_console_sessions(self, idle_before: datetime, now: datetime) -> int:
+        bounds = (_text(idle_before), _text(now))
+
+        def delete(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                "DELETE FROM console_sessions WHERE last_seen_at < ? OR expires_at <= ?", bounds
+            )
+            return cursor.rowcount
+
+        return await self._run(delete)
 
     async def usage_by_model(self, scope: str, subject: str, since: datetime) -> list[ModelUsage]:
         column = SCOPE_COLUMNS[scope]
