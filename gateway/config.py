@@ -23,6 +23,8 @@ __all__ = ["ConfigError", "GatewayConfig", "load_config"]
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 PROVIDER_TYPES = {"openai", "azure", "anthropic", "mock"}
+# Where an OpenAI-family provider reads a translated request's completion cap.
+MAX_TOKENS_FIELDS = {"max_completion_tokens", "max_tokens"}
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -132,6 +134,10 @@ class ProviderConfig:
     # Whether callers see the provider's own error message; off, since it can hold
     # internal addresses or a fragment of our credentials. The log always has it, redacted.
     expose_errors: bool = False
+    # OpenAI-family providers: the field a translated Messages request's max_tokens goes
+    # in (docs/translation.md). max_completion_tokens is OpenAI's current name and the only
+    # one its reasoning models take; a compatible server that reads only max_tokens needs that.
+    max_tokens_field: str = "max_completion_tokens"
 
 
 @dataclass(frozen=True)
@@ -295,6 +301,20 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The operators' web console at /ui/ (served only while the admin API is on)."""
+
+    enabled: bool = True
+    # A session ends after this long without a page view, and this long after its
+    # login whatever happens.
+    idle_timeout_seconds: float = 1800.0
+    session_lifetime_seconds: float = 43200.0
+    # Cookies are marked Secure when the connection is TLS ("auto"), or always (behind
+    # a proxy that terminates TLS and forwards plain HTTP).
+    secure_cookies: str = "auto"
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: Path
     server: ServerConfig
@@ -312,6 +332,7 @@ class GatewayConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     # Per-team metric series (off: no team ever appears in a label).
     metrics_team_labels: bool = False
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -335,6 +356,7 @@ def load_config(path: str | Path) -> GatewayConfig:
             "admin",
             "routing",
             "metrics",
+            "console",
         }
     )
     base_dir = config_path.parent
@@ -353,6 +375,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         admin_address=_admin_address(root.get("admin")),
         routing=_routing(root.get("routing")),
         metrics_team_labels=_metrics(root.get("metrics")),
+        console=_console(root.get("console")),
     )
 
 
@@ -479,6 +502,7 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
                 "max_response_bytes",
                 "expose_errors",
                 "addresses",
+                "max_tokens_field",
             }
         )
         kind = entry.require("type").as_choice(PROVIDER_TYPES)
@@ -494,6 +518,9 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
         connections = entry.get("max_connections")
         body_limit, expose = entry.get("max_response_bytes"), entry.get("expose_errors")
         ca_file, cert_file, key_file = _provider_tls(entry.get("tls"))
+        max_tokens_field = entry.get("max_tokens_field")
+        if max_tokens_field is not None and kind not in ("openai", "azure"):
+            max_tokens_field.fail("applies only to providers of type openai or azure")
         providers[name] = ProviderConfig(
             name=name,
             type=kind,
@@ -513,6 +540,9 @@ def _providers(node: Node) -> dict[str, ProviderConfig]:
             if body_limit
             else ProviderConfig.max_response_bytes,
             expose_errors=expose.as_bool() if expose else False,
+            max_tokens_field=max_tokens_field.as_choice(MAX_TOKENS_FIELDS)
+            if max_tokens_field
+            else ProviderConfig.max_tokens_field,
         )
     if not providers:
         node.fail("at least one provider is required")
@@ -864,6 +894,26 @@ def _metrics(node: Node | None) -> bool:
     node.mapping({"team_labels"})
     team_labels = node.get("team_labels")
     return team_labels.as_bool() if team_labels else False
+
+
+def _console(node: Node | None) -> ConsoleConfig:
+    default = ConsoleConfig()
+    if node is None:
+        return default
+    keys = ("enabled", "idle_timeout_seconds", "session_lifetime_seconds", "secure_cookies")
+    node.mapping(set(keys))
+    enabled, idle, lifetime, secure = (node.get(key) for key in keys)
+    config = ConsoleConfig(
+        enabled=enabled.as_bool() if enabled else default.enabled,
+        idle_timeout_seconds=idle.as_float(minimum=1) if idle else default.idle_timeout_seconds,
+        session_lifetime_seconds=(
+            lifetime.as_float(minimum=1) if lifetime else default.session_lifetime_seconds
+        ),
+        secure_cookies=secure.as_choice({"auto", "always"}) if secure else default.secure_cookies,
+    )
+    if lifetime is not None and config.session_lifetime_seconds < config.idle_timeout_seconds:
+        lifetime.fail("must be at least idle_timeout_seconds")
+    return config
 
 
 def _admin(node: Node | None) -> str | None:
