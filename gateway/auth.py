@@ -132,6 +132,16 @@ class FailedAuthentications:
             self._failures.popitem(last=False)
         return self.WINDOW_SECONDS - (now - times[0]) if over else None
 
+    def blocked_for(self, address: str) -> float | None:
+        """Counts nothing: if the address failed `limit` times within the window, the
+        seconds until it is back under its limit; else None. The console's login asks
+        before checking a key, so guesses past the limit are not even tried."""
+        times = self._failures.get(address)
+        if not self._limit or times is None or len(times) < self._limit:
+            return None
+        waited = self._clock() - times[0]
+        return self.WINDOW_SECONDS - waited if waited < self.WINDOW_SECONDS else None
+
 
 class Authenticator:
     """Resolves presented keys: static keys from config first, then the database.
@@ -178,6 +188,10 @@ class Authenticator:
             expired = principal.expires_at.isoformat(timespec="seconds")
             raise InvalidApiKey(f"API key {principal.key_id} expired at {expired}.", code="api_key_expired")
         return principal
+
+    def forget(self, digest: str) -> None:
+        """Drop the cached answer for a key (revoked or rotated): the next use reads the database."""
+        self._cache.pop(digest, None)
 
     async def _from_database(self, digest: str) -> Principal | None:
         now = time.monotonic()

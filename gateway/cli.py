@@ -13,20 +13,21 @@ import resource
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from gateway import __version__
-from gateway.auth import KeyRecord, generate_key, generate_key_id, hash_key
-from gateway.config import IDENTIFIER, GatewayConfig, TokensConfig, load_config
+from gateway.auth import hash_key
+from gateway.config import GatewayConfig, TokensConfig, load_config
 from gateway.ledger import LedgerStore, open_store
 from gateway.ledger.schema import SchemaTooNew
 from gateway.logs import TextHandler, setup_logging
 from gateway.tokens import ROUTES
 from gateway.tokens.errors import TokenizerUnavailable
+from gateway.tokens.files import ENCODING_FILES
 from gateway.yamlnode import ConfigError
 
 EXIT_CONFIG = 2
@@ -126,6 +127,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL_OR_DIR",
         help="a mirror's base URL (BASE/o200k_base.tiktoken) or a folder holding the files",
     )
+    fetch.add_argument(
+        "--encoding",
+        dest="encodings",
+        action="append",
+        default=[],
+        choices=list(ENCODING_FILES),
+        metavar="NAME",
+        help="also this encoding (repeatable): " + ", ".join(ENCODING_FILES) + ". "
+        "Without it: cl100k_base, o200k_base and those the --config's models use",
+    )
 
     create = command(keys, "create", _keys_create, "create a key (printed once)")
     create.add_argument("--user", required=True)
@@ -161,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config.server.log_level, config.server.log_json)
     if not args.worker:
         # Before any worker starts: one clear line, not one per worker restarted.
-        _require_tokenizer_files(config.tokens)
+        _require_tokenizer_files(config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     open_files = _raise_open_file_limit()
@@ -263,7 +274,7 @@ def _check(args: argparse.Namespace) -> int:
 
     config = _load(args)
     holder = PolicyHolder(config.base_dir, config.quota.policy_glob)
-    _require_tokenizer_files(config.tokens)
+    _require_tokenizer_files(config)
     print(
         f"{config.path}: ok ({len(config.models)} models, {len(config.providers)} providers, "
         f"{len(holder.current.policies)} policies in {len(holder.current.files)} files)"
@@ -271,31 +282,31 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_tokenizer_files(tokens: TokensConfig) -> None:
-    """Raises TokenizerFilesMissing unless every tiktoken file is in the cache, checked."""
-    from gateway.tokens.errors import TokenizerFilesMissing
-    from gateway.tokens.files import missing_files
+def _require_tokenizer_files(config: GatewayConfig) -> None:
+    """Raises TokenizerFilesMissing unless the tiktoken files the models use are in the cache, checked."""
+    from gateway.tokens.files import require_cached
+    from gateway.tokens.in_use import encodings_in_use
     from gateway.tokens.registry import TokenizerRegistry
 
-    cache_dir = TokenizerRegistry(tokens).cache_dir
-    problems = missing_files(cache_dir)
-    if problems:
-        raise TokenizerFilesMissing(cache_dir, problems)
+    require_cached(TokenizerRegistry(config.tokens).cache_dir, encodings_in_use(config))
 
 
 def _tokenizers_fetch(args: argparse.Namespace) -> int:
     from gateway.config import default_tokenizer_cache
-    from gateway.tokens.fetch import fetch_encoding_files
+    from gateway.tokens.fetch import encodings_to_fetch, fetch_encoding_files
+    from gateway.tokens.in_use import encodings_in_use
     from gateway.tokens.registry import builtin_file_problems
 
+    config = _load(args) if Path(args.config).exists() else None
     if args.cache_dir is not None:
         cache_dir = Path(args.cache_dir).resolve()
-    elif Path(args.config).exists():
-        cache_dir = _load(args).tokens.cache_dir or default_tokenizer_cache(Path.cwd())
+    elif config is not None:
+        cache_dir = config.tokens.cache_dir or default_tokenizer_cache(Path.cwd())
     else:
         cache_dir = default_tokenizer_cache(Path.cwd()).resolve()
+    encodings = encodings_to_fetch(encodings_in_use(config) if config is not None else (), args.encodings)
     print(f"tokenizer cache: {cache_dir}")
-    outcomes = asyncio.run(fetch_encoding_files(cache_dir, args.source))
+    outcomes = asyncio.run(fetch_encoding_files(cache_dir, args.source, encodings))
     for outcome in outcomes:
         print(f"{outcome.encoding}: {outcome.status}: {outcome.detail}")
     for name, problem in builtin_file_problems().items():
@@ -414,7 +425,7 @@ def _quota_reset(args: argparse.Namespace) -> int:
 
 
 def _policy_check(args: argparse.Namespace) -> int:
-    from gateway.quota.policy import load_policies
+    from gateway.policies import check_policy_files
 
     if args.directory is not None:
         files = sorted(Path(args.directory).glob("*.yaml")) + sorted(Path(args.directory).glob("*.yml"))
@@ -424,23 +435,10 @@ def _policy_check(args: argparse.Namespace) -> int:
     if not files:
         print("gateway: no policy files found", file=sys.stderr)
         return EXIT_CONFIG
-    failed = 0
-    names: set[str] = set()
-    for path in files:
-        try:
-            policies = load_policies((path,))
-        except ConfigError as exc:
-            failed += 1
-            print(f"error: {exc}")
-            continue
-        clashes = names & {policy.name for policy in policies.policies}
-        names |= {policy.name for policy in policies.policies}
-        if clashes:
-            failed += 1
-            print(f"error: {path}: policy names defined in another file too: {', '.join(sorted(clashes))}")
-            continue
-        print(f"ok:    {path} ({len(policies.policies)} policies)")
-    return EXIT_CONFIG if failed else 0
+    checks = check_policy_files(files)
+    for check in checks:
+        print(f"error: {check.error}" if check.error else f"ok:    {check.path} ({check.policies} policies)")
+    return EXIT_CONFIG if any(check.error for check in checks) else 0
 
 
 def _with_store(args: argparse.Namespace, work: Callable[[LedgerStore], Awaitable[int]]) -> int:
@@ -477,22 +475,15 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    for flag, value in (("--user", args.user), ("--team", args.team), *(("--tag", tag) for tag in args.tag)):
-        if value is not None and not IDENTIFIER.match(value):
-            print(f"gateway: {flag} may use letters, digits and . _ @ + -", file=sys.stderr)
-            return EXIT_CONFIG
-    key = generate_key()
-    record = KeyRecord(
-        key_id=generate_key_id(),
-        sha256=hash_key(key),
-        user=args.user,
-        team=args.team,
-        created_at=datetime.now(UTC),
-        revoked_at=None,
-        tags=tuple(args.tag),
-        expires_at=datetime.now(UTC) + _duration(args.expires_in) if args.expires_in else None,
-        models=tuple(args.model),
-    )
+    from gateway.keys import KeyRequestError, new_key
+
+    try:
+        expires_in = _duration(args.expires_in) if args.expires_in else None
+        issued = new_key(args.user, args.team, args.tag, args.model, expires_in)
+    except KeyRequestError as exc:
+        print(f"gateway: --{exc.field} {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    record = issued.record
 
     async def create(store: LedgerStore) -> int:
         await store.insert_key(record)
@@ -501,42 +492,34 @@ def _keys_create(args: argparse.Namespace) -> int:
     status = _with_store(args, create)
     print(f"key id: {record.key_id}\nuser:   {record.user}\nteam:   {record.team or '-'}")
     print(f"tags:   {', '.join(record.tags) or '-'}")
-    print(f"key:    {key}\n(shown once: store it now; the gateway keeps only its hash)")
+    print(f"key:    {issued.key}\n(shown once: store it now; the gateway keeps only its hash)")
     return status
 
 
 def _duration(text: str) -> timedelta:
-    units = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
-        raise SystemExit(f"gateway: a duration is a number and d, h, m or s (e.g. 90d), not {text!r}")
-    return timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    from gateway.keys import KeyRequestError, parse_duration
+
+    try:
+        return parse_duration(text)
+    except KeyRequestError as exc:
+        raise SystemExit(f"gateway: {exc.message}") from exc
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
+    from gateway.keys import rotate_key
+
     grace = _duration(args.grace)
 
     async def rotate(store: LedgerStore) -> int:
-        old = next((key for key in await store.list_keys() if key.key_id == args.key_id), None)
-        if old is None or old.revoked_at is not None:
+        rotation = await rotate_key(store, args.key_id, grace)
+        if rotation is None:
             print(f"gateway: no active key with id {args.key_id}", file=sys.stderr)
             return EXIT_FAILURE
-        key = generate_key()
-        successor = KeyRecord(
-            key_id=generate_key_id(),
-            sha256=hash_key(key),
-            user=old.user,
-            team=old.team,
-            created_at=datetime.now(UTC),
-            revoked_at=None,
-            tags=old.tags,
-            models=old.models,
-        )
-        await store.insert_key(successor)
-        ends = datetime.now(UTC) + grace
-        await store.expire_key(old.key_id, ends)
+        successor = rotation.successor.record
         print(f"key id: {successor.key_id}\nuser:   {successor.user}\nteam:   {successor.team or '-'}")
-        until = ends.isoformat(timespec="seconds")
-        print(f"key:    {key}\n(shown once; the old key {old.key_id} works until {until})")
+        until = rotation.old_key_ends.isoformat(timespec="seconds")
+        print(f"key:    {rotation.successor.key}")
+        print(f"(shown once; the old key {rotation.old_key_id} works until {until})")
         return 0
 
     return _with_store(args, rotate)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.metrics import Metrics
@@ -36,6 +39,10 @@ class PolicyHolder:
         self._stamp = _fingerprint(self._files)
         self.reloads = 0
         self.last_error: str | None = None
+        self.loaded_at = datetime.now(UTC)
+        # The last reload tried (a file changed, SIGHUP, the console), and whether it took.
+        self.last_reload_at: datetime | None = None
+        self.last_reload_ok: bool | None = None
 
     def _find_files(self) -> tuple[Path, ...]:
         return tuple(sorted(self._base_dir.glob(self._glob)))
@@ -47,16 +54,19 @@ class PolicyHolder:
         if stamp == self._stamp and not force:
             return False
         self._stamp = stamp
+        self.last_reload_at = datetime.now(UTC)
         try:
             self.current = load_policies(files)
         except ConfigError as exc:
             self.last_error = str(exc)
+            self.last_reload_ok = False
             if self._metrics is not None:
                 self._metrics.policy_reloads.labels("failed").inc()
             log.error("policy reload failed, keeping the previous policies: %s", exc)
             return False
         self._files = files
         self.last_error = None
+        self.last_reload_ok = True
         self.reloads += 1
         if self._metrics is not None:
             self._metrics.policy_reloads.labels("ok").inc()
@@ -67,3 +77,34 @@ class PolicyHolder:
         while True:
             await asyncio.sleep(interval_seconds)
             self.reload_if_changed()
+
+
+@dataclass(frozen=True)
+class PolicyFileCheck:
+    """One policy file validated on its own: how many policies it holds, or what is wrong."""
+
+    path: Path
+    policies: int
+    error: str | None = None
+
+
+def check_policy_files(files: Sequence[Path]) -> list[PolicyFileCheck]:
+    """Each file read alone, and a policy name defined in an earlier file too is an error
+    (what `gateway policy check` prints and the console's Policies page shows)."""
+    checks: list[PolicyFileCheck] = []
+    names: set[str] = set()
+    for path in files:
+        try:
+            policies = load_policies((path,))
+        except ConfigError as exc:
+            checks.append(PolicyFileCheck(path, 0, str(exc)))
+            continue
+        found = {policy.name for policy in policies.policies}
+        clashes = names & found
+        names |= found
+        if clashes:
+            error = f"{path}: policy names defined in another file too: {', '.join(sorted(clashes))}"
+            checks.append(PolicyFileCheck(path, len(policies.policies), error))
+            continue
+        checks.append(PolicyFileCheck(path, len(policies.policies)))
+    return checks
