@@ -24,7 +24,8 @@ from gateway.policies import PolicyHolder
 from gateway.providers import build_http_provider
 from gateway.quota.store import open_redis
 from gateway.tokens import TokenizerFilesMissing, TokenizerRegistry, TokenizerUnavailable
-from gateway.tokens.files import missing_files
+from gateway.tokens.files import require_cached
+from gateway.tokens.in_use import encodings_in_use
 
 EXPECTED_TABLES = (
     "api_keys",
@@ -217,10 +218,10 @@ async def _redis(check: Check, config: GatewayConfig) -> None:
 async def _tokenizers(check: Check, config: GatewayConfig) -> None:
     registry = TokenizerRegistry(config.tokens)
     check.facts["cache_dir"] = str(registry.cache_dir)
-    problems = missing_files(registry.cache_dir)
-    if problems:
-        missing = TokenizerFilesMissing(registry.cache_dir, problems)
-        check.status, check.detail, check.fix = "fail", "; ".join(problems), missing.fix
+    try:
+        require_cached(registry.cache_dir, encodings_in_use(config))
+    except TokenizerFilesMissing as missing:
+        check.status, check.detail, check.fix = "fail", "; ".join(missing.problems), missing.fix
         return
     results: dict[str, str] = {}
     reasons: dict[str, str] = {}

@@ -4,19 +4,22 @@ Each encoding file comes from its official address, or from `--from`: a mirror's
 URL (BASE/o200k_base.tiktoken) or a local folder holding the files under either name
 (o200k_base.tiktoken, or tiktoken's cache name, so a copied tiktoken cache works too).
 A file is written only once its SHA-256 is the one tiktoken expects, through a
-temporary file renamed into place, so a reader never sees half a file.
+temporary file renamed into place, so a reader never sees half a file. Encodings that
+share a file (p50k_base and p50k_edit, r50k_base and gpt2, o200k_base and o200k_harmony)
+share its line too: it is fetched once.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from gateway.tokens.files import ENCODING_FILES, EncodingFile, sha256_of
+from gateway.tokens.files import DEFAULT_ENCODINGS, ENCODING_FILES, EncodingFile, files_of, sha256_of
 
 # An encoding file is a few MB; a mirror slower than this is broken.
 FETCH_TIMEOUT_SECONDS = 120
@@ -27,6 +30,7 @@ MAX_FILE_BYTES = 64 << 20
 class FetchOutcome:
     """What became of one encoding file: `present`, `fetched` or `failed`, and a line for people."""
 
+    # The encodings that read the file: "p50k_base, p50k_edit".
     encoding: str
     status: str
     detail: str
@@ -36,14 +40,24 @@ class SourceError(Exception):
     """The file could not be had from its source (HTTP error, unreadable file, too large)."""
 
 
-async def fetch_encoding_files(cache_dir: Path, source: str | None = None) -> list[FetchOutcome]:
-    """Fetches every encoding file missing from (or damaged in) cache_dir."""
+def encodings_to_fetch(*wanted: Iterable[str]) -> tuple[str, ...]:
+    """The default encodings and every one in `wanted`, once each, in tiktoken's order."""
+    names = {*DEFAULT_ENCODINGS, *(name for group in wanted for name in group)}
+    return tuple(name for name in ENCODING_FILES if name in names)
+
+
+async def fetch_encoding_files(
+    cache_dir: Path, source: str | None = None, encodings: Iterable[str] = DEFAULT_ENCODINGS
+) -> list[FetchOutcome]:
+    """Fetches the files of these encodings (names from ENCODING_FILES) that are missing
+    from (or damaged in) cache_dir: one outcome per file."""
     outcomes = []
     timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
     # trust_env: behind a company proxy, HTTPS_PROXY is how the way out is named.
     async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
-        for spec in ENCODING_FILES.values():
-            outcomes.append(await _fetch_one(session, spec, cache_dir, source))
+        for first, sharing in files_of(encodings).items():
+            outcome = await _fetch_one(session, ENCODING_FILES[first], cache_dir, source)
+            outcomes.append(FetchOutcome(", ".join(sharing), outcome.status, outcome.detail))
     return outcomes
 
 

@@ -278,40 +278,42 @@ class TokenizerRegistry:
             self._profiles[key] = profile
         return profile
 
-    def _resolve(self, model: str, configured_tokenizer: str | None) -> ModelProfile:
+    def encoding_name(self, upstream_model: str, configured_tokenizer: str | None = None) -> str:
+        """The encoding `profile` counts this model with, named without loading it.
+
+        (A package's file that is not installed makes `profile` use tokens.fallback.)"""
+        if configured_tokenizer:
+            return configured_tokenizer
+        rule = self._rule_for(upstream_model)
+        if isinstance(rule, TokenRuleConfig):
+            return rule.tokenizer
+        return rule.encoding if rule is not None else self.config.fallback
+
+    def reads_cache(self, name: str) -> bool:
+        """Whether the named encoding is one of tiktoken's, read from cache_dir."""
+        return name in ENCODING_FILES and name not in self._files
+
+    def _rule_for(self, model: str) -> TokenRuleConfig | BuiltinRule | None:
+        """The first of tokens.rules, else of the built-in rules, that matches the model."""
         for rule in self.config.rules:
             if _matches(model, rule.models):
-                return self._from_user_rule(model, rule, configured_tokenizer)
+                return rule
+        return next((builtin for builtin in BUILTIN_RULES if builtin.matches(model)), None)
+
+    def _resolve(self, model: str, configured_tokenizer: str | None) -> ModelProfile:
+        rule = self._rule_for(model)
+        if isinstance(rule, TokenRuleConfig):
+            return self._from_user_rule(model, rule, configured_tokenizer)
         reason = f"no built-in rule knows {model!r}"
-        for builtin in BUILTIN_RULES:
-            if not builtin.matches(model):
-                continue
-            encoding = configured_tokenizer or builtin.encoding
+        if rule is not None:
+            encoding = configured_tokenizer or rule.encoding
             try:
-                tokenizer = self.tokenizer(encoding)
+                return self._from_builtin_rule(model, rule, encoding)
             except TokenizerFilesMissing:
                 raise  # the fallback needs them too: fetching them is the fix
             except TokenizerUnavailable as exc:
                 # e.g. llama-models not installed: counted as an estimate, saying why.
                 reason = str(exc)
-                break
-            replaced = encoding != builtin.encoding
-            return ModelProfile(
-                model=model,
-                tokenizer=tokenizer,
-                chat_format=builtin.chat_format,
-                exact=builtin.exact and not replaced,
-                factor=builtin.factor,
-                functions=builtin.functions,
-                functions_exact=builtin.functions_exact,
-                images=builtin.images,
-                images_exact=builtin.images_exact,
-                reason=(
-                    f"the model's tokenizer {encoding} replaces {builtin.encoding}"
-                    if replaced and builtin.exact
-                    else builtin.reason
-                ),
-            )
         return ModelProfile(
             model=model,
             tokenizer=self.tokenizer(configured_tokenizer or self.config.fallback),
@@ -320,6 +322,26 @@ class TokenizerRegistry:
             functions=GPT4O_FUNCTIONS,
             images=GPT4O_IMAGES,
             reason=reason,
+        )
+
+    def _from_builtin_rule(self, model: str, builtin: BuiltinRule, encoding: str) -> ModelProfile:
+        tokenizer = self.tokenizer(encoding)
+        replaced = encoding != builtin.encoding
+        return ModelProfile(
+            model=model,
+            tokenizer=tokenizer,
+            chat_format=builtin.chat_format,
+            exact=builtin.exact and not replaced,
+            factor=builtin.factor,
+            functions=builtin.functions,
+            functions_exact=builtin.functions_exact,
+            images=builtin.images,
+            images_exact=builtin.images_exact,
+            reason=(
+                f"the model's tokenizer {encoding} replaces {builtin.encoding}"
+                if replaced and builtin.exact
+                else builtin.reason
+            ),
         )
 
     def _from_user_rule(
