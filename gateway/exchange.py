@@ -17,6 +17,7 @@ from gateway.tokens import ModelProfile, PromptCount
 
 if TYPE_CHECKING:
     from gateway.routing import Routed
+    from gateway.translate import Translator
 
 # nginx's convention for "the client closed the connection before the answer".
 CLIENT_CLOSED_REQUEST = 499
@@ -71,6 +72,9 @@ class Exchange:
     refused_by_provider: bool = False
     # Some attempt's reply is what the client got (else every attempt failed, or none ran).
     replied: bool = False
+    # Set when the deployment that answered speaks another API family than the caller:
+    # the translator its answer goes through (docs/translation.md).
+    translator: Translator | None = None
     # A non-streamed call still running when its client left (settlement finishes it).
     upstream_call: asyncio.Task[Routed] | None = None
 
@@ -126,7 +130,12 @@ class Exchange:
         base = final.usage or Usage(0, 0)
         exact = self.prompt.exact and final.source in ("provider", "counted", "none")
         return FinalUsage(
-            Usage(base.prompt_tokens + extra, base.completion_tokens, base.cached_prompt_tokens),
+            Usage(
+                base.prompt_tokens + extra,
+                base.completion_tokens,
+                base.cached_prompt_tokens,
+                base.cache_write_prompt_tokens,
+            ),
             "counted" if exact else "estimated",
         )
 
@@ -155,6 +164,14 @@ class Exchange:
         self.replied = True
         self.deployment = routed.deployment.provider
         self.upstream_model = routed.deployment.upstream_model
+        self.translator = routed.translator
+
+    @property
+    def provider_api(self) -> str | None:
+        """The API family of the deployment that answered; None when none did."""
+        if not self.replied:
+            return None
+        return self.wire_format if self.translator is None else self.translator.provider
 
     def upstream_began(self) -> None:
         self.upstream_started_at = time.monotonic()

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import requests, state
-from gateway.config import DeploymentConfig
+from gateway.config import DeploymentConfig, ModelConfig
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.exchange import CLIENT_CLOSED_REQUEST, Exchange
 from gateway.jsontext import ObjectText
@@ -43,7 +43,10 @@ from gateway.requests import (
     read_json_object,
     resolve_model,
 )
+from gateway.routing import Plan
 from gateway.tokens.prompts import prompt_multiplicity
+from gateway.translate import StreamContext, Translator
+from gateway.translated_stream import relay_translated_stream
 
 # Caller headers a provider may see; everything else (credentials, cookies, hop-by-hop) stays here.
 FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
@@ -70,6 +73,9 @@ class RouteSpec:
     # Whether the route generates `n` completions per prompt (and `best_of` candidates).
     takes_n: bool = False
     takes_best_of: bool = False
+    # Whether deployments of the other API family serve it through a translator
+    # (gateway/translate; docs/translation.md).
+    translates: bool = False
 
 
 ROUTES = {
@@ -81,6 +87,7 @@ ROUTES = {
         requests.validate_messages,
         injects_usage=True,
         takes_n=True,
+        translates=True,
     ),
     "completions": RouteSpec(
         "completions",
@@ -120,6 +127,7 @@ ROUTES = {
         requests.validate_anthropic_messages,
         max_fields=("max_tokens",),
         requires_max=True,
+        translates=True,
     ),
 }
 
@@ -137,7 +145,9 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     body, raw, text = await read_json_object(request, spans=True)
     model = resolve_model(request, body)
     spec.validate(body)
-    app[state.ROUTER].check_serves(model, spec.wire_format)
+    plan = app[state.ROUTER].plan(model, spec.wire_format, spec.translates)
+    if not plan.deployments:
+        raise _not_served(model, spec)
     stream = requests.wants_stream(body) if spec.streams else False
     if not spec.streams and body.get("stream"):
         raise InvalidRequest(f"/v1/{spec.name} does not stream.", param="stream")
@@ -165,10 +175,20 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     choices = _choices(body, spec)
 
     counter = app[state.COUNTER]
-    profile = counter.registry.profile(model.upstream_model, model.tokenizer)
-    prompt = await counter.count(spec.count_route, body, profile, len(raw))
+    usual = plan.deployments[0]
+    profile = counter.registry.profile(usual.upstream_model, model.tokenizer)
+    upstream = UpstreamBodies(forwarded, body, raw, text, capped, spec, stream, usual, plan, max_completion)
+    translator = plan.translator(usual)
+    if translator is None:
+        prompt = await counter.count(spec.count_route, body, profile, len(raw))
+    else:
+        # Translated before admission, so a request its provider's API cannot carry is a
+        # 400 that costs nothing; counted as the provider will read it.
+        sent = upstream.for_deployment(usual)
+        prompt = await counter.count(
+            translator.provider_count_route, sent.body, profile, len(sent.raw or b"")
+        )
     completions = max_completion * choices
-    upstream = UpstreamBodies(forwarded, body, raw, text, capped, spec, stream, model.upstream_model)
     # The usual deployment's body is serialised while Redis decides the admission.
     ticket = await quota.admit(decision, amounts_for(model, prompt.tokens, completions), upstream.prepare)
     admission = ticket.admission
@@ -197,7 +217,7 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     if spec.wire_format == "anthropic":
         headers = anthropic_ratelimit_headers(headers)
     try:
-        return await _forward(request, upstream, spec, exchange, headers)
+        return await _forward(request, upstream, spec, exchange, headers, plan)
     except GatewayError as exc:
         exchange.status, exchange.error_code = exc.status, exc.code
         exchange.error_detail = exc.detail
@@ -217,6 +237,24 @@ async def proxy(request: web.Request, spec: RouteSpec) -> web.StreamResponse:
     finally:
         # Synchronous: runs even when the handler is being cancelled.
         app[state.SETTLEMENT].settle_later(exchange)
+
+
+def _not_served(model: ModelConfig, spec: RouteSpec) -> InvalidRequest:
+    """Why no deployment of the model serves this route (400)."""
+    if spec.count_route == "responses":
+        # Responses are not translated to Messages (docs/translation.md says why).
+        return InvalidRequest(
+            f"Model `{model.name}` is served by Anthropic's Messages API here, and the Responses API "
+            "is served only by OpenAI deployments: use /v1/chat/completions or /v1/messages.",
+            param="model",
+            code="unsupported_by_provider",
+        )
+    api = "Anthropic Messages" if spec.wire_format == "anthropic" else "OpenAI"
+    return InvalidRequest(
+        f"Model `{model.name}` is not served through the {api} API here.",
+        param="model",
+        code="wrong_api_for_model",
+    )
 
 
 def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -261,15 +299,20 @@ class UpstreamBodies:
     The caller's bytes go as they are when nothing changes; when something does (the
     model's alias, usage asked for in a stream, a policy's cap), a large body keeps its
     text with those values replaced (see jsontext), a small one is serialised again.
+    A deployment of another API family gets the caller's body (with the policy's caps)
+    translated into its own (see gateway/translate).
     """
 
     __slots__ = (
         "_body",
         "_capped",
         "_made",
+        "_max_completion",
         "_raw",
         "_text",
-        "_usual_model",
+        "_translated",
+        "_translators",
+        "_usual",
         "adds_usage_option",
         "client_wants_usage",
         "delivery",
@@ -287,11 +330,17 @@ class UpstreamBodies:
         capped: dict[str, int],
         spec: RouteSpec,
         stream: bool,
-        usual_model: str,
+        usual: DeploymentConfig,
+        plan: Plan,
+        max_completion: int,
     ) -> None:
-        """body, raw, text: the caller's (see read_json_object); capped: the fields a policy capped."""
+        """body, raw, text: the caller's (see read_json_object); capped: the fields a policy
+        capped; max_completion: the completion budget reserved (for a translation to a
+        provider that requires a cap the caller did not set)."""
         self._body, self._raw, self._text, self._capped = body, raw, text, capped
-        self._usual_model = usual_model
+        self._usual = usual
+        self._translators = plan.translators
+        self._max_completion = max_completion
         self.path, self.stream = spec.path, stream
         options = body.get("stream_options")
         self.client_wants_usage = (
@@ -304,16 +353,25 @@ class UpstreamBodies:
         self.adds_usage_option = stream and spec.injects_usage and not self.client_wants_usage
         self.headers = {name: caller_headers[name] for name in FORWARDED_HEADERS if name in caller_headers}
         self._made: dict[str, UpstreamRequest] = {}
+        self._translated: dict[tuple[str, Translator], UpstreamRequest] = {}
         # One for every deployment tried: did any of them get the request?
         self.delivery = Delivery()
 
     def prepare(self) -> None:
         """Serialise the usual deployment's body now; never raises (`for_model` would, later)."""
         with contextlib.suppress(Exception):
-            self.for_model(self._usual_model)
+            self.for_deployment(self._usual)
 
     def for_deployment(self, deployment: DeploymentConfig) -> UpstreamRequest:
-        return self.for_model(deployment.upstream_model)
+        """InvalidRequest (400) when a translation cannot carry the request to this deployment."""
+        translator = self._translators.get(deployment.provider) if self._translators else None
+        if translator is None:
+            return self.for_model(deployment.upstream_model)
+        key = (deployment.upstream_model, translator)
+        made = self._translated.get(key)
+        if made is None:
+            made = self._translated[key] = self._translate(deployment.upstream_model, translator)
+        return made
 
     def for_model(self, upstream_model: str) -> UpstreamRequest:
         made = self._made.get(upstream_model)
@@ -344,6 +402,22 @@ class UpstreamBodies:
             self.path, body, self.stream, upstream_model, self.headers, raw=raw, delivery=self.delivery
         )
 
+    def _translate(self, upstream_model: str, translator: Translator) -> UpstreamRequest:
+        body = {**self._body, **self._capped} if self._capped else self._body
+        translated = translator.request(body, upstream_model, self.stream, self._max_completion)
+        # Only the caller's headers of the provider's own family (anthropic-version and
+        # anthropic-beta go to Anthropic's API, never to OpenAI's).
+        headers = self.headers if translator.provider == "anthropic" else {}
+        return UpstreamRequest(
+            translator.provider_path,
+            translated,
+            self.stream,
+            upstream_model,
+            headers,
+            raw=json.dumps(translated, ensure_ascii=False, separators=(",", ":")).encode(),
+            delivery=self.delivery,
+        )
+
 
 async def _forward(
     request: web.Request,
@@ -351,10 +425,11 @@ async def _forward(
     spec: RouteSpec,
     exchange: Exchange,
     headers: dict[str, str],
+    plan: Plan,
 ) -> web.StreamResponse:
     exchange.upstream_began()
     app = request.app
-    sending = app[state.ROUTER].send(exchange.model, upstream.for_deployment, spec.wire_format)
+    sending = app[state.ROUTER].send(exchange.model, upstream.for_deployment, plan)
     if exchange.stream or app[state.CONFIG].server.on_client_disconnect == "abort":
         # A client that leaves cancels this await, which closes the provider's connection.
         routed = await sending
@@ -384,7 +459,11 @@ async def _forward(
         observer = ResponsesStream(count)
     else:
         observer = OpenAIStream(count, withhold_usage_chunk=not upstream.client_wants_usage)
-    return await relay_stream(request, reply, exchange, headers, observer)
+    if routed.translator is None:
+        return await relay_stream(request, reply, exchange, headers, observer)
+    context = StreamContext(exchange.model.name, upstream.client_wants_usage, exchange.prompt.tokens)
+    translation = routed.translator.stream(context)
+    return await relay_translated_stream(request, reply, exchange, headers, observer, translation)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -69,12 +69,17 @@ class TextTally:
 class StreamObserver(Protocol):
     """Reads each event of one wire format: usage, text, and whether to pass it on."""
 
-    usage: Usage | None
+    @property
+    def usage(self) -> Usage | None: ...
+
     # The wire format's last event (or an error event) was observed: what follows is the
     # stream's end, held for the usage record; a stream that never gets here was cut short.
-    finished: bool
+    @property
+    def finished(self) -> bool: ...
+
     # Set when the provider reported an error inside the stream.
-    error_code: str | None
+    @property
+    def error_code(self) -> str | None: ...
 
     @property
     def text(self) -> TextTally: ...
@@ -215,7 +220,13 @@ class AnthropicStream:
             usage = data.get("usage")
             output = usage.get("output_tokens") if isinstance(usage, Mapping) else None
             if isinstance(output, int):
-                self.usage = Usage(self.started.prompt_tokens, output, self.started.cached_prompt_tokens)
+                started = self.started
+                self.usage = Usage(
+                    started.prompt_tokens,
+                    output,
+                    started.cached_prompt_tokens,
+                    started.cache_write_prompt_tokens,
+                )
         elif kind == "content_block_start":
             block = data.get("content_block")
             if isinstance(block, Mapping) and isinstance(block.get("name"), str):
@@ -232,10 +243,12 @@ class AnthropicStream:
         return anthropic_wire.error_event(message)
 
 
-def take_body_usage(reply: UpstreamReply, exchange: Exchange) -> None:
-    """Note a whole reply's usage on the exchange; raise the error it amounts to, if any.
+def take_body_usage(reply: UpstreamReply, exchange: Exchange) -> Any:
+    """Note a whole reply's usage on the exchange, and return its parsed body; raise the
+    error it amounts to, if any.
 
-    Without a usage block, what the provider generated is counted instead.
+    Without a usage block, what the provider generated is counted instead. A reply
+    from a deployment of another API family is read in that family's format.
     """
     if reply.status != 200:
         exchange.refused_by_provider = True
@@ -247,8 +260,11 @@ def take_body_usage(reply: UpstreamReply, exchange: Exchange) -> None:
             f"Provider '{exchange.deployment}' answered with a body that is not JSON.",
             code="upstream_invalid_response",
         ) from exc
-    anthropic = exchange.wire_format == "anthropic"
-    if anthropic:
+    translator = exchange.translator
+    anthropic = (exchange.wire_format if translator is None else translator.provider) == "anthropic"
+    if translator is not None:
+        exchange.usage = translator.usage(body) if isinstance(body, Mapping) else None
+    elif anthropic:
         exchange.usage = anthropic_wire.message_usage(
             body.get("usage") if isinstance(body, Mapping) else None
         )
@@ -257,12 +273,23 @@ def take_body_usage(reply: UpstreamReply, exchange: Exchange) -> None:
     if exchange.usage is None:
         text = anthropic_wire.message_text(body) if anthropic else openai_wire.body_text(body)
         exchange.relayed_tokens = exchange.profile.tokenizer.count(text) if text else 0
+    return body
 
 
 def relay_body(reply: UpstreamReply, exchange: Exchange, headers: Mapping[str, str]) -> web.Response:
-    """A whole (non-streamed) reply: the provider's bytes, untouched, plus our headers."""
-    take_body_usage(reply, exchange)
-    return web.Response(status=200, body=reply.body, content_type="application/json", headers=headers)
+    """A whole (non-streamed) reply: the provider's bytes, untouched, plus our headers;
+    from a deployment of another API family, its answer translated into the caller's."""
+    body = take_body_usage(reply, exchange)
+    translator = exchange.translator
+    if translator is None:
+        return web.Response(status=200, body=reply.body, content_type="application/json", headers=headers)
+    if not isinstance(body, Mapping):
+        raise UpstreamError(
+            f"Provider '{exchange.deployment}' answered with a body that is not a JSON object.",
+            code="upstream_invalid_response",
+        )
+    answer = json.dumps(translator.response(body), ensure_ascii=False, separators=(",", ":")).encode()
+    return web.Response(status=200, body=answer, content_type="application/json", headers=headers)
 
 
 async def relay_stream(

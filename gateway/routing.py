@@ -12,13 +12,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
-from gateway.config import DeploymentConfig, ModelConfig, RoutingConfig
+from gateway.config import DeploymentConfig, ModelConfig, ProviderConfig, RoutingConfig
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError
 from gateway.metrics import Metrics
 from gateway.providers import Provider, UpstreamReply, UpstreamRequest
+from gateway.translate import Translator, reach
 
 log = logging.getLogger("gateway.routing")
 
@@ -42,6 +43,23 @@ class Routed:
     reply: UpstreamReply
     deployment: DeploymentConfig
     attempts: int
+    # The translator between the caller's API family and the answering deployment's
+    # (None: the deployment speaks the caller's family).
+    translator: Translator | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The deployments of one model that can serve callers of one API, and how."""
+
+    # In configuration order; the first is the usual one (counted and prepared before admission).
+    deployments: tuple[DeploymentConfig, ...]
+    # Provider name → the translator its deployments need; a provider that speaks the
+    # caller's family is not in it (so a model without translation has it empty).
+    translators: Mapping[str, Translator] = field(default_factory=dict)
+
+    def translator(self, deployment: DeploymentConfig) -> Translator | None:
+        return self.translators.get(deployment.provider) if self.translators else None
 
 
 class Router:
@@ -51,12 +69,17 @@ class Router:
         config: RoutingConfig,
         metrics: Metrics,
         choose: Callable[[list[float]], list[int]] | None = None,
+        provider_configs: Mapping[str, ProviderConfig] | None = None,
     ) -> None:
+        """provider_configs: the providers' options that shape a translation (max_tokens_field)."""
         self._providers = providers
+        self._provider_configs = provider_configs or {}
         self._config = config
         self._metrics = metrics
         self._breakers: dict[str, Breaker] = {}
         self._choose = choose or _weighted_order
+        # (model, caller family, whether the route translates) → its Plan, made on first use.
+        self._plans: dict[tuple[str, str, bool], Plan] = {}
         for name in providers:
             # Every provider's series from the start; after that it is set when it changes.
             metrics.breaker_open.labels(name).set(0)
@@ -68,22 +91,37 @@ class Router:
         now = time.monotonic()
         return {name: self.breaker(name).state(now) for name in self._providers}
 
-    def check_serves(self, model: ModelConfig, wire_format: str) -> None:
-        """400 unless some deployment of the model speaks this API."""
-        if not any(wire_format in self._providers[d.provider].wire_formats for d in model.deployments):
-            api = "Anthropic Messages" if wire_format == "anthropic" else "OpenAI"
-            raise InvalidRequest(
-                f"Model `{model.name}` is not served through the {api} API here.",
-                param="model",
-                code="wrong_api_for_model",
-            )
+    def plan(self, model: ModelConfig, caller: str, translates: bool) -> Plan:
+        """Which deployments of the model serve a caller of this API family: those whose
+        provider speaks it, and when the route `translates`, those a translator reaches
+        (docs/translation.md). Its `deployments` may be empty (the proxy says why)."""
+        key = (model.name, caller, translates)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(model, caller, translates)
+        return plan
 
-    def _candidates(self, model: ModelConfig, wire_format: str) -> list[DeploymentConfig]:
+    def _make_plan(self, model: ModelConfig, caller: str, translates: bool) -> Plan:
+        usable: list[DeploymentConfig] = []
+        translators: dict[str, Translator] = {}
+        for deployment in model.deployments:
+            wire_formats = self._providers[deployment.provider].wire_formats
+            options = self._provider_configs.get(deployment.provider)
+            max_tokens_field = (
+                options.max_tokens_field if options is not None else ProviderConfig.max_tokens_field
+            )
+            found = reach(caller, wire_formats, max_tokens_field)
+            if found is None or (found.translator is not None and not translates):
+                continue
+            usable.append(deployment)
+            if found.translator is not None:
+                translators[deployment.provider] = found.translator
+        return Plan(tuple(usable), translators)
+
+    def _candidates(self, plan: Plan) -> list[DeploymentConfig]:
         now = time.monotonic()
         usable: list[DeploymentConfig] = []
-        for deployment in model.deployments:
-            if wire_format not in self._providers[deployment.provider].wire_formats:
-                continue
+        for deployment in plan.deployments:
             breaker = self.breaker(deployment.provider)
             state = breaker.state(now)
             if state == "closed":
@@ -96,11 +134,15 @@ class Router:
         return [usable[index] for index in order]
 
     async def send(
-        self, model: ModelConfig, make: Callable[[DeploymentConfig], UpstreamRequest], wire_format: str
+        self, model: ModelConfig, make: Callable[[DeploymentConfig], UpstreamRequest], plan: Plan
     ) -> Routed:
-        """The first good reply, or the last failure (raised, or returned as the reply)."""
-        self.check_serves(model, wire_format)
-        candidates = self._candidates(model, wire_format)
+        """The first good reply, or the last failure (raised, or returned as the reply).
+
+        `make` may refuse a deployment (InvalidRequest: a translation its API family
+        cannot carry): the next is tried, and the refusal is raised only when no
+        deployment was tried at all.
+        """
+        candidates = self._candidates(plan)
         if not candidates:
             raise ServiceUnavailable(
                 f"Every deployment of model `{model.name}` is cooling down after failures; try again soon.",
@@ -110,13 +152,22 @@ class Router:
         attempts = 0
         last_error: GatewayError | None = None
         last_reply: tuple[UpstreamReply, DeploymentConfig] | None = None
+        refused: InvalidRequest | None = None
+        tried: list[DeploymentConfig] = []
         for deployment in candidates:
             provider = self._providers[deployment.provider]
+            try:
+                request = make(deployment)
+            except InvalidRequest as exc:
+                # Its API family cannot carry this request; not the deployment's failure.
+                refused = exc
+                self._release_probe(deployment)
+                continue
+            tried.append(deployment)
             for retry in range(self._config.attempts_per_deployment):
                 if attempts:
                     await asyncio.sleep(self._config.backoff_seconds * (2**retry) * random.uniform(0.5, 1.0))
                 attempts += 1
-                request = make(deployment)
                 request.delivery.attempts += 1
                 try:
                     reply = await provider.send(request)
@@ -132,11 +183,19 @@ class Router:
                         break  # taken out: go straight to the next deployment
                     continue
                 self._succeeded(deployment)
-                return Routed(reply, deployment, attempts)
-        if last_reply is not None and (last_error is None or last_reply[1] == candidates[-1]):
-            return Routed(last_reply[0], last_reply[1], attempts)
-        assert last_error is not None
+                return Routed(reply, deployment, attempts, plan.translator(deployment))
+        if last_reply is not None and (last_error is None or last_reply[1] == tried[-1]):
+            return Routed(last_reply[0], last_reply[1], attempts, plan.translator(last_reply[1]))
+        if last_error is None:
+            assert refused is not None
+            raise refused
         raise last_error
+
+    def _release_probe(self, deployment: DeploymentConfig) -> None:
+        """A cooled-down deployment picked to probe and then not sent to: another request probes it."""
+        breaker = self.breaker(deployment.provider)
+        if breaker.probing and breaker.state(time.monotonic()) == "half_open":
+            breaker.probing = False
 
     def _failed(self, deployment: DeploymentConfig, cause: str) -> bool:
         """Count a failure; True when the deployment is now taken out."""

@@ -350,13 +350,17 @@ def test_upstream_bodies_are_made_once_per_model_and_prepare_never_raises() -> N
     """The usual deployment's body is serialised while Redis decides (UpstreamBodies.prepare):
     the same bytes as made later, once; a failover model gets its own; a body that cannot
     be serialised fails where it is sent, not in the admission."""
+    from gateway.config import DeploymentConfig
     from gateway.proxy import ROUTES, UpstreamBodies
+    from gateway.routing import Plan
 
     chat = ROUTES["chat"]
+    deployment = DeploymentConfig("fake", "gpt-4o-mini")
+    plan = Plan((deployment,))
     body = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     raw = json.dumps(body).encode()
     headers = {"anthropic-version": "2023-06-01", "authorization": "Bearer sk-caller"}
-    bodies = UpstreamBodies(headers, body, raw, None, {}, chat, True, "gpt-4o-mini")
+    bodies = UpstreamBodies(headers, body, raw, None, {}, chat, True, deployment, plan, 100)
     bodies.prepare()
     usual = bodies.for_model("gpt-4o-mini")
     assert bodies.for_model("gpt-4o-mini") is usual  # made once, in prepare
@@ -368,12 +372,12 @@ def test_upstream_bodies_are_made_once_per_model_and_prepare_never_raises() -> N
     # Not renamed, not streamed: the caller's own bytes go as they are.
     plain = {"model": "gpt-4o-mini", "messages": []}
     plain_raw = b'{"model": "gpt-4o-mini", "messages": []}'
-    same = UpstreamBodies({}, plain, plain_raw, None, {}, chat, False, "gpt-4o-mini")
+    same = UpstreamBodies({}, plain, plain_raw, None, {}, chat, False, deployment, plan, 100)
     assert same.for_model("gpt-4o-mini").raw == plain_raw
     # A policy's cap is a change too.
-    capped = UpstreamBodies({}, plain, plain_raw, None, {"max_tokens": 5}, chat, False, "gpt-4o-mini")
+    capped = UpstreamBodies({}, plain, plain_raw, None, {"max_tokens": 5}, chat, False, deployment, plan, 100)
     assert capped.for_model("gpt-4o-mini").raw == json.dumps({**plain, "max_tokens": 5}).encode()
-    broken = UpstreamBodies({}, {"model": "fast", "x": object()}, b"", None, {}, chat, False, "gpt-4o-mini")
+    broken = UpstreamBodies({}, {"model": "fast", "x": object()}, b"", None, {}, chat, False, deployment, plan, 100)
     broken.prepare()
     with pytest.raises(TypeError):
         broken.for_model("gpt-4o-mini")
