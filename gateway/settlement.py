@@ -113,7 +113,10 @@ class Settlement:
             if price is not None:
                 usage = final.usage
                 cost = price.cost_usd(
-                    usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.cached_prompt_tokens,
+                    usage.cache_write_prompt_tokens,
                 )
                 self._metrics.cost.labels(model).inc(cost)
             if self._metrics.team_tokens is not None:
@@ -158,8 +161,17 @@ def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
         attempts=exchange.attempts,
         error_detail=exchange.error_detail,
         cost_usd=(
-            price.cost_usd(usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens)
+            price.cost_usd(
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cached_prompt_tokens,
+                usage.cache_write_prompt_tokens,
+            )
             if price is not None and usage is not None
             else None
         ),
+        cached_prompt_tokens=usage.cached_prompt_tokens if usage is not None else None,
+        cache_write_tokens=usage.cache_write_prompt_tokens if usage is not None else None,
+        caller_api=exchange.wire_format,
+        provider_api=exchange.provider_api,
     )
