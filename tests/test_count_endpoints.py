@@ -72,8 +72,10 @@ async def test_anthropic_count_tokens_through_the_sdk(gateway: RunningGateway) -
         system="You are terse.",
         messages=[{"role": "user", "content": "Hello, Claude"}],
     )
-    # o200k_base: 3 + "You are terse." (4) + 3 + "user" (1) + "Hello, Claude" (3) = 14; x 1.15 -> 17
-    assert counted.input_tokens == 17
+    # claude-sonnet is served by an OpenAI-compatible deployment: the body is counted as the
+    # chat body it is translated into. o200k_base: 3 + "system" (1) + "You are terse." (4)
+    # + 3 + "user" (1) + "Hello, Claude" (3) + 3 = 18; x 1.15 -> 21
+    assert counted.input_tokens == 21
     with pytest.raises(anthropic.AuthenticationError) as caught:
         await anthropic.AsyncAnthropic(
             base_url=gateway.url, api_key="wrong", max_retries=0
