@@ -23,6 +23,7 @@ from prometheus_client import multiprocess
 from gateway import connections, count_routes, health, proxy, quota_routes, state
 from gateway.auth import Authenticator, FailedAuthentications
 from gateway.config import ConfigError, GatewayConfig
+from gateway.console import CONSOLE_PREFIX, console_app
 from gateway.ledger import LedgerWriter, open_store
 from gateway.ledger.spool import Spool
 from gateway.metrics import MULTIPROCESS_ENV, Metrics
@@ -91,6 +92,7 @@ def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = No
     app.router.add_get("/v1/quota", quota_routes.own_quota)
     if config.admin_address is None:
         _add_admin_routes(app)
+        _add_console(app, app)
     else:
         # The admin API listens on its own address; the public port does not serve it.
         app.cleanup_ctx.append(_admin_site)
@@ -155,6 +157,14 @@ def _add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/usage", quota_routes.admin_usage)
 
 
+def _add_console(host: web.Application, gateway: web.Application) -> None:
+    """The operators' console at /ui/ on `host` (the admin listener's app or the main
+    one), reading `gateway`'s resources; only while the admin API is on."""
+    config = gateway[state.CONFIG]
+    if config.admin_key_sha256 is not None and config.console.enabled:
+        host.add_subapp(CONSOLE_PREFIX.rstrip("/"), console_app(gateway))
+
+
 async def _admin_site(app: web.Application) -> AsyncIterator[None]:
     """A second, small application on the admin address, sharing this one's resources."""
     address = app[state.CONFIG].admin_address
@@ -172,6 +182,7 @@ async def _admin_site(app: web.Application) -> AsyncIterator[None]:
     admin[state.COUNTER] = app[state.COUNTER]
     admin[state.ROUTER] = app[state.ROUTER]
     _add_admin_routes(admin)
+    _add_console(admin, app)
     # The same header deadline, size bound and per-address limit as the public port,
     # counted apart from it.
     runner, _ = await connections.start(admin, admin[state.CONFIG].server, address[0], address[1])
