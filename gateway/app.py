@@ -276,7 +276,9 @@ async def _providers(app: web.Application) -> AsyncIterator[None]:
     config = app[state.CONFIG]
     providers = build_providers(config.providers, app[state.COUNTER].registry)
     app[state.PROVIDERS] = providers
-    app[state.ROUTER] = Router(providers, config.routing, app[state.METRICS])
+    app[state.ROUTER] = Router(
+        providers, config.routing, app[state.METRICS], provider_configs=config.providers
+    )
     yield
     for provider in providers.values():
         await provider.close()
