@@ -289,6 +289,8 @@ async def test_every_page_answers_with_a_session_and_sends_to_login_without(
         assert page.status == 303, path
         assert page.headers["Location"].startswith("/ui/login?next=/ui/"), path
     assert (await anonymous.get("/ui/static/console.js")).status == 200
+    typed = await anonymous.get("/ui")
+    assert (typed.status, typed.headers["Location"]) == (308, "/ui/")
     assert (await anonymous.get("/ui/static/vendor/uPlot.iife.min.js")).status == 200
     signed_in = browser(gateway.url)
     assert (await signed_in.login()).status == 303

@@ -23,7 +23,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 @web.middleware
 async def require_session(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path == LOGIN_PATH or request.path.startswith(STATIC_PREFIX):
+    # /ui (no slash) only sends the browser to /ui/: the session cookie's path is /ui/.
+    if request.path in (LOGIN_PATH, "/ui") or request.path.startswith(STATIC_PREFIX):
         return await handler(request)
     session = await request.app[SESSIONS].resume(request.cookies.get(SESSION_COOKIE))
     if session is None:
@@ -40,7 +41,8 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def next_page(value: str | None) -> str:
-    """Where to go after login: a console path only (never another site, nor //host)."""
-    if value and value.startswith("/ui/") and not value.startswith("//") and "\\" not in value:
+    """Where to go after login: a console path only (never another site), printable
+    ASCII only (nothing a browser would strip or a header could not carry)."""
+    if value and value.startswith("/ui/") and value.isascii() and value.isprintable() and "\\" not in value:
         return value
     return "/ui/"

@@ -34,6 +34,7 @@ def console_app(gateway: web.Application) -> web.Application:
         filters=FILTERS,
     )
     router = console.router
+    router.add_get("", to_console)
     router.add_get("/", overview.overview)
     router.add_get("/login", login.login_form)
     router.add_post("/login", login.login)
@@ -58,3 +59,8 @@ async def _open_sessions(console: web.Application) -> None:
     """The store exists once the gateway's own start-up opened it (sub-apps start after)."""
     gateway = console[GATEWAY]
     console[SESSIONS] = Sessions(gateway[state.STORE], gateway[state.CONFIG].console)
+
+
+async def to_console(request: web.Request) -> web.StreamResponse:
+    """/ui (as typed) → /ui/ (the protect middleware adds the console's headers)."""
+    return web.Response(status=308, headers={"Location": CONSOLE_PREFIX})
