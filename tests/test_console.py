@@ -28,6 +28,7 @@ from gateway.app import create_app
 from gateway.config import load_config
 from gateway.console.security import CONTENT_SECURITY_POLICY
 from tests.conftest import ADMIN_KEY, T0_MS, ConfigWriter, RunningGateway, StartGateway, _sha256, free_port
+from tests.fakes.openai_upstream import FakeUpstream
 
 HI = [{"role": "user", "content": "Say hello to the console."}]
 CSP = (
@@ -763,3 +764,43 @@ async def test_the_shipped_config_serves_the_console(tmp_path: Path, browser: Ne
         assert cell(usage.text, 'data-name="demo"', "prompt_tokens") == str(answer.usage.prompt_tokens)
     finally:
         await server.close()
+
+
+async def test_the_overview_counts_outcomes_errors_and_rejections_exactly(
+    start_gateway: StartGateway,
+    fake_upstream: FakeUpstream,
+    clean_database: asyncpg.Connection,
+    browser: NewBrowser,
+) -> None:
+    tight = "policies:\n  - name: tight\n    scope: user\n    limits:\n      - {requests: 2, per: minute}\n"
+    gateway = await start_gateway(tight, clock_ms=lambda: T0_MS)
+    client = browser(gateway.url)
+    await client.login()
+    sdk = gateway.client()
+    answer = await sdk.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+    assert answer.usage is not None
+    fake_upstream.mode = "error_500"
+    with pytest.raises(openai.APIStatusError) as failed:
+        await sdk.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+    with pytest.raises(openai.RateLimitError):
+        await sdk.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+    await gateway.settle()
+    status, code = failed.value.status_code, failed.value.response.json()["error"]["code"]
+    assert status >= 500
+    assert await clean_database.fetchval("SELECT count(*) FROM usage_events") == 2
+
+    page = (await client.get("/ui/")).text
+    assert 'id="today-requests" data-value="2"' in page
+    assert f'id="today-tokens" data-value="{answer.usage.total_tokens}"' in page
+    assert 'id="events-requests" data-value="2"' in page
+    assert 'id="events-errors" data-value="1"' in page
+    assert 'id="events-error-rate">50.0%<' in page
+    assert re.search(
+        rf'<tr data-name="{status} {code}"><td>{status}</td><td>{code}</td><td class="num">1<', page
+    )
+    assert cell(page, 'data-name="429"', "requests") == "1"
+    assert cell(page, 'data-name="user requests_per_minute"', "requests") == "1"
+    accuracy = re.search(r'<table id="accuracy-table">.*?</table>', page, re.DOTALL)
+    assert accuracy is not None
+    # Only the answered request was billed: the failed one has no provider usage.
+    assert cell(accuracy[0], 'data-name="gpt-4o-mini"', "billed") == str(answer.usage.prompt_tokens)

@@ -36,6 +36,12 @@ async def test_a_session_works_on_every_worker_and_logout_ends_it_on_every_worke
     try:
         await wait_healthy(port, process)
         await asyncio.sleep(1.0)  # both workers up
+        for _ in range(5):  # refused on whichever worker: the overview adds them up
+            async with (
+                aiohttp.ClientSession() as client,
+                client.get(f"{url}/v1/models", headers={"Authorization": "Bearer gw-not-a-key"}) as response,
+            ):
+                assert response.status == 401
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
             async with browser.get(f"{url}/ui/login") as response:
                 token = re.search(r'name="csrf_token" value="([^"]+)"', await response.text())[1]  # type: ignore[index]
@@ -51,6 +57,14 @@ async def test_a_session_works_on_every_worker_and_logout_ends_it_on_every_worke
             # would happen once in 2^29 runs), and every one knows the session.
             for _ in range(PAGES):
                 assert await fresh_get(f"{url}/ui/keys", session_id) == (200, "")
+            for _ in range(4):
+                async with (
+                    aiohttp.ClientSession() as client,
+                    client.get(f"{url}/ui/", headers={"Cookie": f"gw_console={session_id}"}) as response,
+                ):
+                    overview = await response.text()
+                    assert response.status == 200
+                assert re.search(r'<tr data-name="401">.*?data-value="5"', overview), overview
             async with browser.get(f"{url}/ui/") as response:
                 csrf = re.search(r'name="csrf_token" value="([^"]+)"', await response.text())[1]  # type: ignore[index]
             async with browser.post(

@@ -40,7 +40,12 @@ async def protect(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_page(request, exc.status, exc.message)
     except Exception:
         log.exception("console error serving %s %s", request.method, request.path)
-        response = error_page(request, 500, "The console had an internal error; the gateway's log says more.")
+        response = error_page(
+            request,
+            500,
+            "The console could not answer (is the database or the quota store unreachable?); "
+            "the gateway's log says why.",
+        )
     response.headers.update(SECURITY_HEADERS)
     static = request.path.startswith(STATIC_PREFIX) and response.status == 200
     # Pages can hold a key shown once, usage figures and CSRF tokens: never stored.
