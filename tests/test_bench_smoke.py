@@ -197,6 +197,47 @@ def test_instruction_count_smoke_run(tmp_path: Path, redis_url: str) -> None:
     assert 200_000 < window["per_request"] < 50_000_000, window
 
 
+CONSOLE_PAGES = {
+    "overview (today)",
+    "overview (this month)",
+    "usage by user (month)",
+    "usage by key (90 days)",
+    "usage by day (90 days)",
+    "usage by model, one user",
+    "usage.csv by key (90 days)",
+    "keys",
+    "quotas",
+    "policies",
+    "health",
+}
+
+
+def test_console_benchmark_smoke_run(tmp_path: Path, redis_url: str, database_url: str) -> None:
+    """./scripts/bench console --smoke: a 2,000-row ledger whose rollups add up to its events,
+    and every console page answered 200 through a real gateway, each timed 3 times."""
+    from tests.conftest import REDIS_KEY_PREFIX
+
+    output = tmp_path / "console.json"
+    command = [sys.executable, "-m", "bench.console", "--smoke", "--output", str(output)]
+    command += ["--redis-url", redis_url, "--database-url", database_url]
+    _run_smoke([*command, "--redis-key-prefix", f"{REDIS_KEY_PREFIX}bench-console:"], timeout=120)
+
+    result = json.loads(output.read_text())
+    ledger = result["ledger"]
+    assert (ledger["rows"], ledger["request_ids"], ledger["rollup_requests"]) == (2_000, 2_000, 2_000)
+    assert ledger["keys"] == 200
+    assert ledger["rollup_tokens"] == ledger["event_tokens"]
+    assert ledger["event_tokens"][0] > 0 and ledger["event_tokens"][1] > 0
+    assert 0 < ledger["rollup_rows"] <= 2_000
+    assert {page["name"] for page in result["pages"]} == CONSOLE_PAGES
+    for timing in result["pages"] + result["month_end"]:
+        assert timing["requests"] == 3, timing
+        assert 0 < timing["median_ms"] <= timing["p95_ms"] <= timing["max_ms"], timing
+    for page in result["pages"]:
+        assert page["bytes"] > 0, page
+    assert result["gateway_errors"] == []
+
+
 def _require(*tools: str) -> None:
     for tool in tools:
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
