@@ -29,6 +29,7 @@ from gateway.tokens.in_use import encodings_in_use
 
 EXPECTED_TABLES = (
     "api_keys",
+    "console_sessions",
     "gateway_schema_migrations",
     "usage_daily",
     "usage_events",
