@@ -12,8 +12,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from gateway.quota.batching import ScriptBatcher
+from gateway.quota.batching import ScriptBatcher, evalsha
 from gateway.quota.resp import RespConnection
+from tests.conftest import REDIS_KEY_PREFIX
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 FAIL_ON_NEGATIVE = "if tonumber(ARGV[1]) < 0 then return redis.error_reply('negative') end return ARGV[1]"
@@ -140,3 +141,44 @@ async def test_a_deferred_call_alone_goes_after_its_delay(redis: Redis) -> None:
     assert await asyncio.wait_for(batcher.call(script, [key], [3], defer=True), timeout=5) == 3
     await batcher.close()
     await redis.delete(key)
+
+
+@pytest.mark.parametrize("cancelled", ["while owed", "as the reply arrives", "just after the reply"])
+async def test_a_cancelled_callers_reply_is_handed_over_whenever_it_comes(
+    redis: Redis, batcher: ScriptBatcher, cancelled: str
+) -> None:
+    """Redis runs a call whose caller left: its reply goes to `orphaned` (QuotaService
+    releases a cancelled admission's reservation so), whichever comes first."""
+    key = f"{REDIS_KEY_PREFIX}batch:{uuid.uuid4().hex}"
+    script = redis.register_script(INCR)
+    await batcher.call(script, [key], [0])  # loads the script and connects
+    handed: list[asyncio.Future[Any]] = []
+    calling = asyncio.create_task(
+        batcher.call_packed(script, evalsha(script, [key], [5]), orphaned=handed.append)
+    )
+    await asyncio.sleep(0)  # written: nothing was owed
+    protocol = batcher._connection._protocol
+    assert protocol is not None
+    receive = protocol.data_received
+
+    def received(data: bytes) -> None:
+        # Before the caller's task can see its cancellation: the reply finds its future
+        # cancelled, or already answered.
+        if cancelled == "as the reply arrives":
+            calling.cancel()
+        receive(data)
+        if cancelled == "just after the reply":
+            calling.cancel()
+
+    protocol.data_received = received  # type: ignore[method-assign]
+    if cancelled == "while owed":
+        calling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await calling
+    assert len(handed) == 1
+    assert await asyncio.wait_for(handed[0], timeout=5) == 5
+    assert int(await redis.get(key)) == 5
+    # Nothing is kept for calls that are over.
+    assert batcher._connection._spares == {}
+    assert await batcher.call(script, [key], [1]) == 6
+    assert batcher._connection._spares == {}

@@ -65,21 +65,37 @@ class ScriptBatcher:
         *,
         defer: bool = False,
         meanwhile: Callable[[], object] | None = None,
+        orphaned: Callable[[asyncio.Future[Any]], object] | None = None,
     ) -> Any:
         """`command`: EVALSHA of `script`, packed (see `evalsha`).
 
         meanwhile: called once the call is queued (and, when Redis owed nothing, already
         written), before its reply is awaited: work for the caller to do while Redis runs it.
+        orphaned: called if the caller is cancelled once the call is queued, which Redis
+        runs all the same, with a future of its reply (see RespConnection.spare_reply).
         """
+        reply = self._enqueue(command, defer)
+        spare = None if orphaned is None else self._connection.spare_reply(reply)
         try:
-            reply = self._enqueue(command, defer)
             if meanwhile is not None:
                 meanwhile()
             return await reply
         except NoScriptError:
-            # Redis restarted or its scripts were flushed: load it, then run this call again.
-            await self._load(script)
-        return await self._enqueue(command, False)
+            pass  # Redis restarted or its scripts were flushed: see below.
+        except asyncio.CancelledError:
+            if orphaned is not None and spare is not None:
+                if reply.done() and not reply.cancelled():
+                    orphaned(reply)  # answered just before the cancellation reached the caller
+                else:
+                    orphaned(spare)
+                    spare = None  # kept for the reply
+            raise
+        finally:
+            if spare is not None:
+                self._connection.drop_spare(reply)
+        # Load the script, then run this call again. (Nothing ran: NOSCRIPT was the reply.)
+        await self._load(script)
+        return await self.call_packed(script, command, orphaned=orphaned)
 
     async def _load(self, script: Script) -> None:
         """SCRIPT LOAD, on the same connection as the calls (and as the same ACL user)."""

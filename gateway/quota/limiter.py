@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -197,18 +198,21 @@ class QuotaLimiter:
         defer: bool = False,
         command: bytes | None = None,
         meanwhile: Callable[[], object] | None = None,
+        orphaned: Callable[[asyncio.Future[Any]], object] | None = None,
     ) -> Any:
         """One script call; raises QuotaStoreUnavailable if Redis fails.
 
         command: the call already packed (batched calls only), in place of keys and args.
-        meanwhile: see ScriptBatcher.call_packed (batched calls only; else not called).
+        meanwhile, orphaned: see ScriptBatcher.call_packed (batched calls only; else not called).
         """
         started = time.monotonic()
         try:
             if self._batcher is not None:
                 if command is None:
                     return await self._batcher.call(script, keys, args, defer=defer)
-                return await self._batcher.call_packed(script, command, defer=defer, meanwhile=meanwhile)
+                return await self._batcher.call_packed(
+                    script, command, defer=defer, meanwhile=meanwhile, orphaned=orphaned
+                )
             async with self._calls or contextlib.nullcontext():
                 return await script(keys=keys, args=args)
         except Exception as exc:
@@ -222,6 +226,12 @@ class QuotaLimiter:
     async def close(self) -> None:
         if self._batcher is not None:
             await self._batcher.close()
+
+    @property
+    def hands_over_cancelled(self) -> bool:
+        """Whether `reserve` takes `on_cancelled`: a cancelled reservation's outcome is
+        handed over, so the caller need not shield the call from its own cancellation."""
+        return self._batcher is not None
 
     @property
     def clustered(self) -> bool:
@@ -262,12 +272,18 @@ class QuotaLimiter:
         return list(groups.values())
 
     async def reserve(
-        self, charges: Sequence[Charge], meanwhile: Callable[[], object] | None = None
+        self,
+        charges: Sequence[Charge],
+        meanwhile: Callable[[], object] | None = None,
+        on_cancelled: Callable[[Awaitable[Admission]], object] | None = None,
     ) -> Admission:
         """Admit against every charge or none; raises QuotaStoreUnavailable if Redis fails.
 
         meanwhile: work the caller can do while Redis decides, called once the reserve
         call is on its way, if it is (see ScriptBatcher.call_packed); never more than once.
+        on_cancelled (only where `hands_over_cancelled`): called if this is cancelled while
+        Redis has the call, with the admission Redis makes all the same, to be awaited
+        (and released: see QuotaService.admit).
         """
         reservation_id = os.urandom(16).hex()
         if not charges:
@@ -279,7 +295,11 @@ class QuotaLimiter:
         reserved_at = now_ms
         for group in self._groups(len(charges), charges):
             reply = await self._call_reserve(
-                reservation_id, [charges[i] for i in group], [spans[i] for i in group], meanwhile
+                reservation_id,
+                [charges[i] for i in group],
+                [spans[i] for i in group],
+                meanwhile,
+                on_cancelled,
             )
             meanwhile = None
             admitted, reserved_at, rejecting, retry_after_ms, unsynced = reply[:5]
@@ -321,13 +341,52 @@ class QuotaLimiter:
         charges: Sequence[Charge],
         spans: Sequence[tuple[str, str, int, int]],
         meanwhile: Callable[[], object] | None = None,
+        on_cancelled: Callable[[Awaitable[Admission]], object] | None = None,
     ) -> Coroutine[Any, Any, list[Any]]:
         # Not a coroutine itself: one frame fewer between the reply and the request.
         if self._batcher is not None:
             command = self._reserve_command(reservation_id, charges, spans)
-            return self._run("reserve", self._reserve, [], [], command=command, meanwhile=meanwhile)
+            orphaned = None
+            if on_cancelled is not None:
+                orphaned = functools.partial(self._orphaned, on_cancelled, reservation_id, charges, spans)
+            return self._run(
+                "reserve", self._reserve, [], [], command=command, meanwhile=meanwhile, orphaned=orphaned
+            )
         keys, args = self._reserve_call(reservation_id, charges, spans)
         return self._run("reserve", self._reserve, keys, args)
+
+    def _orphaned(
+        self,
+        on_cancelled: Callable[[Awaitable[Admission]], object],
+        reservation_id: str,
+        charges: Sequence[Charge],
+        spans: Sequence[tuple[str, str, int, int]],
+        reply: asyncio.Future[Any],
+    ) -> None:
+        """A cancelled reserve call's reply is owed still: its admission goes to on_cancelled."""
+        on_cancelled(self._late_admission(reply, reservation_id, charges, spans))
+
+    async def _late_admission(
+        self,
+        reply: asyncio.Future[Any],
+        reservation_id: str,
+        charges: Sequence[Charge],
+        spans: Sequence[tuple[str, str, int, int]],
+    ) -> Admission:
+        """What a reserve call of one group (batched calls have one) admitted, from its reply."""
+        try:
+            values = await reply
+        except Exception as exc:
+            raise QuotaStoreUnavailable(str(exc)) from exc
+        admitted, reserved_at = values[:2]
+        if not admitted:  # nor charged (an unsynced subject is not admitted either)
+            return Admission(admitted=False, reservation=Reservation(reservation_id, (), (), reserved_at))
+        states = tuple(
+            LimitState(charge.limit, values[at], values[at + 1], values[at + 2] == 1, values[at + 3])
+            for charge, at in zip(charges, range(5, 5 + 4 * len(charges), 4), strict=True)
+        )
+        reservation = Reservation(reservation_id, tuple(charges), states, reserved_at, tuple(spans))
+        return Admission(admitted=True, reservation=reservation, states=states)
 
     def _reserve_call(
         self, reservation_id: str, charges: Sequence[Charge], spans: Sequence[tuple[str, str, int, int]]

@@ -7,6 +7,10 @@ of what quota admission cost. Here commands are written to one connection as the
 come and each reply resolves its caller's future straight from the socket callback
 (Redis answers in order), parsed by hiredis. No task, timer or copy is made per call.
 
+A caller cancelled while its command is on its way (a client that left) does not stop
+Redis from running it: the reply can go to a spare future instead (`spare_reply`), for
+whoever must undo what the command did.
+
 Replies are watched by one timer per connection, not one per call: it fires every
 `reply_timeout` while replies are owed, and if a command sent before the last firing is
 still unanswered, the connection is dropped and everything waiting on it fails. A
@@ -51,9 +55,11 @@ def bulk_int(value: int) -> bytes:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, spares: dict[asyncio.Future[Any], asyncio.Future[Any]]) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # Callers' futures → the spares their replies go to if they are cancelled (spare_reply).
+        self.spares = spares
         self.lost = False
         # Commands written and replies read since connecting: what the watchdog compares.
         self.sent = 0
@@ -76,8 +82,11 @@ class _Protocol(asyncio.Protocol):
         while (reply := self._reader.gets()) is not False:
             self.answered += 1
             future = waiting.popleft()
-            if future.done():  # its caller was cancelled
-                continue
+            if future.done():  # its caller was cancelled: the reply may go to a spare
+                spare = self.spares.pop(future, None) if self.spares else None
+                if spare is None or spare.done():
+                    continue
+                future = spare
             if isinstance(reply, ResponseError):
                 future.set_exception(_error_class(reply))
             else:
@@ -90,6 +99,8 @@ class _Protocol(asyncio.Protocol):
         self.lost = True
         while self.waiting:
             future = self.waiting.popleft()
+            if future.done() and self.spares:
+                future = self.spares.pop(future, future)
             if not future.done():
                 future.set_exception(error)
 
@@ -114,6 +125,7 @@ class RespConnection:
         self._tls = tls
         self._connect_timeout, self._reply_timeout = connect_timeout, reply_timeout
         self._protocol: _Protocol | None = None
+        self._spares: dict[asyncio.Future[Any], asyncio.Future[Any]] = {}
         self._connecting = asyncio.Lock()
         self._watchdog: asyncio.TimerHandle | None = None
 
@@ -179,10 +191,27 @@ class RespConnection:
                 await self.connect()
         except BaseException as exc:
             for future in futures:
+                if future.done() and self._spares:
+                    future = self._spares.pop(future, future)
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
+
+    def spare_reply(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """A spare future for the reply to the command of `future`, should `future` be
+        cancelled (its caller left) before the reply comes: the command runs all the same.
+
+        The spare gets what `future` would have: the reply, or the error that it is or
+        that a lost connection or a reply timeout is. Taken before the command is written;
+        `drop_spare(future)` once it is not needed (its caller had the reply, or failed).
+        """
+        spare: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._spares[future] = spare
+        return spare
+
+    def drop_spare(self, future: asyncio.Future[Any]) -> None:
+        self._spares.pop(future, None)
 
     async def send(self, commands: Sequence[bytes]) -> list[Any]:
         """Replies to these commands, in order; error replies are returned, not raised."""
@@ -192,6 +221,10 @@ class RespConnection:
         return [await _reply_or_error(future) for future in futures]
 
     async def close(self) -> None:
+        for future, spare in self._spares.items():
+            if future.cancelled() and not spare.done():
+                spare.set_exception(RedisConnectionError("Connection to Redis closed."))
+        self._spares.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -225,10 +258,10 @@ class RespConnection:
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     if self._path is not None:
-                        _, protocol = await loop.create_unix_connection(_Protocol, self._path)
+                        _, protocol = await loop.create_unix_connection(self._new_protocol, self._path)
                     else:
                         _, protocol = await loop.create_connection(
-                            _Protocol, self._host or "", self._port, ssl=self._tls
+                            self._new_protocol, self._host or "", self._port, ssl=self._tls
                         )
             # ssl.SSLError (a certificate refused, a TLS port spoken to in plain) is an OSError.
             except (OSError, TimeoutError) as exc:
@@ -241,6 +274,9 @@ class RespConnection:
                 protocol.transport.close()
                 raise
             self._protocol = protocol
+
+    def _new_protocol(self) -> _Protocol:
+        return _Protocol(self._spares)
 
     async def _handshake(self, protocol: _Protocol) -> None:
         """AUTH and SELECT, as one write; raises what refused them, as a connection error."""

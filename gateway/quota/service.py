@@ -10,10 +10,10 @@ import asyncio
 import fnmatch
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.auth import Principal
 from gateway.config import ModelConfig, QuotaConfig
@@ -72,8 +72,14 @@ class Amounts:
         return self.cost_micro_usd
 
 
-def amounts_for(model: ModelConfig, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> Amounts:
-    cost = model.price.cost_micro_usd(prompt_tokens, completion_tokens, cached) if model.price else 0
+def amounts_for(
+    model: ModelConfig, prompt_tokens: int, completion_tokens: int, cached: int = 0, cache_write: int = 0
+) -> Amounts:
+    cost = (
+        model.price.cost_micro_usd(prompt_tokens, completion_tokens, cached, cache_write)
+        if model.price
+        else 0
+    )
     return Amounts(prompt_tokens, completion_tokens, cost)
 
 
@@ -141,17 +147,16 @@ class QuotaService:
         charges = [Charge(limit, reserved.of(limit.rule.kind)) for limit in decision.limits]
         if not charges:
             return Ticket(Admission(True, Reservation("", (), (), 0)), reserved)
-        # A disconnect cancels the handler, not the script in Redis: reserve shielded, release if cancelled.
-        reserving = asyncio.create_task(self._reserve(charges, meanwhile))
+        # A disconnect cancels the handler, not the script in Redis: what a cancelled
+        # admission is granted is released. The usual limiter hands that admission over
+        # (no task per admission); with the others the call runs shielded in a task.
         try:
-            admission = await asyncio.shield(reserving)
+            if self.limiter.hands_over_cancelled:
+                admission = await self._reserve_once(charges, meanwhile)
+            else:
+                admission = await self._shielded(self._reserve(charges, meanwhile))
         except QuotaStoreUnavailable as exc:
             return self._admit_without_redis(charges, reserved, exc)
-        except asyncio.CancelledError:
-            release = asyncio.create_task(self._release_when_reserved(reserving))
-            self._releases.add(release)
-            release.add_done_callback(self._releases.discard)
-            raise
         for state in admission.shadow_rejections:
             self._metrics.quota_shadow_rejections.labels(state.limit.rule.label, state.limit.scope).inc()
             log.info(
@@ -169,12 +174,41 @@ class QuotaService:
         self._metrics.quota_admissions.inc()
         return Ticket(admission, reserved)
 
-    async def _release_when_reserved(self, reserving: asyncio.Task[Admission]) -> None:
+    async def _reserve_once(self, charges: list[Charge], meanwhile: Callable[[], object] | None) -> Admission:
+        """One reserve call, not shielded: if cancelled, the limiter hands its admission to
+        `_release_later`. Counters to rebuild first (rare) are rebuilt in a shielded task."""
+        if time.monotonic() < self._redis_down_until:
+            raise QuotaStoreUnavailable("Redis failed recently; not retried yet")
+        try:
+            return await self.limiter.reserve(charges, meanwhile, self._release_later)
+        except CountersNotSynced as missing:
+            return await self._shielded(self._reserve(charges, None, missing, SYNC_ATTEMPTS - 1))
+        except QuotaStoreUnavailable:
+            self._reserve_failed()
+            raise
+
+    async def _shielded(self, reserving: Coroutine[Any, Any, Admission]) -> Admission:
+        """`reserving` run in a task its caller's cancellation does not reach; if cancelled,
+        what it is granted is released."""
+        task = asyncio.create_task(reserving)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._release_later(task)
+            raise
+
+    def _release_later(self, admission: Awaitable[Admission]) -> None:
+        """Release what a cancelled admission is granted, once it is (drain_releases waits)."""
+        release = asyncio.get_running_loop().create_task(self._release_when_reserved(admission))
+        self._releases.add(release)
+        release.add_done_callback(self._releases.discard)
+
+    async def _release_when_reserved(self, reserving: Awaitable[Admission]) -> None:
         """Release what a cancelled admission is granted, once it is granted."""
         try:
             admission = await reserving
         except QuotaStoreUnavailable:
-            return  # nothing reserved; _reserve counted the failure
+            return  # nothing reserved (Redis failed: what every call on its way sees and counts)
         except Exception:
             log.exception("a cancelled admission failed")
             return
@@ -193,20 +227,32 @@ class QuotaService:
         while self._releases:
             await asyncio.gather(*list(self._releases), return_exceptions=True)
 
-    async def _reserve(self, charges: list[Charge], meanwhile: Callable[[], object] | None) -> Admission:
+    async def _reserve(
+        self,
+        charges: list[Charge],
+        meanwhile: Callable[[], object] | None,
+        missing: CountersNotSynced | None = None,
+        attempts: int = SYNC_ATTEMPTS,
+    ) -> Admission:
+        """Reserve, rebuilding calendar counters first where `missing` or Redis says so."""
         if time.monotonic() < self._redis_down_until:
             raise QuotaStoreUnavailable("Redis failed recently; not retried yet")
-        for _ in range(SYNC_ATTEMPTS):
-            try:
-                return await self.limiter.reserve(charges, meanwhile)
-            except CountersNotSynced as missing:
+        for _ in range(attempts):
+            if missing is not None:
                 meanwhile = None  # done, if it was to be
                 await self.rebuild_calendar_counters(missing.limit.scope, missing.limit.subject)
+            try:
+                return await self.limiter.reserve(charges, meanwhile)
+            except CountersNotSynced as again:
+                missing = again
             except QuotaStoreUnavailable:
-                self._metrics.quota_errors.labels("reserve").inc()
-                self._redis_down_until = time.monotonic() + self._config.redis_retry_seconds
+                self._reserve_failed()
                 raise
         raise QuotaStoreUnavailable("calendar counters could not be rebuilt")
+
+    def _reserve_failed(self) -> None:
+        self._metrics.quota_errors.labels("reserve").inc()
+        self._redis_down_until = time.monotonic() + self._config.redis_retry_seconds
 
     def _admit_without_redis(self, charges: list[Charge], reserved: Amounts, error: Exception) -> Ticket:
         if not all(charge.limit.fail_open for charge in charges):
@@ -300,7 +346,13 @@ def _recorded(limit: AppliedLimit, policy: Policy | None, usage: Sequence[ModelU
 def actual_amounts(model: ModelConfig, usage: Usage | None) -> Amounts:
     if usage is None:
         return Amounts(0, 0, 0)
-    return amounts_for(model, usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens)
+    return amounts_for(
+        model,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.cached_prompt_tokens,
+        usage.cache_write_prompt_tokens,
+    )
 
 
 __all__ = [
