@@ -80,8 +80,10 @@ class Reservation(NamedTuple):
     charges: tuple[Charge, ...]
     states: tuple[LimitState, ...]
     reserved_at_ms: int
-    # Per charge: what the scripts need to find its counter again (kind, window, spans).
-    spans: tuple[tuple[str, str, int, int], ...] = ()
+    # Per charge: what the scripts need to find its counter again (see _PackedLimit).
+    packed: tuple[_PackedLimit, ...] = ()
+    # Per charge, with one Redis: its amount in RESP, as the reserve call sent it.
+    amounts: tuple[bytes, ...] = ()
 
 
 class Admission(NamedTuple):
@@ -98,25 +100,64 @@ class Admission(NamedTuple):
     degraded: bool = False
 
 
-_EVALSHA = bulk(b"EVALSHA")
+# Writing an int in RESP takes two string formats, some 4,000 instructions: the
+# amounts most charges take (a request, a lane) are written once, here.
+_SMALL_INTS = tuple(bulk_int(number) for number in range(128))
+_ALWAYS = (-(2**63), 2**63)
 
 
-def _evalsha(sha: str, keys: list[bytes], key_count: int, args: list[bytes], arg_count: int) -> bytes:
-    """EVALSHA from parts already in RESP: `keys` hold key_count keys, `args` arg_count arguments."""
+_NO_TIME = bulk(b"")  # the scripts then read Redis's clock
+
+
+def _int_resp(value: int) -> bytes:
+    return _SMALL_INTS[value] if 0 <= value < 128 else bulk_int(value)
+
+
+def _evalsha_head(sha: str, key_count: int, arg_count: int) -> bytes:
+    """The start of an EVALSHA of `key_count` keys and `arg_count` arguments, up to its keys."""
     header = b"*%d\r\n" % (3 + key_count + arg_count)
-    return b"".join([header, _EVALSHA, bulk(sha.encode()), bulk_int(key_count), *keys, *args])
+    return header + bulk(b"EVALSHA") + bulk(sha.encode()) + bulk_int(key_count)
 
 
-class _PackedLimit(NamedTuple):
-    """One limit's share of the script calls, in RESP, for one key prefix and period."""
+class _PackedLimit:
+    """One limit's share of the script calls, in RESP, made once per limiter and calendar
+    period (see QuotaLimiter._packed): per request only the amounts and ids are written."""
 
-    prefix: str
-    spans: tuple[str, str, int, int]
-    reserve_keys: bytes  # B, P, S
-    settle_keys: bytes  # B, P
-    reserve_args: bytes  # kind, window, capacity, span_a, span_b
-    settle_args: bytes  # kind, window, span_a, span_b
-    enforced: bytes  # 1 | 0
+    __slots__ = (
+        "bucket",
+        "bucket_resp",
+        "enforced",
+        "owner",
+        "reserve_args",
+        "reserve_keys",
+        "settle_args",
+        "settle_keys",
+        "spans",
+        "valid_from_ms",
+        "valid_until_ms",
+    )
+
+    def __init__(self, owner: QuotaLimiter, limit: AppliedLimit, spans: tuple[str, str, int, int]) -> None:
+        self.owner = owner
+        self.spans = spans
+        # A calendar limit's spans hold for its period; the others' for ever.
+        self.valid_from_ms, self.valid_until_ms = spans[2:] if spans[1] == "calendar" else _ALWAYS
+        buckets, pending, synced = (bulk(key.encode()) for key in limit.script_keys(owner.key_prefix))
+        kind_window = bulk(spans[0].encode()) + bulk(spans[1].encode())
+        span_pair = bulk_int(spans[2]) + bulk_int(spans[3])
+        self.reserve_keys = buckets + pending + synced
+        self.settle_keys = buckets + pending
+        self.reserve_args = kind_window + bulk_int(limit.rule.capacity) + span_pair
+        self.settle_args = kind_window + span_pair
+        self.enforced = bulk(b"1" if limit.enforced else b"0")
+        # The bucket last charged and its RESP: a counter's bucket changes once a second
+        # at most, so most settlements find it written already.
+        self.bucket, self.bucket_resp = 0, _SMALL_INTS[0]
+
+    def bucket_of(self, bucket: int) -> bytes:
+        if bucket != self.bucket:
+            self.bucket, self.bucket_resp = bucket, bulk_int(bucket)
+        return self.bucket_resp
 
 
 def period_bounds(rule_window: str, now_ms: int, zone: ZoneInfo) -> tuple[int, int]:
@@ -167,6 +208,9 @@ class QuotaLimiter:
     _periods: dict[str, tuple[int, int]] = field(init=False, repr=False, default_factory=dict)
     _calls: asyncio.Semaphore | None = field(init=False, repr=False, default=None)
     _batcher: ScriptBatcher | None = field(init=False, repr=False, default=None)
+    # EVALSHA heads of reserve and settle calls, by the number of limits (see _evalsha_head).
+    _heads: dict[tuple[str, int], bytes] = field(init=False, repr=False, default_factory=dict)
+    _ttl_resp: bytes = field(init=False, repr=False, default=b"")
     # Called with (operation, seconds) after every script call, for the metrics.
     observe: Callable[[str, float], None] | None = None
 
@@ -176,6 +220,7 @@ class QuotaLimiter:
         self._sync = self.redis.register_script(_lua("sync_calendar.lua"))
         self._read = self.redis.register_script(_lua("read_quota.lua"))
         self._zone = ZoneInfo(self.time_zone)
+        self._ttl_resp = bulk_int(self.reservation_ttl_ms)
         if isinstance(self.redis, RedisCluster):
             # redis-py's cluster client has no blocking pool: past max_connections on a
             # node it raises MaxConnectionsError at once, which would fail a burst closed.
@@ -242,6 +287,18 @@ class QuotaLimiter:
     def _now_arg(self) -> str:
         return "" if self.clock_ms is None else str(self.clock_ms())
 
+    def _now_resp(self) -> bytes:
+        return _NO_TIME if self.clock_ms is None else bulk(b"%d" % self.clock_ms())
+
+    def _head(self, script: str, limits: int) -> bytes:
+        """The EVALSHA head of a reserve or settle call of `limits` limits, made once."""
+        head = self._heads.get((script, limits))
+        if head is None:
+            # Per limit: reserve 3 keys and 7 arguments, settle 2 and 7; then 3 and 2 arguments more.
+            sha, keys = (self._reserve.sha, 3) if script == "reserve" else (self._settle.sha, 2)
+            head = self._heads[(script, limits)] = _evalsha_head(sha, keys * limits, keys + 7 * limits)
+        return head
+
     def _now_ms(self) -> int:
         return self.clock_ms() if self.clock_ms is not None else int(time.time() * 1000)
 
@@ -289,22 +346,25 @@ class QuotaLimiter:
         if not charges:
             return Admission(admitted=True, reservation=Reservation(reservation_id, (), (), 0))
         now_ms = self._now_ms()
-        spans = [self._spans(charge.limit, now_ms) for charge in charges]
+        packed = [self._packed(charge.limit, now_ms) for charge in charges]
+        # With one Redis, the amounts in RESP too: the settlement sends them again.
+        amounts = [_int_resp(charge.amount) for charge in charges] if self._batcher is not None else []
         states: list[LimitState | None] = [None] * len(charges)
         done: list[list[int]] = []
         reserved_at = now_ms
-        for group in self._groups(len(charges), charges):
+        groups = self._groups(len(charges), charges)
+        for group in groups:
+            if len(groups) == 1:  # all of them (see _groups)
+                group_charges, group_packed = charges, packed
+            else:
+                group_charges, group_packed = [charges[i] for i in group], [packed[i] for i in group]
             reply = await self._call_reserve(
-                reservation_id,
-                [charges[i] for i in group],
-                [spans[i] for i in group],
-                meanwhile,
-                on_cancelled,
+                reservation_id, group_charges, group_packed, amounts, meanwhile, on_cancelled
             )
             meanwhile = None
             admitted, reserved_at, rejecting, retry_after_ms, unsynced = reply[:5]
             if unsynced:
-                await self._roll_back(reservation_id, charges, spans, states, done)
+                await self._roll_back(reservation_id, charges, packed, states, done)
                 raise CountersNotSynced(charges[group[unsynced - 1]].limit)
             # hiredis hands Lua's numbers over as ints already.
             for position, index in enumerate(group):
@@ -313,7 +373,7 @@ class QuotaLimiter:
                     charges[index].limit, reply[at], reply[at + 1], reply[at + 2] == 1, reply[at + 3]
                 )
             if not admitted:
-                await self._roll_back(reservation_id, charges, spans, states, done)
+                await self._roll_back(reservation_id, charges, packed, states, done)
                 _report_rolled_back(states, charges, done)
                 rejected_index = group[rejecting - 1]
                 known = tuple(state for state in states if state is not None)
@@ -328,52 +388,52 @@ class QuotaLimiter:
             done.append(group)
         final = cast(tuple[LimitState, ...], tuple(states))  # every group filled its states
         shadow = tuple(state for state in final if not state.limit.enforced and not state.charged)
-        return Admission(
-            admitted=True,
-            reservation=Reservation(reservation_id, tuple(charges), final, reserved_at, tuple(spans)),
-            states=final,
-            shadow_rejections=shadow,
+        reservation = Reservation(
+            reservation_id, tuple(charges), final, reserved_at, tuple(packed), tuple(amounts)
         )
+        return Admission(admitted=True, reservation=reservation, states=final, shadow_rejections=shadow)
 
     def _call_reserve(
         self,
         reservation_id: str,
         charges: Sequence[Charge],
-        spans: Sequence[tuple[str, str, int, int]],
+        packed: Sequence[_PackedLimit],
+        amounts: Sequence[bytes],
         meanwhile: Callable[[], object] | None = None,
         on_cancelled: Callable[[Awaitable[Admission]], object] | None = None,
     ) -> Coroutine[Any, Any, list[Any]]:
+        """amounts: with one Redis, each charge's amount in RESP."""
         # Not a coroutine itself: one frame fewer between the reply and the request.
         if self._batcher is not None:
-            command = self._reserve_command(reservation_id, charges, spans)
+            command = self._reserve_command(reservation_id, packed, amounts)
             orphaned = None
             if on_cancelled is not None:
-                orphaned = functools.partial(self._orphaned, on_cancelled, reservation_id, charges, spans)
+                late = (reservation_id, charges, packed, amounts)
+                orphaned = functools.partial(self._orphaned, on_cancelled, late)
             return self._run(
                 "reserve", self._reserve, [], [], command=command, meanwhile=meanwhile, orphaned=orphaned
             )
-        keys, args = self._reserve_call(reservation_id, charges, spans)
+        keys, args = self._reserve_call(reservation_id, charges, packed)
         return self._run("reserve", self._reserve, keys, args)
 
     def _orphaned(
         self,
         on_cancelled: Callable[[Awaitable[Admission]], object],
-        reservation_id: str,
-        charges: Sequence[Charge],
-        spans: Sequence[tuple[str, str, int, int]],
+        call: tuple[str, Sequence[Charge], Sequence[_PackedLimit], Sequence[bytes]],
         reply: asyncio.Future[Any],
     ) -> None:
         """A cancelled reserve call's reply is owed still: its admission goes to on_cancelled."""
-        on_cancelled(self._late_admission(reply, reservation_id, charges, spans))
+        on_cancelled(self._late_admission(reply, *call))
 
     async def _late_admission(
         self,
         reply: asyncio.Future[Any],
         reservation_id: str,
         charges: Sequence[Charge],
-        spans: Sequence[tuple[str, str, int, int]],
+        packed: Sequence[_PackedLimit],
+        amounts: Sequence[bytes],
     ) -> Admission:
-        """What a reserve call of one group (batched calls have one) admitted, from its reply."""
+        """What a reserve call with one Redis (one call for all limits) admitted, from its reply."""
         try:
             values = await reply
         except Exception as exc:
@@ -385,50 +445,40 @@ class QuotaLimiter:
             LimitState(charge.limit, values[at], values[at + 1], values[at + 2] == 1, values[at + 3])
             for charge, at in zip(charges, range(5, 5 + 4 * len(charges), 4), strict=True)
         )
-        reservation = Reservation(reservation_id, tuple(charges), states, reserved_at, tuple(spans))
+        reservation = Reservation(
+            reservation_id, tuple(charges), states, reserved_at, tuple(packed), tuple(amounts)
+        )
         return Admission(admitted=True, reservation=reservation, states=states)
 
     def _reserve_call(
-        self, reservation_id: str, charges: Sequence[Charge], spans: Sequence[tuple[str, str, int, int]]
+        self, reservation_id: str, charges: Sequence[Charge], packed: Sequence[_PackedLimit]
     ) -> tuple[list[str], list[str | int]]:
         """KEYS and ARGV of reserve_quota.lua."""
         keys: list[str] = []
         args: list[str | int] = [self._now_arg(), reservation_id, self.reservation_ttl_ms]
-        for charge, (kind, window, span_a, span_b) in zip(charges, spans, strict=True):
+        for charge, parts in zip(charges, packed, strict=True):
+            kind, window, span_a, span_b = parts.spans
             keys.extend(charge.limit.script_keys(self.key_prefix))
             args += [kind, window, charge.limit.rule.capacity, span_a, span_b, charge.amount]
             args.append(1 if charge.limit.enforced else 0)
         return keys, args
 
     def _reserve_command(
-        self, reservation_id: str, charges: Sequence[Charge], spans: Sequence[tuple[str, str, int, int]]
+        self, reservation_id: str, packed: Sequence[_PackedLimit], amounts: Sequence[bytes]
     ) -> bytes:
-        """EVALSHA of `_reserve_call`, packed from each limit's parts packed ahead (`_packed`)."""
-        keys: list[bytes] = []
-        args = [bulk(self._now_arg().encode()), bulk(reservation_id.encode())]
-        args.append(bulk_int(self.reservation_ttl_ms))
-        for charge, limit_spans in zip(charges, spans, strict=True):
-            parts = self._packed(charge.limit, limit_spans)
-            keys.append(parts.reserve_keys)
-            args += (parts.reserve_args, bulk_int(charge.amount), parts.enforced)
-        return _evalsha(self._reserve.sha, keys, 3 * len(charges), args, 3 + 7 * len(charges))
+        """EVALSHA of `_reserve_call`, joined from each limit's parts packed ahead (`_packed`)."""
+        pieces = [self._head("reserve", len(packed))]
+        pieces += [parts.reserve_keys for parts in packed]
+        pieces += (self._now_resp(), bulk(reservation_id.encode()), self._ttl_resp)
+        for parts, amount in zip(packed, amounts, strict=True):
+            pieces += (parts.reserve_args, amount, parts.enforced)
+        return b"".join(pieces)
 
-    def _packed(self, limit: AppliedLimit, spans: tuple[str, str, int, int]) -> _PackedLimit:
-        """A limit's keys and fixed arguments in RESP, made once per limit and period."""
-        made = limit.__dict__.get("_packed")
-        if made is None or made.prefix != self.key_prefix or made.spans != spans:
-            buckets, pending, synced = (bulk(key.encode()) for key in limit.script_keys(self.key_prefix))
-            kind_window = bulk(spans[0].encode()) + bulk(spans[1].encode())
-            span_pair = bulk_int(spans[2]) + bulk_int(spans[3])
-            made = _PackedLimit(
-                self.key_prefix,
-                spans,
-                reserve_keys=buckets + pending + synced,
-                settle_keys=buckets + pending,
-                reserve_args=kind_window + bulk_int(limit.rule.capacity) + span_pair,
-                settle_args=kind_window + span_pair,
-                enforced=bulk(b"1" if limit.enforced else b"0"),
-            )
+    def _packed(self, limit: AppliedLimit, now_ms: int) -> _PackedLimit:
+        """A limit's keys and fixed arguments in RESP, made once per limiter and period."""
+        made: _PackedLimit | None = limit.__dict__.get("_packed")
+        if made is None or made.owner is not self or not made.valid_from_ms <= now_ms < made.valid_until_ms:
+            made = _PackedLimit(self, limit, self._spans(limit, now_ms))
             # Frozen, so past __setattr__; not a field, so outside equality and hashing.
             limit.__dict__["_packed"] = made
         return made
@@ -437,14 +487,14 @@ class QuotaLimiter:
         self,
         reservation_id: str,
         charges: Sequence[Charge],
-        spans: Sequence[tuple[str, str, int, int]],
+        packed: Sequence[_PackedLimit],
         states: Sequence[LimitState | None],
         groups: list[list[int]],
     ) -> None:
         for group in groups:
             await self._call_settle(
                 reservation_id,
-                [(charges[i], spans[i], states[i], 0) for i in group],
+                [(charges[i], packed[i].spans, states[i], 0) for i in group],
             )
 
     def settle(self, reservation: Reservation, actual: Sequence[int]) -> Awaitable[object]:
@@ -455,10 +505,15 @@ class QuotaLimiter:
         """
         if not reservation.charges:
             return _nothing()
+        if self._batcher is not None:
+            command = self._settle_command(reservation, actual)
+            if command is None:
+                return _nothing()
+            return self._run("settle", self._settle, [], [], defer=True, command=command)
         entries = [
-            (charge, spans, state, amount)
-            for charge, state, amount, spans in zip(
-                reservation.charges, reservation.states, actual, reservation.spans, strict=True
+            (charge, parts.spans, state, amount)
+            for charge, state, amount, parts in zip(
+                reservation.charges, reservation.states, actual, reservation.packed, strict=True
             )
             if state.charged
         ]
@@ -481,33 +536,33 @@ class QuotaLimiter:
         reservation_id: str,
         entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
     ) -> Awaitable[object]:
-        if self._batcher is not None:
-            command = self._settle_command(reservation_id, entries)
-            if command is None:
-                return _nothing()
-            return self._run("settle", self._settle, [], [], defer=True, command=command)
         keys, args = self._settle_call(reservation_id, entries)
         if not keys:
             return _nothing()
         return self._run("settle", self._settle, keys, args, defer=True)
 
-    def _settle_command(
-        self,
-        reservation_id: str,
-        entries: Sequence[tuple[Charge, tuple[str, str, int, int], LimitState | None, int]],
-    ) -> bytes | None:
-        """EVALSHA of `_settle_call`, packed as `_reserve_command` is; None if nothing was charged."""
+    def _settle_command(self, reservation: Reservation, actual: Sequence[int]) -> bytes | None:
+        """EVALSHA of `_settle_call` for a reservation made with one Redis, joined from the
+        parts of its reserve call; None if nothing was charged."""
         keys: list[bytes] = []
-        args = [bulk(self._now_arg().encode()), bulk(reservation_id.encode())]
-        for charge, spans, state, actual in entries:
-            if state is None or not state.charged:
+        args = [self._now_resp(), bulk(reservation.id.encode())]
+        for charge, parts, state, reserved, used in zip(
+            reservation.charges,
+            reservation.packed,
+            reservation.states,
+            reservation.amounts,
+            actual,
+            strict=True,
+        ):
+            if not state.charged:
                 continue
-            parts = self._packed(charge.limit, spans)
             keys.append(parts.settle_keys)
-            args += (parts.settle_args, bulk_int(state.bucket), bulk_int(charge.amount), bulk_int(actual))
+            bucket = parts.bucket_resp if state.bucket == parts.bucket else parts.bucket_of(state.bucket)
+            used_resp = reserved if used == charge.amount else _int_resp(used)
+            args += (parts.settle_args, bucket, reserved, used_resp)
         if not keys:
             return None
-        return _evalsha(self._settle.sha, keys, 2 * len(keys), args, 2 + 7 * len(keys))
+        return b"".join([self._head("settle", len(keys)), *keys, *args])
 
     def _settle_call(
         self,

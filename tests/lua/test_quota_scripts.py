@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as redis_asyncio
@@ -287,7 +288,8 @@ async def test_calls_packed_from_parts_are_the_calls_hiredis_packs(
     """The request path packs script calls from each limit's parts packed ahead; the
     cluster path packs KEYS and ARGV whole. Both must be the same bytes."""
     from gateway.quota.batching import evalsha
-    from gateway.quota.limiter import LimitState
+    from gateway.quota.limiter import LimitState, Reservation
+    from gateway.quota.resp import bulk_int
 
     shadow = AppliedLimit("s", "team", "blue", LimitRule("tokens", "day", 10), enforced=False)
     limits = [
@@ -301,20 +303,42 @@ async def test_calls_packed_from_parts_are_the_calls_hiredis_packs(
         for applied, amount in zip([*limits, shadow], [120, 1, 1, 4500, 20], strict=True)
     ]
 
-    def spans_now() -> list[tuple[str, str, int, int]]:
-        return [limiter._spans(charge.limit, clock.now_ms) for charge in charges]
+    def packed_now() -> list[Any]:
+        return [limiter._packed(charge.limit, clock.now_ms) for charge in charges]
 
-    states = [LimitState(c.limit, 7, 100, charged=i != 4, bucket=1000 + i) for i, c in enumerate(charges)]
+    amounts = [bulk_int(charge.amount) for charge in charges]
+    # Settled with the amount reserved, none, a small one and large ones.
+    used = [120, 0, 1, 10**7, 20]
     for pinned in (True, False):
         limiter.clock_ms = clock if pinned else None
-        for _ in range(2):  # the second time from the parts kept on each limit
-            spans = spans_now()
-            keys, args = limiter._reserve_call("r1", charges, spans)
-            assert limiter._reserve_command("r1", charges, spans) == evalsha(limiter._reserve, keys, args)
-            entries = [(c, s, state, 60) for c, s, state in zip(charges, spans, states, strict=True)]
+        for turn in range(2):  # the second time from the parts kept on each limit
+            packed = packed_now()
+            keys, args = limiter._reserve_call("r1", charges, packed)
+            assert limiter._reserve_command("r1", packed, amounts) == evalsha(limiter._reserve, keys, args)
+            # A bucket of its own on each turn: each part remembers the last one it wrote.
+            states = [
+                LimitState(c.limit, 7, 100, charged=i != 4, bucket=1000 * turn + i)
+                for i, c in enumerate(charges)
+            ]
+            entries = [
+                (c, parts.spans, state, amount)
+                for c, parts, state, amount in zip(charges, packed, states, used, strict=True)
+            ]
             keys, args = limiter._settle_call("r1", entries)
             assert len(keys) == 8  # the uncharged shadow limit is left out
-            assert limiter._settle_command("r1", entries) == evalsha(limiter._settle, keys, args)
+            reservation = Reservation(
+                "r1", tuple(charges), tuple(states), clock.now_ms, tuple(packed), tuple(amounts)
+            )
+            assert limiter._settle_command(reservation, used) == evalsha(limiter._settle, keys, args)
         # A new month: the calendar limits' parts are packed again for the new period.
         clock.now_ms += 40 * 86_400_000
-    assert limiter._settle_command("r1", [(charges[0], spans_now()[0], states[4], 1)]) is None
+        repacked = packed_now()
+        assert [new is old for new, old in zip(repacked, packed, strict=True)] == [
+            True,
+            True,
+            True,
+            False,
+            False,
+        ]
+    uncharged = Reservation("r1", (charges[4],), (states[4],), 0, (packed[4],), (amounts[4],))
+    assert limiter._settle_command(uncharged, [1]) is None
