@@ -297,8 +297,8 @@ class UpstreamBodies:
     Made before admission, so that `prepare` can serialise the usual deployment's body
     while Redis decides; a deployment reached by failover gets its own when asked.
     The caller's bytes go as they are when nothing changes; when something does (the
-    model's alias, usage asked for in a stream, a policy's cap), a large body keeps its
-    text with those values replaced (see jsontext), a small one is serialised again.
+    model's alias, usage asked for in a stream, a policy's cap), the body keeps its text
+    with those values replaced (see jsontext); one jsontext gave no spans is serialised again.
     A deployment of another API family gets the caller's body (with the policy's caps)
     translated into its own (see gateway/translate).
     """

@@ -17,14 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import state
-from gateway.jsontext import SPANS_FROM_BYTES
 from gateway.requests import _may_hold_surrogates
 from tests.conftest import ADMIN_KEY, USER_KEY, RunningGateway
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeUpstream
 
 HI = [{"role": "user", "content": "hi"}]
-PADDING = "p" * SPANS_FROM_BYTES  # a body this large is parsed by jsontext, with spans
+PADDING = "p" * 4096  # a body as large as a long prompt
 
 
 async def raw_request(
@@ -126,7 +125,7 @@ async def test_a_lone_surrogate_is_a_400_naming_its_place(
         400,
         openai_error(where, "invalid_unicode", surrogate_message(where)),
     )
-    # The same in a body large enough for jsontext's spans.
+    # The same in a body with a long field, as a long prompt has.
     large = body[:-1] + f', "user": "{PADDING}"}}'.encode()
     assert await post(gateway, path, large) == (
         400,

@@ -11,7 +11,6 @@ import openai
 import pytest
 import tiktoken
 
-from gateway.jsontext import SPANS_FROM_BYTES
 from tests.conftest import PROVIDER_KEY, USER_KEY, ConfigWriter, RunningGateway, StartGateway
 from tests.fakes.openai_upstream import FakeUpstream, openai_chat_prompt_tokens
 
@@ -233,11 +232,12 @@ async def test_a_changed_body_is_serialised_again(
     assert streamed["stream_options"] == {"include_usage": True}
 
 
-async def test_a_large_changed_body_keeps_the_callers_text_but_for_the_changed_values(
-    gateway: RunningGateway, fake_upstream: FakeUpstream
+@pytest.mark.parametrize("words", [0, 4096])
+async def test_a_changed_body_keeps_the_callers_text_but_for_the_changed_values(
+    gateway: RunningGateway, fake_upstream: FakeUpstream, words: int
 ) -> None:
     # Serialised again, this would lose the spacing and the raw UTF-8 ("\u00e9" instead).
-    content = "Say hello to the caf\u00e9 " + "word " * SPANS_FROM_BYTES
+    content = "Say hello to the caf\u00e9 " + "word " * words
     sent = (
         '{ "messages" : [{"role": "user", "content": ' + json.dumps(content, ensure_ascii=False) + "}],\n"
         '  "model":  "team-model", "max_tokens": 2 }'
@@ -377,7 +377,9 @@ def test_upstream_bodies_are_made_once_per_model_and_prepare_never_raises() -> N
     # A policy's cap is a change too.
     capped = UpstreamBodies({}, plain, plain_raw, None, {"max_tokens": 5}, chat, False, deployment, plan, 100)
     assert capped.for_model("gpt-4o-mini").raw == json.dumps({**plain, "max_tokens": 5}).encode()
-    broken = UpstreamBodies({}, {"model": "fast", "x": object()}, b"", None, {}, chat, False, deployment, plan, 100)
+    broken = UpstreamBodies(
+        {}, {"model": "fast", "x": object()}, b"", None, {}, chat, False, deployment, plan, 100
+    )
     broken.prepare()
     with pytest.raises(TypeError):
         broken.for_model("gpt-4o-mini")
