@@ -138,6 +138,78 @@ def _tally(metric: Counter | Gauge | Histogram, tallies: list[CounterTally | His
     return tally
 
 
+class RequestSeries:
+    """The series the answers of one route and model update, looked up once per pair:
+    three labels() calls per request become one dictionary lookup (see Metrics.series_of)."""
+
+    __slots__ = ("_answered", "_metrics", "_model", "_overhead", "_route", "duration")
+
+    def __init__(self, metrics: Metrics, route: str, model: str) -> None:
+        self._metrics, self._route, self._model = metrics, route, model
+        self._answered: dict[int, CounterChild] = {}
+        self._overhead: HistogramChild | None = None
+        self.duration = metrics.request_duration.labels(route, model)
+
+    def answered(self, status: int) -> CounterChild:
+        """gateway_requests_total's series for this status."""
+        child = self._answered.get(status)
+        if child is None:
+            child = self._answered[status] = self._metrics.requests.labels(
+                self._route, self._model, str(status)
+            )
+        return child
+
+    def overhead(self) -> HistogramChild:
+        """gateway_overhead_seconds's series (made when first used: only requests sent upstream have it)."""
+        if self._overhead is None:
+            self._overhead = self._metrics.overhead.labels(self._route)
+        return self._overhead
+
+
+class ModelSeries:
+    """The series a settled request of one model updates, looked up once per model.
+
+    The token counters are made at once (every settled request adds to them); the others
+    when first used, so that /metrics shows no series a model never had before.
+    """
+
+    __slots__ = (
+        "_cost",
+        "_first_token",
+        "_metrics",
+        "_model",
+        "_upstream",
+        "completion_tokens",
+        "estimated_prompt_tokens",
+        "prompt_tokens",
+    )
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._metrics, self._model = metrics, model
+        self.estimated_prompt_tokens = metrics.estimated_prompt_tokens.labels(model)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model)
+        self.completion_tokens = metrics.completion_tokens.labels(model)
+        self._cost: CounterChild | None = None
+        self._first_token: HistogramChild | None = None
+        self._upstream: dict[str, HistogramChild] = {}
+
+    def cost(self) -> CounterChild:
+        if self._cost is None:
+            self._cost = self._metrics.cost.labels(self._model)
+        return self._cost
+
+    def time_to_first_token(self) -> HistogramChild:
+        if self._first_token is None:
+            self._first_token = self._metrics.time_to_first_token.labels(self._model)
+        return self._first_token
+
+    def upstream_duration(self, provider: str) -> HistogramChild:
+        child = self._upstream.get(provider)
+        if child is None:
+            child = self._upstream[provider] = self._metrics.upstream_duration.labels(provider, self._model)
+        return child
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
@@ -409,6 +481,36 @@ class Metrics:
             "Records the database refused for their data; kept in the spool's rejected.jsonl.",
             registry=r,
         )
+
+        self._request_series: dict[tuple[str, str], RequestSeries] = {}
+        self._model_series: dict[str, ModelSeries] = {}
+        self._team_series: dict[str, tuple[CounterChild, CounterChild]] = {}
+
+    def series_of(self, route: str, model: str) -> RequestSeries:
+        """The series of answers on `route` for `model` (bounded: routes and configured models)."""
+        series = self._request_series.get((route, model))
+        if series is None:
+            series = self._request_series[(route, model)] = RequestSeries(self, route, model)
+        return series
+
+    def model_series(self, model: str) -> ModelSeries:
+        series = self._model_series.get(model)
+        if series is None:
+            series = self._model_series[model] = ModelSeries(self, model)
+        return series
+
+    def team_tokens_of(self, team: str) -> tuple[CounterChild, CounterChild] | None:
+        """gateway_team_tokens_total's prompt and completion series of `team`, if team_labels."""
+        if self.team_tokens is None:
+            return None
+        series = self._team_series.get(team)
+        if series is None:
+            prompt, completion = (
+                self.team_tokens.labels(team, "prompt"),
+                self.team_tokens.labels(team, "completion"),
+            )
+            series = self._team_series[team] = (prompt, completion)
+        return series
 
     def _counters(self, metric: Counter) -> Labelled[CounterChild]:
         return Labelled(metric, self._tallies)

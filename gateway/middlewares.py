@@ -165,12 +165,13 @@ def _count_and_log(
     route_label = route.canonical if route is not None else "unmatched"
     model = request.get(MODEL_LABEL, UNKNOWN_MODEL)
     elapsed = time.monotonic() - started
-    metrics.requests.labels(route_label, model, str(status)).inc()
-    metrics.request_duration.labels(route_label, model).observe(elapsed)
+    series = metrics.series_of(route_label, model)
+    series.answered(status).inc()
+    series.duration.observe(elapsed)
     exchange = request.get(EXCHANGE)
     upstream = exchange.upstream_seconds if exchange is not None else None
     if upstream is not None:
-        metrics.overhead.labels(route_label).observe(max(0.0, elapsed - upstream))
+        series.overhead().observe(max(0.0, elapsed - upstream))
     log_request(request_log_fields(request, request_id, route_label, status, elapsed, error_code))
 
 

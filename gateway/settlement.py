@@ -97,39 +97,37 @@ class Settlement:
             log.exception("quota settlement failed for request %s", exchange.request_id)
 
     def _observe(self, exchange: Exchange, final: FinalUsage) -> None:
-        model = exchange.model.name
-        self._metrics.estimated_prompt_tokens.labels(model).inc(exchange.prompt.tokens)
-        if final.source == "provider" and final.usage is not None:
+        series = self._metrics.model_series(exchange.model.name)
+        series.estimated_prompt_tokens.inc(exchange.prompt.tokens)
+        usage = final.usage
+        if final.source == "provider" and usage is not None:
             self._calibration.observe(
                 exchange.profile,
                 exchange.prompt.tokens,
                 exchange.prompt.raw_tokens,
-                final.usage.prompt_tokens,
+                usage.prompt_tokens,
             )
-        if final.usage is not None:
-            self._metrics.prompt_tokens.labels(model).inc(final.usage.prompt_tokens)
-            self._metrics.completion_tokens.labels(model).inc(final.usage.completion_tokens)
+        if usage is not None:
+            series.prompt_tokens.inc(usage.prompt_tokens)
+            series.completion_tokens.inc(usage.completion_tokens)
             price = exchange.model.price
             if price is not None:
-                usage = final.usage
                 cost = price.cost_usd(
                     usage.prompt_tokens,
                     usage.completion_tokens,
                     usage.cached_prompt_tokens,
                     usage.cache_write_prompt_tokens,
                 )
-                self._metrics.cost.labels(model).inc(cost)
-            if self._metrics.team_tokens is not None:
-                team = exchange.principal.team or "none"
-                self._metrics.team_tokens.labels(team, "prompt").inc(final.usage.prompt_tokens)
-                self._metrics.team_tokens.labels(team, "completion").inc(final.usage.completion_tokens)
+                series.cost().inc(cost)
+            team = self._metrics.team_tokens_of(exchange.principal.team or "none")
+            if team is not None:
+                team[0].inc(usage.prompt_tokens)
+                team[1].inc(usage.completion_tokens)
         if exchange.first_event_at is not None:
-            self._metrics.time_to_first_token.labels(model).observe(
-                exchange.first_event_at - exchange.started_at
-            )
+            series.time_to_first_token().observe(exchange.first_event_at - exchange.started_at)
         upstream_seconds = exchange.upstream_seconds
         if upstream_seconds is not None:
-            self._metrics.upstream_duration.labels(exchange.deployment, model).observe(upstream_seconds)
+            series.upstream_duration(exchange.deployment).observe(upstream_seconds)
 
 
 def _record(exchange: Exchange, final: FinalUsage) -> UsageRecord:
