@@ -291,7 +291,7 @@ async def _settlement(app: web.Application) -> AsyncIterator[None]:
     app[state.SETTLEMENT] = settlement
     yield
     # Settlements still running once the last request is answered (read for the shutdown line).
-    app[SHUTDOWN].settlements_drained = len(settlement._tasks)
+    app[SHUTDOWN].settlements_drained = settlement.in_flight
     await settlement.drain()
 
 

@@ -74,7 +74,14 @@ class Settlement:
         finally:
             self._ledger.record(_record(exchange, final))
         self._metrics.settlements.labels(final.source).inc()
-        self._spawn(self._settle(exchange, final))
+        try:
+            # Started here, finished without this request (see QuotaService.settle_soon).
+            self._quota.settle_soon(exchange.ticket, actual_amounts(exchange.model, final.usage))
+            self._observe(exchange, final)
+        except Exception:
+            # The reservation stays charged until it expires and is refunded.
+            self._metrics.quota_errors.labels("settle").inc()
+            log.exception("quota settlement failed for request %s", exchange.request_id)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -85,16 +92,12 @@ class Settlement:
         """Wait for every settlement, and every release of a cancelled admission, started so far."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await self._quota.drain_releases()
+        await self._quota.drain()
 
-    async def _settle(self, exchange: Exchange, final: FinalUsage) -> None:
-        try:
-            await self._quota.settle(exchange.ticket, actual_amounts(exchange.model, final.usage))
-            self._observe(exchange, final)
-        except Exception:
-            # The reservation stays charged until it expires and is refunded.
-            self._metrics.quota_errors.labels("settle").inc()
-            log.exception("quota settlement failed for request %s", exchange.request_id)
+    @property
+    def in_flight(self) -> int:
+        """Settlements under way: calls still being read to their end, and quota settlements."""
+        return len(self._tasks) + self._quota.settling
 
     def _observe(self, exchange: Exchange, final: FinalUsage) -> None:
         series = self._metrics.model_series(exchange.model.name)

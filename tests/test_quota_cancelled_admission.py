@@ -40,7 +40,7 @@ async def cancelled_after(quota: QuotaService, decision: RequestPolicy, turns: i
     admitting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await admitting
-    await quota.drain_releases()
+    await quota.drain()
     return True
 
 
@@ -129,7 +129,7 @@ async def test_an_admission_cancelled_while_counters_are_rebuilt_reserves_nothin
         admitting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await admitting
-        await quota.drain_releases()
+        await quota.drain()
         assert await used_and_reserved(quota, decision) == [
             ("concurrent", 0, 0),
             ("tokens_per_day", 0, 0),

@@ -97,6 +97,11 @@ class ScriptBatcher:
         await self._load(script)
         return await self.call_packed(script, command, orphaned=orphaned)
 
+    def queue(self, command: bytes, *, defer: bool = False) -> asyncio.Future[Any]:
+        """`command` (an EVALSHA, packed) queued now, as a future of its reply, for a caller
+        that need not await it; a NOSCRIPT reply is its NoScriptError (the caller's to handle)."""
+        return self._enqueue(command, defer)
+
     async def _load(self, script: Script) -> None:
         """SCRIPT LOAD, on the same connection as the calls (and as the same ACL user)."""
         (loaded,) = await self._connection.send([pack(b"SCRIPT", b"LOAD", script.script)])

@@ -522,6 +522,34 @@ class QuotaLimiter:
             return self._call_settle(reservation.id, entries)
         return self._settle_groups(reservation.id, entries, groups)
 
+    def settle_queued(
+        self,
+        reservation: Reservation,
+        actual: Sequence[int],
+        settled: Callable[[asyncio.Future[Any], BaseException | None], object],
+    ) -> asyncio.Future[Any] | None:
+        """`settle` with one Redis (`hands_over_cancelled`), queued now and not awaited: the
+        future of its reply, or None if nothing was charged. `settled` is called with it and
+        the error it failed with (a NoScriptError if Redis lost the script), if any, once done.
+        """
+        assert self._batcher is not None, "settle_queued needs one Redis (hands_over_cancelled)"
+        command = self._settle_command(reservation, actual)
+        if command is None:
+            return None
+        reply = self._batcher.queue(command, defer=True)
+        reply.add_done_callback(functools.partial(self._settled, time.monotonic(), settled))
+        return reply
+
+    def _settled(
+        self,
+        started: float,
+        settled: Callable[[asyncio.Future[Any], BaseException | None], object],
+        reply: asyncio.Future[Any],
+    ) -> None:
+        if self.observe is not None:
+            self.observe("settle", time.monotonic() - started)
+        settled(reply, None if reply.cancelled() else reply.exception())
+
     async def _settle_groups(
         self,
         reservation_id: str,

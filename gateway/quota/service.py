@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from redis.exceptions import NoScriptError
+
 from gateway.auth import Principal
 from gateway.config import ModelConfig, QuotaConfig
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable
@@ -108,8 +110,10 @@ class QuotaService:
         self._usage = usage
         self._local = LocalLimiter(config.time_zone)
         self._redis_down_until = 0.0
-        # Releases of cancelled admissions' reservations, held until done (see admit).
+        # Releases of cancelled admissions' reservations, and settlements under way: what
+        # drain waits for. A queued settle call maps to what a retry needs (see settle_soon).
         self._releases: set[asyncio.Task[None]] = set()
+        self._settling: dict[asyncio.Future[Any], tuple[Reservation, list[int]] | None] = {}
 
     def request_policy(self, principal: Principal, model: ModelConfig) -> RequestPolicy:
         if principal.models is not None and model.name not in principal.models:
@@ -198,7 +202,7 @@ class QuotaService:
             raise
 
     def _release_later(self, admission: Awaitable[Admission]) -> None:
-        """Release what a cancelled admission is granted, once it is (drain_releases waits)."""
+        """Release what a cancelled admission is granted, once it is (drain waits)."""
         release = asyncio.get_running_loop().create_task(self._release_when_reserved(admission))
         self._releases.add(release)
         release.add_done_callback(self._releases.discard)
@@ -222,10 +226,16 @@ class QuotaService:
             self._metrics.quota_errors.labels("settle").inc()
             log.warning("releasing reservation %s of a cancelled admission failed: %s", reservation.id, exc)
 
-    async def drain_releases(self) -> None:
-        """Wait until the reservations of every admission cancelled so far are released."""
-        while self._releases:
-            await asyncio.gather(*list(self._releases), return_exceptions=True)
+    async def drain(self) -> None:
+        """Wait until every settlement started so far is made, and the reservation of every
+        admission cancelled so far released."""
+        while self._releases or self._settling:
+            await asyncio.gather(*self._releases, *self._settling, return_exceptions=True)
+
+    @property
+    def settling(self) -> int:
+        """Settlements and releases under way."""
+        return len(self._releases) + len(self._settling)
 
     async def _reserve(
         self,
@@ -273,6 +283,57 @@ class QuotaService:
         self._metrics.quota_fail_open.inc()
         return Ticket(admission, reserved, local=True)
 
+    def settle_soon(self, ticket: Ticket, actual: Amounts) -> None:
+        """`settle`, started now and finished without the caller (`drain` waits for it).
+
+        With one Redis the settle call is queued with a callback for its reply: no task,
+        and no coroutine to resume, per request. Otherwise `settle` runs in a task.
+        """
+        reservation = ticket.admission.reservation
+        if not reservation.charges:
+            return
+        if ticket.local or not self.limiter.hands_over_cancelled:
+            self._track(self.settle(ticket, actual))
+            return
+        figures = [actual.of(charge.limit.rule.kind) for charge in reservation.charges]
+        overshoot = actual.completion_tokens - ticket.reserved.completion_tokens
+        if overshoot > 0:
+            self._metrics.quota_overshoot_tokens.inc(overshoot)
+        reply = self.limiter.settle_queued(reservation, figures, self._settled)
+        if reply is not None:
+            self._settling[reply] = (reservation, figures)
+
+    def _settled(self, reply: asyncio.Future[Any], error: BaseException | None) -> None:
+        queued = self._settling.pop(reply, None)
+        if error is None or queued is None:
+            return
+        reservation, figures = queued
+        if isinstance(error, NoScriptError):
+            # Redis restarted or its scripts were flushed: settle again the awaited way,
+            # which loads the script first.
+            self._track(self._settle_reservation(reservation, figures))
+            return
+        self._settle_failed(reservation)
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._settling[task] = None
+        task.add_done_callback(self._untrack)
+
+    def _untrack(self, task: asyncio.Future[Any]) -> None:
+        self._settling.pop(task, None)
+
+    async def _settle_reservation(self, reservation: Reservation, figures: list[int]) -> None:
+        try:
+            await self.limiter.settle(reservation, figures)
+        except QuotaStoreUnavailable:
+            self._settle_failed(reservation)
+
+    def _settle_failed(self, reservation: Reservation) -> None:
+        # The reservation stays until it expires; then it is refunded.
+        self._metrics.quota_errors.labels("settle").inc()
+        log.warning("quota settlement failed for reservation %s", reservation.id)
+
     async def settle(self, ticket: Ticket, actual: Amounts) -> None:
         """Replace the reservation with what was used (zeros: release it)."""
         reservation = ticket.admission.reservation
@@ -285,12 +346,7 @@ class QuotaService:
         if ticket.local:
             self._local.settle(reservation, figures)
             return
-        try:
-            await self.limiter.settle(reservation, figures)
-        except QuotaStoreUnavailable:
-            # The reservation stays until it expires; then it is refunded.
-            self._metrics.quota_errors.labels("settle").inc()
-            log.warning("quota settlement failed for reservation %s", reservation.id)
+        await self._settle_reservation(reservation, figures)
 
     async def rebuild_calendar_counters(self, scope: str, subject: str) -> None:
         """Counters of day and month limits as the ledger recorded them this period."""
