@@ -17,9 +17,8 @@ class AnthropicProvider(HttpProvider):
     def credentials(self) -> dict[str, str]:
         return {"x-api-key": self._api_key} if self._api_key else {}
 
-    def headers(self, request: UpstreamRequest) -> dict[str, str]:
-        headers = super().headers(request)
-        headers["anthropic-version"] = request.headers.get("anthropic-version", DEFAULT_ANTHROPIC_VERSION)
+    def extra_headers(self, request: UpstreamRequest) -> dict[str, str]:
+        headers = {"anthropic-version": request.headers.get("anthropic-version", DEFAULT_ANTHROPIC_VERSION)}
         if "anthropic-beta" in request.headers:
             headers["anthropic-beta"] = request.headers["anthropic-beta"]
         return headers

@@ -22,12 +22,13 @@ import os
 import socket
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import aiohttp.abc
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway import __version__
@@ -146,6 +147,8 @@ class HttpProvider:
         # Parsed once per URL (a handful: paths and deployments come from gateway.yaml):
         # aiohttp would parse and quote the string again on every call.
         self._parsed_urls: dict[str, URL] = {}
+        # The headers of streamed and of whole requests (see headers).
+        self._headers: dict[bool, CIMultiDictProxy[str]] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         """The session, made on first use: aiohttp binds it to the running loop."""
@@ -213,12 +216,30 @@ class HttpProvider:
     def credentials(self) -> dict[str, str]:
         raise NotImplementedError
 
-    def headers(self, request: UpstreamRequest) -> dict[str, str]:
-        return {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream" if request.stream else "application/json",
-            **self.credentials(),
-        }
+    def headers(self, request: UpstreamRequest) -> Mapping[str, str]:
+        """What a request is sent with: the same for every request of a kind (made once,
+        as the multidict aiohttp takes without copying it first), plus `extra_headers`."""
+        made = self._headers.get(request.stream)
+        if made is None:
+            made = self._headers[request.stream] = CIMultiDictProxy(
+                CIMultiDict(
+                    {
+                        "Content-Type": "application/json",
+                        "Accept": "text/event-stream" if request.stream else "application/json",
+                        **self.credentials(),
+                    }
+                )
+            )
+        extra = self.extra_headers(request)
+        if not extra:
+            return made
+        headers = CIMultiDict(made)
+        headers.update(extra)
+        return headers
+
+    def extra_headers(self, request: UpstreamRequest) -> dict[str, str] | None:
+        """Headers of this request alone (the caller's that the provider reads)."""
+        return None
 
     async def send(self, request: UpstreamRequest) -> UpstreamReply:
         """The provider's answer: its head read, and for a stream its first piece too.
@@ -308,7 +329,7 @@ class HttpProvider:
         session: aiohttp.ClientSession,
         method: str,
         url: str,
-        headers: dict[str, str],
+        headers: Mapping[str, str],
         attempt: _Attempt,
         data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
@@ -318,7 +339,7 @@ class HttpProvider:
         as an unreachable provider, and the attempt marked as never sent.
         """
         if self._forwarded_headers is not None:
-            headers.update(self._forwarded_headers)
+            headers = {**headers, **self._forwarded_headers}
         response = await session.request(
             method,
             self._parsed_url(url),
@@ -347,7 +368,8 @@ class HttpProvider:
         pieces: list[bytes] = []
         size = 0
         content = response.content
-        while piece := await content.readany():
+        # Until the body is over: no read more once it is (usually it came whole).
+        while not content.at_eof() and (piece := await content.readany()):
             size += len(piece)
             if size > self._max_bytes:
                 raise self._too_large()
