@@ -52,20 +52,23 @@ def ratelimit_headers(admission: Admission) -> dict[str, str]:
     Tightest: the least remaining, then the latest reset; on a tie, the first listed.
     """
     # One pass, made for every request: a state per family and the key it won with.
-    tightest: dict[str, tuple[tuple[int, int], LimitState]] = {}
+    tightest: dict[str, tuple[tuple[int, int], int, LimitState]] = {}
     for state in admission.states:
-        family = HEADER_FAMILY.get(state.limit.rule.kind)
+        rule = state.limit.rule
+        family = HEADER_FAMILY.get(rule.kind)
         if family is None:
             continue
-        rank = (state.remaining, -state.reset_ms)
+        # LimitState.remaining, written out: this loop runs for every request.
+        remaining = rule.capacity - state.used
+        rank = (remaining if remaining > 0 else 0, -state.reset_ms)
         known = tightest.get(family)
         if known is None or rank < known[0]:
-            tightest[family] = (rank, state)
+            tightest[family] = (rank, rule.capacity, state)
     headers: dict[str, str] = {}
     for family, (limit_name, remaining_name, reset_name) in _TRIOS.items():
         if family in tightest:
-            (remaining, _), state = tightest[family]
-            headers[limit_name] = str(state.capacity)
+            (remaining, _), capacity, state = tightest[family]
+            headers[limit_name] = str(capacity)
             headers[remaining_name] = str(remaining)
             headers[reset_name] = go_duration(state.reset_ms)
     return headers

@@ -113,6 +113,17 @@ def _int_resp(value: int) -> bytes:
     return _SMALL_INTS[value] if 0 <= value < 128 else bulk_int(value)
 
 
+def _ints_resp(values: list[int]) -> list[bytes]:
+    """Each value in RESP, one written once for a run of equal ones (limits of one kind in a row)."""
+    written: list[bytes] = []
+    last, last_resp = -1, b""
+    for value in values:
+        if value != last:
+            last, last_resp = value, _int_resp(value)
+        written.append(last_resp)
+    return written
+
+
 def _evalsha_head(sha: str, key_count: int, arg_count: int) -> bytes:
     """The start of an EVALSHA of `key_count` keys and `arg_count` arguments, up to its keys."""
     header = b"*%d\r\n" % (3 + key_count + arg_count)
@@ -348,7 +359,7 @@ class QuotaLimiter:
         now_ms = self._now_ms()
         packed = [self._packed(charge.limit, now_ms) for charge in charges]
         # With one Redis, the amounts in RESP too: the settlement sends them again.
-        amounts = [_int_resp(charge.amount) for charge in charges] if self._batcher is not None else []
+        amounts = _ints_resp([charge.amount for charge in charges]) if self._batcher is not None else []
         states: list[LimitState | None] = [None] * len(charges)
         done: list[list[int]] = []
         reserved_at = now_ms
@@ -574,6 +585,7 @@ class QuotaLimiter:
         parts of its reserve call; None if nothing was charged."""
         keys: list[bytes] = []
         args = [self._now_resp(), bulk(reservation.id.encode())]
+        last_used, last_used_resp = -1, b""
         for charge, parts, state, reserved, used in zip(
             reservation.charges,
             reservation.packed,
@@ -586,7 +598,12 @@ class QuotaLimiter:
                 continue
             keys.append(parts.settle_keys)
             bucket = parts.bucket_resp if state.bucket == parts.bucket else parts.bucket_of(state.bucket)
-            used_resp = reserved if used == charge.amount else _int_resp(used)
+            if used == charge.amount:
+                used_resp = reserved
+            else:
+                if used != last_used:  # limits of one kind in a row are settled with one figure
+                    last_used, last_used_resp = used, _int_resp(used)
+                used_resp = last_used_resp
             args += (parts.settle_args, bucket, reserved, used_resp)
         if not keys:
             return None

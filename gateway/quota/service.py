@@ -11,9 +11,8 @@ import fnmatch
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from redis.exceptions import NoScriptError
 
@@ -54,8 +53,8 @@ class ModelNotAllowed(GatewayError):
     code = "model_not_allowed"
 
 
-@dataclass(frozen=True)
-class Amounts:
+# Amounts and Ticket are named tuples, as Charge is (see limiter.py): made for every request.
+class Amounts(NamedTuple):
     """One request's figures in every unit a limit can count."""
 
     prompt_tokens: int
@@ -63,15 +62,18 @@ class Amounts:
     cost_micro_usd: int
 
     def of(self, kind: str) -> int:
-        if kind in ("requests", "concurrent"):
-            return 1
-        if kind == "tokens":
-            return self.prompt_tokens + self.completion_tokens
-        if kind == "input_tokens":
-            return self.prompt_tokens
-        if kind == "output_tokens":
-            return self.completion_tokens
-        return self.cost_micro_usd
+        return self.by_kind()[kind]
+
+    def by_kind(self) -> dict[str, int]:
+        """The figure of each kind of limit (policy.LIMIT_KINDS)."""
+        return {
+            "requests": 1,
+            "concurrent": 1,
+            "tokens": self.prompt_tokens + self.completion_tokens,
+            "input_tokens": self.prompt_tokens,
+            "output_tokens": self.completion_tokens,
+            "cost_usd": self.cost_micro_usd,
+        }
 
 
 def amounts_for(
@@ -85,8 +87,7 @@ def amounts_for(
     return Amounts(prompt_tokens, completion_tokens, cost)
 
 
-@dataclass(frozen=True)
-class Ticket:
+class Ticket(NamedTuple):
     """An admitted request's reservation, in Redis or (degraded) in this process."""
 
     admission: Admission
@@ -148,7 +149,8 @@ class QuotaService:
         meanwhile: work that does not depend on the decision, done while Redis makes it
         if the call goes to Redis (see QuotaLimiter.reserve); it may not be called at all.
         """
-        charges = [Charge(limit, reserved.of(limit.rule.kind)) for limit in decision.limits]
+        amounts = reserved.by_kind()
+        charges = [Charge(limit, amounts[limit.rule.kind]) for limit in decision.limits]
         if not charges:
             return Ticket(Admission(True, Reservation("", (), (), 0)), reserved)
         # A disconnect cancels the handler, not the script in Redis: what a cancelled
@@ -295,7 +297,8 @@ class QuotaService:
         if ticket.local or not self.limiter.hands_over_cancelled:
             self._track(self.settle(ticket, actual))
             return
-        figures = [actual.of(charge.limit.rule.kind) for charge in reservation.charges]
+        amounts = actual.by_kind()
+        figures = [amounts[charge.limit.rule.kind] for charge in reservation.charges]
         overshoot = actual.completion_tokens - ticket.reserved.completion_tokens
         if overshoot > 0:
             self._metrics.quota_overshoot_tokens.inc(overshoot)
@@ -339,7 +342,8 @@ class QuotaService:
         reservation = ticket.admission.reservation
         if not reservation.charges:
             return
-        figures = [actual.of(charge.limit.rule.kind) for charge in reservation.charges]
+        amounts = actual.by_kind()
+        figures = [amounts[charge.limit.rule.kind] for charge in reservation.charges]
         overshoot = actual.completion_tokens - ticket.reserved.completion_tokens
         if overshoot > 0:
             self._metrics.quota_overshoot_tokens.inc(overshoot)

@@ -307,38 +307,41 @@ async def test_calls_packed_from_parts_are_the_calls_hiredis_packs(
         return [limiter._packed(charge.limit, clock.now_ms) for charge in charges]
 
     amounts = [bulk_int(charge.amount) for charge in charges]
-    # Settled with the amount reserved, none, a small one and large ones.
-    used = [120, 0, 1, 10**7, 20]
-    for pinned in (True, False):
-        limiter.clock_ms = clock if pinned else None
-        for turn in range(2):  # the second time from the parts kept on each limit
-            packed = packed_now()
-            keys, args = limiter._reserve_call("r1", charges, packed)
-            assert limiter._reserve_command("r1", packed, amounts) == evalsha(limiter._reserve, keys, args)
-            # A bucket of its own on each turn: each part remembers the last one it wrote.
-            states = [
-                LimitState(c.limit, 7, 100, charged=i != 4, bucket=1000 * turn + i)
-                for i, c in enumerate(charges)
+    # Settled with the amount reserved, none, a small one and large ones; then with one
+    # figure for several limits, one settled with its reserved amount between them.
+    for used in ([120, 0, 1, 10**7, 20], [5, 1, 5, 5, 20]):
+        for pinned in (True, False):
+            limiter.clock_ms = clock if pinned else None
+            for turn in range(2):  # the second time from the parts kept on each limit
+                packed = packed_now()
+                keys, args = limiter._reserve_call("r1", charges, packed)
+                assert limiter._reserve_command("r1", packed, amounts) == evalsha(
+                    limiter._reserve, keys, args
+                )
+                # A bucket of its own on each turn: each part remembers the last one it wrote.
+                states = [
+                    LimitState(c.limit, 7, 100, charged=i != 4, bucket=1000 * turn + i)
+                    for i, c in enumerate(charges)
+                ]
+                entries = [
+                    (c, parts.spans, state, amount)
+                    for c, parts, state, amount in zip(charges, packed, states, used, strict=True)
+                ]
+                keys, args = limiter._settle_call("r1", entries)
+                assert len(keys) == 8  # the uncharged shadow limit is left out
+                reservation = Reservation(
+                    "r1", tuple(charges), tuple(states), clock.now_ms, tuple(packed), tuple(amounts)
+                )
+                assert limiter._settle_command(reservation, used) == evalsha(limiter._settle, keys, args)
+            # A new month: the calendar limits' parts are packed again for the new period.
+            clock.now_ms += 40 * 86_400_000
+            repacked = packed_now()
+            assert [new is old for new, old in zip(repacked, packed, strict=True)] == [
+                True,
+                True,
+                True,
+                False,
+                False,
             ]
-            entries = [
-                (c, parts.spans, state, amount)
-                for c, parts, state, amount in zip(charges, packed, states, used, strict=True)
-            ]
-            keys, args = limiter._settle_call("r1", entries)
-            assert len(keys) == 8  # the uncharged shadow limit is left out
-            reservation = Reservation(
-                "r1", tuple(charges), tuple(states), clock.now_ms, tuple(packed), tuple(amounts)
-            )
-            assert limiter._settle_command(reservation, used) == evalsha(limiter._settle, keys, args)
-        # A new month: the calendar limits' parts are packed again for the new period.
-        clock.now_ms += 40 * 86_400_000
-        repacked = packed_now()
-        assert [new is old for new, old in zip(repacked, packed, strict=True)] == [
-            True,
-            True,
-            True,
-            False,
-            False,
-        ]
     uncharged = Reservation("r1", (charges[4],), (states[4],), 0, (packed[4],), (amounts[4],))
     assert limiter._settle_command(uncharged, [1]) is None
