@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.exceptions import NoScriptError
@@ -37,19 +36,15 @@ class Script(Protocol):
     sha: str
 
 
-@dataclass(slots=True)
-class _Call:
-    command: bytes  # EVALSHA, packed
-    reply: asyncio.Future[Any]
-
-
 class ScriptBatcher:
     """Script calls over one pipelined connection (see resp.py), which it closes."""
 
     def __init__(self, connection: RespConnection, defer_seconds: float = 0.005) -> None:
         self._connection = connection
         self._defer_seconds = defer_seconds
-        self._waiting: list[_Call] = []
+        # The calls queued for the next write: each packed EVALSHA, and the future of its reply.
+        self._commands: list[bytes] = []
+        self._replies: list[asyncio.Future[Any]] = []
         self._flush_scheduled = False
         self._deferred_flush: asyncio.TimerHandle | None = None
 
@@ -111,7 +106,8 @@ class ScriptBatcher:
     def _enqueue(self, command: bytes, defer: bool) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append(_Call(command, reply))
+        self._commands.append(command)
+        self._replies.append(reply)
         if defer and self._defer_seconds > 0:
             if not self._flush_scheduled and self._deferred_flush is None:
                 self._deferred_flush = loop.call_later(self._defer_seconds, self._flush)
@@ -134,10 +130,10 @@ class ScriptBatcher:
         if self._deferred_flush is not None:
             self._deferred_flush.cancel()
             self._deferred_flush = None
-        waiting, self._waiting = self._waiting, []
+        queued, self._commands = self._commands, []
+        futures, self._replies = self._replies, []
         # Replies resolve the callers' futures from the socket callback: no task here.
-        commands = b"".join([call.command for call in waiting])
-        futures = [call.reply for call in waiting]
+        commands = queued[0] if len(queued) == 1 else b"".join(queued)
         if not self._connection.submit(commands, futures):
             _spawn(self._connection.submit_when_connected(commands, futures))
 
