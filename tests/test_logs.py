@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
+from typing import Any
 
 import asyncpg
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.logs import REQUEST_LOGGER, JsonFormatter
+from gateway.logs import _ENCODER, REQUEST_LOGGER, JsonFormatter, encode_line
 from tests.conftest import PROVIDER_KEY, USER_KEY, ConfigWriter, StartGateway
+from tests.strategies import json_values
 
 SECRET_PROMPT = "the launch code is 0000-tango-secret"
 
@@ -135,6 +140,31 @@ def test_the_direct_request_line_is_the_formatter_line(monkeypatch: pytest.Monke
     root.setLevel("WARNING")
     log_request(fields)
     assert written.getvalue() == direct
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["request_id", "status", "user", "model", "latency_ms", "stream"])
+        | st.text(max_size=8),
+        json_values
+        | st.sampled_from([float("nan"), float("inf"), -float("inf"), Level.HIGH, b"x", ("t", 1)]),
+        max_size=8,
+    )
+)
+def test_a_request_line_is_the_encoders_text(line: dict[str, Any]) -> None:
+    # Twice: the second time from the text kept of each repeating value.
+    assert encode_line(line) == _ENCODER.encode(line)
+    assert encode_line(line) == _ENCODER.encode(line)
+
+
+def test_a_line_with_a_key_that_is_not_a_string_is_left_to_the_encoder() -> None:
+    line: dict[Any, Any] = {"status": 200, 7: "seven", None: 1}
+    assert encode_line(line) == _ENCODER.encode(line) == '{"status": 200, "7": "seven", "null": 1}'
 
 
 async def test_the_answer_is_sent_before_the_request_is_logged(
