@@ -37,6 +37,7 @@ from gateway.quota.local import LocalLimiter
 from gateway.quota.policy import MICRO_USD, AppliedLimit, Policy, RequestPolicy
 
 log = logging.getLogger("gateway.quota")
+_new_tuple = tuple.__new__
 
 SYNC_ATTEMPTS = 3
 
@@ -150,7 +151,8 @@ class QuotaService:
         if the call goes to Redis (see QuotaLimiter.reserve); it may not be called at all.
         """
         amounts = reserved.by_kind()
-        charges = [Charge(limit, amounts[limit.rule.kind]) for limit in decision.limits]
+        # Made by tuple.__new__ as Charge._make does (see limiter._states): five per request.
+        charges = [_new_tuple(Charge, (limit, amounts[limit.rule.kind])) for limit in decision.limits]
         if not charges:
             return Ticket(Admission(True, Reservation("", (), (), 0)), reserved)
         # A disconnect cancels the handler, not the script in Redis: what a cancelled
