@@ -138,6 +138,21 @@ def _tally(metric: Counter | Gauge | Histogram, tallies: list[CounterTally | His
     return tally
 
 
+class _TallyFlusher:
+    """A collector of nothing that hands the tallies to prometheus_client when the
+    registry is read, so that any reader of it (a scrape, a test) sees them added in."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self._metrics.flush()
+        return []
+
+
 class RequestSeries:
     """The series the answers of one route and model update, looked up once per pair:
     three labels() calls per request become one dictionary lookup (see Metrics.series_of)."""
@@ -223,6 +238,9 @@ class Metrics:
         self._tallies: list[CounterTally | HistogramTally] | None = (
             None if os.environ.get(MULTIPROCESS_ENV) else []
         )
+        if self._tallies is not None:
+            # First on the registry, so whatever reads it reads the tallies' sums too.
+            r.register(_TallyFlusher(self))
         self.team_tokens: Labelled[CounterChild] | None = None
         if self.team_labels:
             self.team_tokens = self._counters(
@@ -282,12 +300,15 @@ class Metrics:
                 registry=r,
             )
         )
-        self.estimate_error = Histogram(
-            "gateway_prompt_estimate_error_ratio",
-            "(reserved prompt tokens - billed prompt tokens) / billed, per request.",
-            ["model"],
-            buckets=ESTIMATE_ERROR_BUCKETS,
-            registry=r,
+        # Observed for every settled request (tokens/calibration.py): tallied too.
+        self.estimate_error = self._histograms(
+            Histogram(
+                "gateway_prompt_estimate_error_ratio",
+                "(reserved prompt tokens - billed prompt tokens) / billed, per request.",
+                ["model"],
+                buckets=ESTIMATE_ERROR_BUCKETS,
+                registry=r,
+            )
         )
         self.calibration_ratio = Gauge(
             "gateway_prompt_calibration_ratio",
