@@ -43,7 +43,7 @@ from gateway.requests import (
     read_json_object,
     resolve_model,
 )
-from gateway.routing import Plan
+from gateway.routing import Plan, Routed
 from gateway.tokens.prompts import prompt_multiplicity
 from gateway.translate import StreamContext, Translator
 from gateway.translated_stream import relay_translated_stream
@@ -436,13 +436,14 @@ async def _forward(
     else:
         # A whole answer the provider is making is not abandoned with its client: it is
         # read to its end and settled with the provider's own usage (Settlement).
-        call = exchange.upstream_call = asyncio.get_running_loop().create_task(sending)
-        try:
-            routed = await asyncio.shield(call)
-        except Exception:
-            exchange.upstream_call = None
-            raise
+        loop = asyncio.get_running_loop()
+        call = exchange.upstream_call = loop.create_task(sending)
+        # asyncio.shield's work, lighter: a client that leaves cancels this wait, not the call.
+        over: asyncio.Future[None] = loop.create_future()
+        call.add_done_callback(functools.partial(_call_over, over))
+        await over
         exchange.upstream_call = None
+        routed = call.result()
     exchange.routed(routed)
     reply = routed.reply
     if reply.chunks is None:
@@ -464,6 +465,11 @@ async def _forward(
     context = StreamContext(exchange.model.name, upstream.client_wants_usage, exchange.prompt.tokens)
     translation = routed.translator.stream(context)
     return await relay_translated_stream(request, reply, exchange, headers, observer, translation)
+
+
+def _call_over(over: asyncio.Future[None], call: asyncio.Task[Routed]) -> None:
+    if not over.done():  # else its waiter was cancelled: settlement finishes the call
+        over.set_result(None)
 
 
 async def list_models(request: web.Request) -> web.Response:
