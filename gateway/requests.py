@@ -147,7 +147,7 @@ _ENCODED_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
 def _parse(raw: bytes, spans: bool) -> tuple[Any, ObjectText | None]:
     """json.loads(raw), but only UTF-8 (RFC 8259: JSON between systems is UTF-8, and
     the body is forwarded as sent) and each key once per object, at any depth (DuplicateKey)."""
-    encoding = json.detect_encoding(raw)
+    encoding = jsontext.encoding_of(raw)
     if encoding != "utf-8" and encoding != "utf-8-sig":
         raise ValueError(f"JSON must be UTF-8, not {encoding}")
     if spans:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.jsontext import MAX_SPANNED_KEYS, parse
+from gateway.jsontext import MAX_SPANNED_KEYS, encoding_of, parse
 from tests.strategies import json_values
 
 PADDING = "x" * 4096  # as long prompts are
@@ -128,3 +128,25 @@ def test_an_empty_object_gets_its_fields_inside_the_braces() -> None:
     value, text = parse(raw)
     assert value == {} and text is not None
     assert json.loads(text.with_values({"model": "m", "n": 1})) == {"model": "m", "n": 1}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b"{}",
+        b'{"a": 1}',
+        b"[1]",
+        b" {}",
+        "{}".encode("utf-16-le"),
+        "{}".encode("utf-16"),
+        "{}".encode("utf-32-le"),
+        "{}".encode("utf-32"),
+        "{}".encode("utf-8-sig"),
+        b"{\x00",
+        b"{\x00\x00\x00",
+    ],
+)
+def test_encoding_of_is_json_detect_encoding(raw: bytes) -> None:
+    assert encoding_of(raw) == json.detect_encoding(raw)
