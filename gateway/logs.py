@@ -235,6 +235,8 @@ class JsonLinesHandler(RedactingHandler):
         super().__init__(JsonFormatter())
         self._second = -1
         self._second_text = ""
+        # The text of each (level, logger, message) of request lines, braces and all.
+        self._heads: dict[tuple[str, str, str], str] = {}
 
     def write_line(self, level: str, logger: str, message: str, fields: dict[str, Any]) -> None:
         """`level`, `logger` and `message` are the gateway's own words; `fields` are redacted."""
@@ -244,8 +246,32 @@ class JsonLinesHandler(RedactingHandler):
             self._second = second
             self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         stamp = f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
-        line = {"time": stamp, "level": level, "logger": logger, "message": message, **redact_fields(fields)}
-        text = encode_line(line) + self.terminator
+        redacted = redact_fields(fields)
+        head = self._heads.get((level, logger, message))
+        if (
+            head is None
+            or "time" in redacted
+            or "level" in redacted
+            or "logger" in redacted
+            or "message" in redacted
+        ):
+            line = {"time": stamp, "level": level, "logger": logger, "message": message, **redacted}
+            text = encode_line(line) + self.terminator
+            self._heads[(level, logger, message)] = encode_line(
+                {"level": level, "logger": logger, "message": message}
+            )
+        else:
+            # The line's first four fields written from the text made once (the time's needs no
+            # escape), the fields after them as encode_line makes them: the same text.
+            rest = encode_line(redacted)
+            text = (
+                '{"time": "'
+                + stamp
+                + '", '
+                + head[1:-1]
+                + (", " + rest[1:] if redacted else "}")
+                + self.terminator
+            )
         self.acquire()
         try:
             self.stream.write(text)

@@ -128,6 +128,15 @@ def test_the_direct_request_line_is_the_formatter_line(monkeypatch: pytest.Monke
     monkeypatch.setattr(logging.Logger, "makeRecord", no_record)
     log_request(fields)
     direct = written.getvalue()
+    # The second line begins with the text the first made of its level, logger and message.
+    log_request(fields)
+    first, second = written.getvalue().splitlines()
+    time_field = r'"time": "[^"]*"'
+    assert re.sub(time_field, "", second) == re.sub(time_field, "", first)
+    written.truncate(0)
+    written.seek(0)
+    log_request(fields)
+    direct = written.getvalue()
     # The same line through a LogRecord and the formatter, as any other handler would get it.
     record = logging.LogRecord(REQUEST_LOGGER, logging.INFO, __file__, 1, "request", None, None)
     record.fields = fields
