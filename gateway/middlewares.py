@@ -28,6 +28,7 @@ from gateway.errors import (
 from gateway.exchange import CLIENT_CLOSED_REQUEST
 from gateway.logs import log_request
 from gateway.metrics import UNKNOWN_MODEL, Metrics
+from gateway.providers.anthropic_wire import ANTHROPIC_ERROR_TYPES
 from gateway.quota.headers import anthropic_ratelimit_headers
 from gateway.relay import ProviderError
 from gateway.requests import EXCHANGE, MODEL_LABEL, PRINCIPAL, REQUEST_ID, new_request_id
@@ -39,16 +40,6 @@ API_PREFIX = "/v1/"
 ADMIN_PREFIX = "/admin/"
 
 
-# Anthropic's error types by status; its routes answer errors in its own shape.
-ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    529: "overloaded_error",
-}
 ANTHROPIC_PREFIX = "/v1/messages"
 
 

@@ -8,6 +8,17 @@ from typing import Any
 
 from gateway.providers.base import Usage
 
+# Anthropic's error types by status; the gateway's Anthropic routes answer errors in its own shape.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

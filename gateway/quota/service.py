@@ -299,11 +299,7 @@ class QuotaService:
         if ticket.local or not self.limiter.hands_over_cancelled:
             self._track(self.settle(ticket, actual))
             return
-        amounts = actual.by_kind()
-        figures = [amounts[charge.limit.rule.kind] for charge in reservation.charges]
-        overshoot = actual.completion_tokens - ticket.reserved.completion_tokens
-        if overshoot > 0:
-            self._metrics.quota_overshoot_tokens.inc(overshoot)
+        figures = self._settled_figures(ticket, actual)
         reply = self.limiter.settle_queued(reservation, figures, self._settled)
         if reply is not None:
             self._settling[reply] = (reservation, figures)
@@ -339,16 +335,21 @@ class QuotaService:
         self._metrics.quota_errors.labels("settle").inc()
         log.warning("quota settlement failed for reservation %s", reservation.id)
 
+    def _settled_figures(self, ticket: Ticket, actual: Amounts) -> list[int]:
+        """Each charge's used figure, in the reservation's order; counts a completion
+        that ran past its reservation."""
+        amounts = actual.by_kind()
+        overshoot = actual.completion_tokens - ticket.reserved.completion_tokens
+        if overshoot > 0:
+            self._metrics.quota_overshoot_tokens.inc(overshoot)
+        return [amounts[charge.limit.rule.kind] for charge in ticket.admission.reservation.charges]
+
     async def settle(self, ticket: Ticket, actual: Amounts) -> None:
         """Replace the reservation with what was used (zeros: release it)."""
         reservation = ticket.admission.reservation
         if not reservation.charges:
             return
-        amounts = actual.by_kind()
-        figures = [amounts[charge.limit.rule.kind] for charge in reservation.charges]
-        overshoot = actual.completion_tokens - ticket.reserved.completion_tokens
-        if overshoot > 0:
-            self._metrics.quota_overshoot_tokens.inc(overshoot)
+        figures = self._settled_figures(ticket, actual)
         if ticket.local:
             self._local.settle(reservation, figures)
             return

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, TypeGuard
 
 from gateway.errors import InvalidRequest
+from gateway.providers.anthropic_wire import ANTHROPIC_ERROR_TYPES
 from gateway.providers.base import Usage
 from gateway.providers.openai_wire import chunk_object, event_data, usage_from_object
 from gateway.translate.base import StreamContext
@@ -650,16 +651,9 @@ _ERROR_TYPES = {
     "requests": "rate_limit_error",
     "overloaded_error": "overloaded_error",
 }
-_STATUS_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-    529: "overloaded_error",
-}
+# Anthropic's error type for each status (the table the gateway's own Anthropic routes answer with),
+# plus 503, which an OpenAI-compatible server sends when overloaded.
+_STATUS_ERROR_TYPES = {**ANTHROPIC_ERROR_TYPES, 503: "overloaded_error"}
 
 
 def error_event(error: Mapping[str, Any]) -> bytes:
