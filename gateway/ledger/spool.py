@@ -28,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from gateway import jsonlines
 from gateway.ledger.records import UsageRecord
 
 log = logging.getLogger("gateway.ledger.spool")
@@ -53,17 +54,15 @@ class Position:
 
 _FIELDS = UsageRecord._fields
 _KNOWN_FIELDS = frozenset(_FIELDS)
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def encode(record: UsageRecord) -> bytes:
-    values: dict[str, Any] = dict(zip(_FIELDS, record, strict=True))
-    values["created_at"] = record.created_at.isoformat()
-    return _ENCODER.encode(values).encode() + b"\n"
+    # created_at as datetime.isoformat() writes it (orjson's form is the same).
+    return jsonlines.dumps(dict(zip(_FIELDS, record, strict=True))) + b"\n"
 
 
 def decode(line: bytes) -> UsageRecord:
-    values = json.loads(line)
+    values = jsonlines.loads(line)
     values["created_at"] = datetime.fromisoformat(values["created_at"])
     return UsageRecord(**{name: value for name, value in values.items() if name in _KNOWN_FIELDS})
 
