@@ -27,7 +27,7 @@ from gateway.console import CONSOLE_PREFIX, console_app
 from gateway.ledger import LedgerWriter, open_store
 from gateway.ledger.spool import Spool
 from gateway.metrics import MULTIPROCESS_ENV, Metrics
-from gateway.middlewares import authenticate, authenticate_admin, errors_and_metrics
+from gateway.middlewares import authenticate_admin, authenticate_api, errors_and_metrics
 from gateway.policies import PolicyHolder
 from gateway.providers import build_providers
 from gateway.quota.limiter import QuotaLimiter
@@ -64,7 +64,7 @@ SHUTDOWN = web.AppKey("shutdown", ShutdownReport)
 def create_app(config: GatewayConfig, *, clock_ms: Callable[[], int] | None = None) -> web.Application:
     """The gateway application; `clock_ms` pins the quota clock (tests only)."""
     app = web.Application(
-        middlewares=[errors_and_metrics, authenticate],
+        middlewares=[errors_and_metrics(authenticate_api)],
         client_max_size=config.server.max_body_bytes,
     )
     app[state.CONFIG] = config
@@ -169,7 +169,7 @@ async def _admin_site(app: web.Application) -> AsyncIterator[None]:
     """A second, small application on the admin address, sharing this one's resources."""
     address = app[state.CONFIG].admin_address
     assert address is not None
-    admin = web.Application(middlewares=[errors_and_metrics, authenticate_admin])
+    admin = web.Application(middlewares=[errors_and_metrics(authenticate_admin)])
     admin[state.CONFIG] = app[state.CONFIG]
     admin[state.METRICS] = app[state.METRICS]
     admin[state.POLICIES] = app[state.POLICIES]

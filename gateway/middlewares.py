@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway import state
 from gateway.auth import hash_key, presented_key
@@ -83,56 +84,70 @@ def _translate(exc: web.HTTPException) -> GatewayError:
     return error.with_status(exc.status)
 
 
-@web.middleware
-async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: every answer gets a request id, errors get OpenAI's shape, all are counted.
+Authenticate = Callable[[web.Request], Awaitable[None]]
 
-    API requests (not scrapes or health checks) are counted in flight here too. Their
-    answer is sent before they are counted and logged: that bookkeeping then overlaps
-    the client reading the answer instead of delaying it.
+
+def errors_and_metrics(authenticate: Authenticate) -> Middleware:
+    """The one middleware of an application, which authenticates with `authenticate`
+    (authenticate_api or authenticate_admin).
+
+    One layer for everything: each layer is one more frame that every resumption of the
+    request's coroutine passes through, and aiohttp adds one of its own to any chain.
     """
-    started = time.monotonic()
-    request_id = new_request_id()
-    request[REQUEST_ID] = request_id
-    metrics = request.app[state.METRICS]
-    api = request.path.startswith(API_PREFIX)
-    if api:
-        metrics.in_flight.inc()
-    status = 500
-    error_code: str | None = None
-    try:
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            raise _translate(exc) from exc
-        status = response.status
-        exchange = request.get(EXCHANGE)
-        if exchange is not None and exchange.client_disconnected:
-            # A stream whose client left: its 200 went out, but it was not delivered.
-            status, error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
-    except GatewayError as exc:
-        status, error_code = exc.status, exc.code
-        if isinstance(exc, ProviderError):
-            _expose_if_allowed(exc, request.app)
-        response = error_response(exc, request_id, request.path.startswith(ANTHROPIC_PREFIX))
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED_REQUEST
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every answer gets a request id, errors get OpenAI's shape, all are counted.
+
+        API requests (not scrapes or health checks) are counted in flight here too. Their
+        answer is sent before they are counted and logged: that bookkeeping then overlaps
+        the client reading the answer instead of delaying it.
+        """
+        started = time.monotonic()
+        request_id = new_request_id()
+        request[REQUEST_ID] = request_id
+        metrics = request.app[state.METRICS]
+        api = request.path.startswith(API_PREFIX)
         if api:
-            _count_and_log(request, metrics, request_id, started, status, error_code)
-        raise
-    except Exception:
-        error_code = "server_error"
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        error = ServerError("The gateway had an internal error.")
-        response = error_response(error, request_id, request.path.startswith(ANTHROPIC_PREFIX))
-    if api:
+            metrics.in_flight.inc()
+        status = 500
+        error_code: str | None = None
         try:
-            await _send(request, response)
-        finally:
-            _count_and_log(request, metrics, request_id, started, status, error_code)
-    return response
+            try:
+                await authenticate(request)
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                raise _translate(exc) from exc
+            status = response.status
+            exchange = request.get(EXCHANGE)
+            if exchange is not None and exchange.client_disconnected:
+                # A stream whose client left: its 200 went out, but it was not delivered.
+                status, error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
+        except GatewayError as exc:
+            status, error_code = exc.status, exc.code
+            if isinstance(exc, ProviderError):
+                _expose_if_allowed(exc, request.app)
+            response = error_response(exc, request_id, request.path.startswith(ANTHROPIC_PREFIX))
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            if api:
+                _count_and_log(request, metrics, request_id, started, status, error_code)
+            raise
+        except Exception:
+            error_code = "server_error"
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            error = ServerError("The gateway had an internal error.")
+            response = error_response(error, request_id, request.path.startswith(ANTHROPIC_PREFIX))
+        if api:
+            try:
+                await _send(request, response)
+            finally:
+                _count_and_log(request, metrics, request_id, started, status, error_code)
+        return response
+
+    return middleware
 
 
 async def _send(request: web.Request, response: web.StreamResponse) -> None:
@@ -166,27 +181,19 @@ def _count_and_log(
     log_request(request_log_fields(request, request_id, route_label, status, elapsed, error_code))
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The caller's gateway key on API routes, the admin key on admin routes; the rest is open.
-
-    One middleware for both: each layer is one more frame that every resumption of the
-    request's coroutine passes through.
-    """
+async def authenticate_api(request: web.Request) -> None:
+    """The caller's gateway key on API routes, the admin key on admin routes; the rest is open."""
     path = request.path
     if path.startswith(API_PREFIX):
         await _authenticate_caller(request)
     elif path.startswith(ADMIN_PREFIX):
         _authenticate_admin(request)
-    return await handler(request)
 
 
-@web.middleware
-async def authenticate_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def authenticate_admin(request: web.Request) -> None:
     """The admin site's: the admin key on admin routes (the site serves nothing else)."""
     if request.path.startswith(ADMIN_PREFIX):
         _authenticate_admin(request)
-    return await handler(request)
 
 
 async def _authenticate_caller(request: web.Request) -> None:
