@@ -203,7 +203,8 @@ class HttpProvider:
         try:
             async with asyncio.timeout(seconds):
                 headers = self.headers(UpstreamRequest("models", {}, stream=False))
-                response = await self._request(session, "GET", self.models_url(), headers, attempt)
+                response = await self._request(session, "GET", self.models_url(), headers)
+                self._proxy_refusal(response, attempt)
                 response.close()
                 return response.status
         except TimeoutError as exc:
@@ -267,8 +268,9 @@ class HttpProvider:
         try:
             with _Deadline(loop, first_byte_at) as deadline:
                 response = await self._request(
-                    session, "POST", self.url(request), self.headers(request), attempt, payload
+                    session, "POST", self.url(request), self.headers(request), payload
                 )
+                self._proxy_refusal(response, attempt)
                 _check_encodings(response, self.name)
                 streamed = request.stream and response.status == 200
                 content_type = response.headers.get("Content-Type", "")
@@ -325,23 +327,20 @@ class HttpProvider:
             parsed = self._parsed_urls[url] = URL(url)
         return parsed
 
-    async def _request(
+    def _request(
         self,
         session: aiohttp.ClientSession,
         method: str,
         url: str,
         headers: Mapping[str, str],
-        attempt: _Attempt,
         data: bytes | None = None,
-    ) -> aiohttp.ClientResponse:
-        """One request through the provider's proxy (if any), its head read.
-
-        A forward proxy's 407 is the proxy refusing us, not the provider answering: raised
-        as an unreachable provider, and the attempt marked as never sent.
-        """
+    ) -> Awaitable[aiohttp.ClientResponse]:
+        """One request through the provider's proxy (if any), to await for its head; then
+        `_proxy_refusal` says whether the proxy refused it. Not a coroutine itself: one
+        frame fewer between the provider's answer and the request waiting on it."""
         if self._forwarded_headers is not None:
             headers = {**headers, **self._forwarded_headers}
-        response = await session.request(
+        return session.request(
             method,
             self._parsed_url(url),
             data=data,
@@ -350,6 +349,10 @@ class HttpProvider:
             proxy_headers=self._proxy_headers,
             allow_redirects=False,
         )
+
+    def _proxy_refusal(self, response: aiohttp.ClientResponse, attempt: _Attempt) -> None:
+        """A forward proxy's 407 is the proxy refusing us, not the provider answering: raised
+        as an unreachable provider, and the attempt marked as never sent."""
         if response.status == 407 and self._proxy is not None:
             response.close()
             attempt.refused_by_proxy = True
@@ -358,7 +361,6 @@ class HttpProvider:
                 code="upstream_unreachable",
                 cause="proxy",
             )
-        return response
 
     async def _body(self, response: aiohttp.ClientResponse) -> bytes:
         """The whole body, at most max_response_bytes of it after decompression."""

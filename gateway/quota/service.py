@@ -159,10 +159,21 @@ class QuotaService:
         # admission is granted is released. The usual limiter hands that admission over
         # (no task per admission); with the others the call runs shielded in a task.
         try:
-            if self.limiter.hands_over_cancelled:
-                admission = await self._reserve_once(charges, meanwhile)
-            else:
+            if not self.limiter.hands_over_cancelled:
                 admission = await self._shielded(self._reserve(charges, meanwhile))
+            elif time.monotonic() < self._redis_down_until:
+                raise QuotaStoreUnavailable("Redis failed recently; not retried yet")
+            else:
+                # One reserve call, awaited here (one frame fewer on its way back): if
+                # cancelled, the limiter hands its admission to `_release_later`.
+                try:
+                    admission = await self.limiter.reserve(charges, meanwhile, self._release_later)
+                except CountersNotSynced as missing:
+                    # Counters to rebuild first (rare): rebuilt in a shielded task.
+                    admission = await self._shielded(self._reserve(charges, None, missing, SYNC_ATTEMPTS - 1))
+                except QuotaStoreUnavailable:
+                    self._reserve_failed()
+                    raise
         except QuotaStoreUnavailable as exc:
             return self._admit_without_redis(charges, reserved, exc)
         for state in admission.shadow_rejections:
@@ -181,19 +192,6 @@ class QuotaService:
             raise rejection_error(admission)
         self._metrics.quota_admissions.inc()
         return Ticket(admission, reserved)
-
-    async def _reserve_once(self, charges: list[Charge], meanwhile: Callable[[], object] | None) -> Admission:
-        """One reserve call, not shielded: if cancelled, the limiter hands its admission to
-        `_release_later`. Counters to rebuild first (rare) are rebuilt in a shielded task."""
-        if time.monotonic() < self._redis_down_until:
-            raise QuotaStoreUnavailable("Redis failed recently; not retried yet")
-        try:
-            return await self.limiter.reserve(charges, meanwhile, self._release_later)
-        except CountersNotSynced as missing:
-            return await self._shielded(self._reserve(charges, None, missing, SYNC_ATTEMPTS - 1))
-        except QuotaStoreUnavailable:
-            self._reserve_failed()
-            raise
 
     async def _shielded(self, reserving: Coroutine[Any, Any, Admission]) -> Admission:
         """`reserving` run in a task its caller's cancellation does not reach; if cancelled,
