@@ -84,3 +84,73 @@ def test_compose_and_dockerfile() -> None:
     assert "\nUSER gateway\n" in dockerfile
     assert "HEALTHCHECK" in dockerfile
     assert "gateway tokenizers fetch" in dockerfile  # tokenizer files fetched at build time
+
+
+def _dockerfile_fetch_line() -> str:
+    """The Dockerfile's tokenizer fetch, as the shell of a RUN line gets it."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith("RUN gateway tokenizers fetch")]
+    return line.removeprefix("RUN ")
+
+
+@pytest.mark.parametrize(
+    ("encodings", "fetched"),
+    [
+        ("", ["cl100k_base: fetched: ", "o200k_base: fetched: "]),
+        ("o200k_harmony", ["cl100k_base: fetched: ", "o200k_base, o200k_harmony: fetched: "]),
+    ],
+)
+def test_the_image_fetches_the_encodings_its_build_names(
+    tmp_path: Path, encodings: str, fetched: list[str]
+) -> None:
+    """The RUN line itself, run by sh as docker build runs it, from a folder of the files
+    (TOKENIZERS_FROM) into the image's cache, with TOKENIZER_ENCODINGS as given."""
+    import os
+    import sys
+
+    shared = Path(os.environ["TIKTOKEN_CACHE_DIR"])
+    cache = tmp_path / "tokenizers"
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "TIKTOKEN_CACHE_DIR": str(cache),
+        "TOKENIZERS_FROM": str(shared),
+        "TOKENIZER_ENCODINGS": encodings,
+        # Never the network: a proxy on a closed port.
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
+    run = subprocess.run(
+        ["sh", "-c", _dockerfile_fetch_line()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert [line[: len(start)] for line, start in zip(lines[1:3], fetched, strict=True)] == fetched
+    assert sorted(path.name for path in cache.iterdir()) == sorted(
+        path.name for path in shared.iterdir() if path.is_file() and len(path.name) == 40
+    )
+
+
+def test_an_encoding_the_gateway_does_not_know_fails_the_build(tmp_path: Path) -> None:
+    import sys
+
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "TIKTOKEN_CACHE_DIR": str(tmp_path / "tokenizers"),
+        "TOKENIZER_ENCODINGS": "p50k",
+    }
+    run = subprocess.run(
+        ["sh", "-c", _dockerfile_fetch_line()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert "argument --encoding: invalid choice: 'p50k'" in run.stderr
+    assert not (tmp_path / "tokenizers").exists()
