@@ -13,7 +13,10 @@ uncaught and unraisable exceptions) are routed through the same handler.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
 import sys
 import threading
 import time
@@ -179,6 +182,12 @@ class JsonLinesHandler(RedactingHandler):
         super().__init__(JsonFormatter())
         self._second = -1
         self._second_text = ""
+        self._fd = _file_descriptor(self.stream)
+
+    def setStream(self, stream: Any) -> Any:
+        with self.lock or contextlib.nullcontext():
+            self._fd = _file_descriptor(stream)
+        return super().setStream(stream)
 
     def write_line(self, level: str, logger: str, message: str, fields: dict[str, Any]) -> None:
         """`level`, `logger` and `message` are the gateway's own words; `fields` are redacted."""
@@ -189,13 +198,39 @@ class JsonLinesHandler(RedactingHandler):
             self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         stamp = f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
         line = {"time": stamp, "level": level, "logger": logger, "message": message, **redact_fields(fields)}
-        text = encode_line(line) + self.terminator
+        data = jsonlines.dumps(line) + b"\n"
         self.acquire()
         try:
-            self.stream.write(text)
-            self.flush()
+            if self._fd is None:
+                self.stream.write(
+                    data.decode() if self.terminator == "\n" else data[:-1].decode() + self.terminator
+                )
+                self.flush()
+            else:
+                # The bytes straight to the file (half the time of the text layer's write and
+                # flush), after whatever went through the text layer.
+                self.stream.flush()
+                _write_all(self._fd, data)
         finally:
             self.release()
+
+
+def _file_descriptor(stream: Any) -> int | None:
+    """The descriptor under a text stream of a real file or pipe (stderr), else None."""
+    if not isinstance(stream, io.TextIOWrapper):
+        return None
+    try:
+        return stream.fileno()
+    except (OSError, ValueError):
+        return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a pipe may take a long line in parts)."""
+    written = os.write(fd, data)
+    while written < len(data):
+        data = data[written:]
+        written = os.write(fd, data)
 
 
 def setup_logging(level: str, json_lines: bool) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import io
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.logs import REQUEST_LOGGER, JsonFormatter, encode_line
+from gateway.logs import REQUEST_LOGGER, JsonFormatter, JsonLinesHandler, encode_line
 from tests.conftest import PROVIDER_KEY, USER_KEY, ConfigWriter, StartGateway
 
 SECRET_PROMPT = "the launch code is 0000-tango-secret"
@@ -239,3 +241,23 @@ async def test_the_answer_is_sent_before_the_request_is_logged(
     # call began, on a machine slow enough between sending and logging.)
     assert answered_at < ended
     assert ended - began >= 0.3
+
+
+def test_a_request_line_to_a_file_goes_as_bytes_after_the_text_before_it(tmp_path: Path) -> None:
+    """Written to the file's descriptor directly, after what went through the text layer."""
+    handler = JsonLinesHandler()
+    path = tmp_path / "gateway.log"
+    text = io.StringIO()
+    with open(path, "w", encoding="utf-8") as stream:
+        handler.setStream(stream)
+        stream.write("before\n")  # buffered in the text layer
+        handler.write_line("info", REQUEST_LOGGER, "request", {"user": "żaba", "error_detail": "x" * 70_000})
+        stream.write("after\n")
+        # Any other stream (here a StringIO, as in tests) is written as text.
+        handler.setStream(text)
+    before, line, after = path.read_text(encoding="utf-8").splitlines()
+    assert (before, after) == ("before", "after")
+    fields = json.loads(line)
+    assert fields["user"] == "żaba" and len(fields["error_detail"]) == 70_000
+    handler.write_line("info", REQUEST_LOGGER, "request", {"status": 200})
+    assert json.loads(text.getvalue())["status"] == 200 and text.getvalue().endswith("}\n")
