@@ -252,6 +252,9 @@ def _limiter(clock_ms: Callable[[], int] | None) -> Callable[[web.Application], 
         log.info("quota store: %s", description)
         prefix = config.key_prefix if config is not None else "gw:"
         quota_config = app[state.CONFIG].quota
+        # Each operation's series looked up once, not at each of a request's two calls.
+        redis_seconds = app[state.METRICS].backend_seconds
+        series = {operation: redis_seconds.labels("redis", operation) for operation in ("reserve", "settle")}
         limiter = QuotaLimiter(
             redis,
             prefix,
@@ -259,8 +262,8 @@ def _limiter(clock_ms: Callable[[], int] | None) -> Callable[[web.Application], 
             time_zone=quota_config.time_zone,
             reservation_ttl_ms=int(quota_config.reservation_ttl_seconds * 1000),
             observe=lambda operation, seconds: (
-                app[state.METRICS].backend_seconds.labels("redis", operation).observe(seconds)
-            ),
+                series.get(operation) or redis_seconds.labels("redis", operation)
+            ).observe(seconds),
         )
         app[state.QUOTA] = QuotaService(
             limiter, app[state.POLICIES], app[state.METRICS], quota_config, app[state.STORE]

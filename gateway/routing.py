@@ -130,6 +130,8 @@ class Router:
                 # One request probes a cooled-down deployment; the others keep away.
                 breaker.probing = True
                 usable.append(deployment)
+        if len(usable) < 2:  # the usual model, of one deployment: no order to draw
+            return usable
         order = self._choose([deployment.weight for deployment in usable])
         return [usable[index] for index in order]
 

@@ -72,12 +72,13 @@ class Settlement:
         try:
             final = exchange.final_usage()
         finally:
-            self._ledger.record(_record(exchange, final))
+            record = _record(exchange, final)
+            self._ledger.record(record)
         self._metrics.settlements.labels(final.source).inc()
         try:
             # Started here, finished without this request (see QuotaService.settle_soon).
             self._quota.settle_soon(exchange.ticket, actual_amounts(exchange.model, final.usage))
-            self._observe(exchange, final)
+            self._observe(exchange, final, record.cost_usd)
         except Exception:
             # The reservation stays charged until it expires and is refunded.
             self._metrics.quota_errors.labels("settle").inc()
@@ -99,7 +100,8 @@ class Settlement:
         """Settlements under way: calls still being read to their end, and quota settlements."""
         return len(self._tasks) + self._quota.settling
 
-    def _observe(self, exchange: Exchange, final: FinalUsage) -> None:
+    def _observe(self, exchange: Exchange, final: FinalUsage, cost_usd: float | None) -> None:
+        """cost_usd: the usage's cost at the model's price, as the ledger records it."""
         series = self._metrics.model_series(exchange.model.name)
         series.estimated_prompt_tokens.inc(exchange.prompt.tokens)
         usage = final.usage
@@ -113,15 +115,8 @@ class Settlement:
         if usage is not None:
             series.prompt_tokens.inc(usage.prompt_tokens)
             series.completion_tokens.inc(usage.completion_tokens)
-            price = exchange.model.price
-            if price is not None:
-                cost = price.cost_usd(
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                    usage.cached_prompt_tokens,
-                    usage.cache_write_prompt_tokens,
-                )
-                series.cost().inc(cost)
+            if cost_usd is not None:
+                series.cost().inc(cost_usd)
             team = self._metrics.team_tokens_of(exchange.principal.team or "none")
             if team is not None:
                 team[0].inc(usage.prompt_tokens)
