@@ -570,3 +570,22 @@ def test_records_across_segment_rotations_come_back_once_in_order(tmp_path: Path
     assert collected == written and spool.caught_up
     assert len(spool.segments()) == 1  # finished segments were dropped as the cursor passed them
     spool.close()
+
+
+def test_spool_lines_read_back_exactly_even_what_orjson_refuses(tmp_path: Path) -> None:
+    """Lines are orjson's; a record orjson refuses (a caller's id holding a lone surrogate)
+    is written by the standard library in ASCII, and both read back equal from the disk."""
+    plain, odd = records(2, "line")
+    plain = plain._replace(client_request_id="żaba 🙂", cost_usd=0.000123)
+    odd = odd._replace(client_request_id="half a pair: \ud800")
+    first = open_spool(tmp_path / "spool", [plain, odd])
+    first.close()
+    segments = sorted(first.directory.glob("segment-*.jsonl"))
+    lines = b"".join(segment.read_bytes() for segment in segments).splitlines()
+    assert lines[0].startswith(b'{"request_id":"line-0","created_at":"') and "żaba 🙂".encode() in lines[0]
+    assert lines[1].isascii() and b'"half a pair: \\ud800"' in lines[1]
+    again = Spool(tmp_path / "spool")
+    again.open()
+    taken, _ = again.read(10)
+    assert taken == [plain, odd]
+    again.close()
