@@ -104,8 +104,10 @@ async def trickle(writer: asyncio.StreamWriter, data: bytes) -> None:
 async def trickled_connection(port: int) -> tuple[bytes, float]:
     """Trickles TRICKLED on a new connection: what came back, and when the server closed it."""
     loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # Timed from before connecting: the server's deadline runs from its accept, and on a
+    # busy loop this coroutine may resume well after that.
     opened = loop.time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     feeding = asyncio.create_task(trickle(writer, TRICKLED))
     received = await until_closed(reader)
     closed_after = loop.time() - opened
