@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,11 +88,27 @@ def test_compose_and_dockerfile() -> None:
     assert "gateway tokenizers fetch" in dockerfile  # tokenizer files fetched at build time
 
 
-def _dockerfile_fetch_line() -> str:
-    """The Dockerfile's tokenizer fetch, as the shell of a RUN line gets it."""
+def _run_dockerfile_fetch(tmp_path: Path, **build_args: str) -> subprocess.CompletedProcess[str]:
+    """The Dockerfile's tokenizer fetch, run by sh as a RUN line is, with these build
+    arguments, the cache in tmp_path/tokenizers and never the network."""
     text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
     (line,) = [line for line in text.splitlines() if line.startswith("RUN gateway tokenizers fetch")]
-    return line.removeprefix("RUN ")
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "TIKTOKEN_CACHE_DIR": str(tmp_path / "tokenizers"),
+        # A proxy on a closed port: nothing is downloaded.
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        **build_args,
+    }
+    return subprocess.run(
+        ["sh", "-c", line.removeprefix("RUN ")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 @pytest.mark.parametrize(
@@ -103,54 +121,20 @@ def _dockerfile_fetch_line() -> str:
 def test_the_image_fetches_the_encodings_its_build_names(
     tmp_path: Path, encodings: str, fetched: list[str]
 ) -> None:
-    """The RUN line itself, run by sh as docker build runs it, from a folder of the files
-    (TOKENIZERS_FROM) into the image's cache, with TOKENIZER_ENCODINGS as given."""
-    import os
-    import sys
-
+    """From a folder of the files (TOKENIZERS_FROM) into the image's cache, with
+    TOKENIZER_ENCODINGS as given."""
     shared = Path(os.environ["TIKTOKEN_CACHE_DIR"])
-    cache = tmp_path / "tokenizers"
-    env = {
-        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-        "TIKTOKEN_CACHE_DIR": str(cache),
-        "TOKENIZERS_FROM": str(shared),
-        "TOKENIZER_ENCODINGS": encodings,
-        # Never the network: a proxy on a closed port.
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "HTTP_PROXY": "http://127.0.0.1:9",
-    }
-    run = subprocess.run(
-        ["sh", "-c", _dockerfile_fetch_line()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-    )
+    run = _run_dockerfile_fetch(tmp_path, TOKENIZERS_FROM=str(shared), TOKENIZER_ENCODINGS=encodings)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert [line[: len(start)] for line, start in zip(lines[1:3], fetched, strict=True)] == fetched
-    assert sorted(path.name for path in cache.iterdir()) == sorted(
+    assert sorted(path.name for path in (tmp_path / "tokenizers").iterdir()) == sorted(
         path.name for path in shared.iterdir() if path.is_file() and len(path.name) == 40
     )
 
 
 def test_an_encoding_the_gateway_does_not_know_fails_the_build(tmp_path: Path) -> None:
-    import sys
-
-    env = {
-        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-        "TIKTOKEN_CACHE_DIR": str(tmp_path / "tokenizers"),
-        "TOKENIZER_ENCODINGS": "p50k",
-    }
-    run = subprocess.run(
-        ["sh", "-c", _dockerfile_fetch_line()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-    )
+    run = _run_dockerfile_fetch(tmp_path, TOKENIZER_ENCODINGS="p50k")
     assert run.returncode == 2
     assert "argument --encoding: invalid choice: 'p50k'" in run.stderr
     assert not (tmp_path / "tokenizers").exists()
