@@ -252,18 +252,16 @@ def _limiter(clock_ms: Callable[[], int] | None) -> Callable[[web.Application], 
         log.info("quota store: %s", description)
         prefix = config.key_prefix if config is not None else "gw:"
         quota_config = app[state.CONFIG].quota
-        # Each operation's series looked up once, not at each of a request's two calls.
+        # Bound once, not looked up in the application at each of a request's two calls
+        # (Labelled keeps each operation's series).
         redis_seconds = app[state.METRICS].backend_seconds
-        series = {operation: redis_seconds.labels("redis", operation) for operation in ("reserve", "settle")}
         limiter = QuotaLimiter(
             redis,
             prefix,
             clock_ms=clock_ms,
             time_zone=quota_config.time_zone,
             reservation_ttl_ms=int(quota_config.reservation_ttl_seconds * 1000),
-            observe=lambda operation, seconds: (
-                series.get(operation) or redis_seconds.labels("redis", operation)
-            ).observe(seconds),
+            observe=lambda operation, seconds: redis_seconds.labels("redis", operation).observe(seconds),
         )
         app[state.QUOTA] = QuotaService(
             limiter, app[state.POLICIES], app[state.METRICS], quota_config, app[state.STORE]

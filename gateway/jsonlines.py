@@ -1,9 +1,10 @@
-"""The gateway's own JSON lines (request log, usage spool): orjson, with the standard
-library for the little orjson refuses.
+"""The gateway's own JSON lines (request log, usage spool), and a relayed answer read for
+its usage: orjson, with the standard library for the little orjson refuses.
 
 Every request writes two such lines. orjson makes a request's 24-field log line in
 0.4 µs where the standard library's C encoder took 5.9 µs, and reads a spool line in a
-fifth of json.loads's time (docs/performance.md, tenth round).
+fifth of json.loads's time (docs/performance.md, tenth round). It reads integers past
+64 bits as floats: bodies the gateway rewrites are read by json.loads.
 
 What orjson refuses is still written, by the standard library, all in ASCII: a string
 holding a lone surrogate (a caller's odd header or JSON escape), an integer past 64 bits.

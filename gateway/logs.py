@@ -198,19 +198,17 @@ class JsonLinesHandler(RedactingHandler):
             self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         stamp = f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
         line = {"time": stamp, "level": level, "logger": logger, "message": message, **redact_fields(fields)}
-        data = jsonlines.dumps(line) + b"\n"
+        data = jsonlines.dumps(line)
         self.acquire()
         try:
             if self._fd is None:
-                self.stream.write(
-                    data.decode() if self.terminator == "\n" else data[:-1].decode() + self.terminator
-                )
+                self.stream.write(data.decode() + self.terminator)
                 self.flush()
             else:
                 # The bytes straight to the file (half the time of the text layer's write and
                 # flush), after whatever went through the text layer.
                 self.stream.flush()
-                _write_all(self._fd, data)
+                _write_all(self._fd, data + self.terminator.encode())
         finally:
             self.release()
 

@@ -550,12 +550,10 @@ class Metrics:
 
     def sample(self, name: str) -> float:
         """One unlabelled sample of this process (e.g. `gateway_requests_in_flight`), 0 if absent."""
-        self.flush()
         return self.registry.get_sample_value(name) or 0.0
 
     def exposition(self) -> bytes:
         """This process's metrics, or, with several workers, every worker's added up."""
-        self.flush()
         if os.environ.get(MULTIPROCESS_ENV):
             combined = CollectorRegistry()
             multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]

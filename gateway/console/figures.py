@@ -118,7 +118,6 @@ class Rejection:
 
 def counter_samples(metrics: Metrics, sample_name: str) -> list[tuple[dict[str, str], float]]:
     """Every labelled value of one counter: this process's, or every worker's added up."""
-    metrics.flush()
     registry = metrics.registry
     if os.environ.get(MULTIPROCESS_ENV):
         registry = CollectorRegistry()

@@ -381,11 +381,8 @@ class QuotaLimiter:
             if len(groups) == 1:
                 states[:] = _states(charges, reply)
             else:
-                for position, index in enumerate(group):
-                    at = 5 + 4 * position
-                    states[index] = LimitState(
-                        charges[index].limit, reply[at], reply[at + 1], reply[at + 2] == 1, reply[at + 3]
-                    )
+                for index, state in zip(group, _states(group_charges, reply), strict=True):
+                    states[index] = state
             if not admitted:
                 await self._roll_back(reservation_id, charges, packed, states, done)
                 _report_rolled_back(states, charges, done)

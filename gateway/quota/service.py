@@ -159,10 +159,10 @@ class QuotaService:
         # admission is granted is released. The usual limiter hands that admission over
         # (no task per admission); with the others the call runs shielded in a task.
         try:
+            if time.monotonic() < self._redis_down_until:
+                raise QuotaStoreUnavailable("Redis failed recently; not retried yet")
             if not self.limiter.hands_over_cancelled:
                 admission = await self._shielded(self._reserve(charges, meanwhile))
-            elif time.monotonic() < self._redis_down_until:
-                raise QuotaStoreUnavailable("Redis failed recently; not retried yet")
             else:
                 # One reserve call, awaited here (one frame fewer on its way back): if
                 # cancelled, the limiter hands its admission to `_release_later`.
@@ -246,9 +246,8 @@ class QuotaService:
         missing: CountersNotSynced | None = None,
         attempts: int = SYNC_ATTEMPTS,
     ) -> Admission:
-        """Reserve, rebuilding calendar counters first where `missing` or Redis says so."""
-        if time.monotonic() < self._redis_down_until:
-            raise QuotaStoreUnavailable("Redis failed recently; not retried yet")
+        """Reserve, rebuilding calendar counters first where `missing` or Redis says so
+        (admit has checked that Redis has not failed recently)."""
         for _ in range(attempts):
             if missing is not None:
                 meanwhile = None  # done, if it was to be
