@@ -171,7 +171,7 @@ finite_json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.dictionaries(st.text(max_size=8), finite_json_values, max_size=8))
 def test_a_line_reads_back_as_the_fields_it_was_made_of(line: dict[str, Any]) -> None:
     text = encode_line(line)
