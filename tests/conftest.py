@@ -408,3 +408,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def refused_port() -> int:
+    """A port on 127.0.0.1 that refuses connections for as long as the tests run.
+
+    free_port's port is free only until something binds it: a server a test starts
+    later may be given it, and a provider meant to be unreachable then answers (seen
+    once in CI: a "dead" provider's port answered 401). This one stays bound, never
+    listening, so the kernel gives it to no one and connecting to it is refused.
+    """
+    return int(_refusing_socket().getsockname()[1])
+
+
+@cache
+def _refusing_socket() -> socket.socket:
+    # Without SO_REUSEADDR: no other socket may bind the port while this one holds it.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    return holder

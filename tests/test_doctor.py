@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 
 from gateway.ledger.schema import latest_version
-from tests.conftest import DATABASE_URL, ConfigWriter, free_port
+from tests.conftest import DATABASE_URL, ConfigWriter, refused_port
 
 
 async def doctor(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -74,8 +74,8 @@ async def test_a_healthy_setup(config_writer: ConfigWriter, pg: asyncpg.Connecti
 async def test_each_broken_part_fails_and_names_the_fix(
     config_writer: ConfigWriter, pg: asyncpg.Connection
 ) -> None:
-    config_writer.redis_url = f"redis://127.0.0.1:{free_port()}/0"
-    config_writer.upstream_url = f"http://127.0.0.1:{free_port()}/v1"
+    config_writer.redis_url = f"redis://127.0.0.1:{refused_port()}/0"
+    config_writer.upstream_url = f"http://127.0.0.1:{refused_port()}/v1"
     # A database that exists but was never migrated.
     name = f"gateway_doctor_{uuid.uuid4().hex[:8]}"
     subprocess.run(
@@ -95,7 +95,7 @@ async def test_each_broken_part_fails_and_names_the_fix(
     assert checks["upstream fake"]["status"] == "fail"
     assert checks["upstream fake"]["fix"] == "check providers.fake.base_url and the network to it"
 
-    config_writer.database_url = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    config_writer.database_url = f"postgresql://postgres@127.0.0.1:{refused_port()}/nowhere"
     unreachable = by_name(await doctor(config_writer.write(), "--json"))
     assert (
         unreachable["database"]["fix"] == "start PostgreSQL, or correct backends.postgres.dsn in gateway.yaml"

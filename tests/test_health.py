@@ -65,9 +65,9 @@ async def test_readiness_fails_when_redis_is_unreachable(
     config_writer,
     pg: asyncpg.Connection,  # type: ignore[no-untyped-def]
 ) -> None:
-    from tests.conftest import free_port
+    from tests.conftest import refused_port
 
-    config_writer.redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    config_writer.redis_url = f"redis://127.0.0.1:{refused_port()}/0"
     gateway = await start_gateway()
     assert await ready(gateway) == (503, {"status": "unhealthy"})
     status, body = await ready(gateway, ADMIN)

@@ -37,6 +37,7 @@ from tests.conftest import (
     RunningGateway,
     StartGateway,
     free_port,
+    refused_port,
 )
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeUpstream
@@ -366,7 +367,7 @@ async def test_a_failing_fsync_is_counted_and_the_batch_still_written(
 async def test_the_spool_survives_a_restart_and_is_replayed(
     ledger_store: LedgerStore, tmp_path: Path
 ) -> None:
-    unreachable = PostgresStore(PostgresConfig(dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/none"))
+    unreachable = PostgresStore(PostgresConfig(dsn=f"postgresql://postgres@127.0.0.1:{refused_port()}/none"))
     spool_root = tmp_path / "spool"
     first = LedgerWriter(
         unreachable, LedgerConfig(batch_size=50, flush_interval_seconds=0.01), Metrics(), Spool(spool_root)

@@ -37,7 +37,7 @@ from gateway.doctor import Check, diagnose
 from gateway.errors import UpstreamError
 from gateway.providers import UpstreamReply, UpstreamRequest, build_http_provider
 from gateway.providers.http import HttpProvider
-from tests.conftest import free_port
+from tests.conftest import free_port, refused_port
 from tests.fakes.openai_upstream import chat_completion
 
 REQUEST = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
@@ -344,7 +344,7 @@ async def test_http_proxy_from_the_environment_carries_the_request(
     proxy: ForwardProxy, serve_fake: ServeFake, open_provider: OpenProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake, base_url = await serve_fake()
-    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")  # for https:// only
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{refused_port()}")  # for https:// only
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
     provider = open_provider(base_url)
     assert_answered(await provider.send(chat()))
@@ -357,7 +357,7 @@ async def test_no_proxy_naming_the_host_goes_direct(
 ) -> None:
     fake, base_url = await serve_fake()
     # A proxy nobody listens on: a call that tried it would fail.
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{refused_port()}")
     through_dead_proxy = open_provider(base_url)
     monkeypatch.setenv("NO_PROXY", "example.com,127.0.0.1")
     direct = open_provider(base_url)
@@ -374,7 +374,7 @@ async def test_direct_in_gateway_yaml_ignores_the_environment(
     serve_fake: ServeFake, open_provider: OpenProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake, base_url = await serve_fake()
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{refused_port()}")
     assert_answered(await open_provider(base_url, proxy="direct").send(chat()))
     assert "Via" not in fake.seen[0][2]
 
@@ -448,7 +448,7 @@ async def test_the_proxy_password_never_reaches_an_error(
     authenticating_proxy: ForwardProxy, certificates: Certificates, open_provider: OpenProvider
 ) -> None:
     """The right credentials, and a provider the proxy cannot reach: the CONNECT gets 502."""
-    base_url = f"https://127.0.0.1:{free_port()}/v1"
+    base_url = f"https://127.0.0.1:{refused_port()}/v1"
     address = with_credentials(authenticating_proxy.url, PROXY_USER, PROXY_PASSWORD)
     error = await failure(open_provider(base_url, proxy=address, ca_file=certificates.ca_file))
     assert (error.code, error.detail) == ("upstream_unreachable", "proxy")
@@ -461,7 +461,7 @@ async def test_the_proxy_password_never_reaches_an_error(
 async def test_a_proxy_nobody_listens_on(open_provider: OpenProvider, serve_fake: ServeFake) -> None:
     _, base_url = await serve_fake()
     request = chat()
-    error = await failure(open_provider(base_url, proxy=f"http://127.0.0.1:{free_port()}"), request)
+    error = await failure(open_provider(base_url, proxy=f"http://127.0.0.1:{refused_port()}"), request)
     assert (error.code, error.detail, request.delivery.sent) == ("upstream_unreachable", "proxy", False)
 
 
@@ -496,7 +496,7 @@ async def test_https_through_the_proxy_by_connect_streams(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake, base_url = await serve_fake(certificates.server)
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # for http:// only
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{refused_port()}")  # for http:// only
     monkeypatch.setenv("HTTPS_PROXY", proxy.url)
     provider = open_provider(base_url, ca_file=certificates.ca_file)
     reply = await provider.send(chat(stream=True))
@@ -618,7 +618,7 @@ async def test_an_encoding_aiohttp_would_pass_through_is_refused(
 
 async def test_a_refused_connection(open_provider: OpenProvider) -> None:
     request = chat()
-    error = await failure(open_provider(f"http://127.0.0.1:{free_port()}/v1"), request)
+    error = await failure(open_provider(f"http://127.0.0.1:{refused_port()}/v1"), request)
     assert (error.code, error.detail, request.delivery.sent) == ("upstream_unreachable", "refused", False)
     assert error.message == "Provider 'fake' could not be reached (refused)."
 

@@ -15,7 +15,6 @@ import hashlib
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +45,7 @@ from gateway.tokens.files import (
 )
 from gateway.tokens.in_use import encodings_in_use
 from gateway.tokens.runs import BOUNDARY
+from tests.conftest import free_port, refused_port
 
 SHARED_CACHE = Path(os.environ["TIKTOKEN_CACHE_DIR"])
 # The encodings whose file the shared cache holds (o200k_harmony reads o200k_base's): the
@@ -57,15 +57,9 @@ SENTENCE = "Hello, world! 日本語 🙂 <|endoftext|> 12345"
 HELLO = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello, world!"}]}
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def offline_env(cache_dir: Path) -> dict[str, str]:
     """The environment of a gateway process that can reach nothing beyond this machine."""
-    nowhere = f"http://127.0.0.1:{closed_port()}"
+    nowhere = f"http://127.0.0.1:{refused_port()}"
     env = {k: v for k, v in os.environ.items() if k.upper() not in ("NO_PROXY", "TIKTOKEN_CACHE_DIR")}
     return env | {
         "TIKTOKEN_CACHE_DIR": str(cache_dir),
@@ -429,15 +423,13 @@ def test_fetch_command_from_a_local_folder(tmp_path: Path) -> None:
 
 def test_serve_without_tokenizer_files_says_how_to_fetch_them(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    result = gateway(
-        "serve", "--config", str(config), "--port", str(closed_port()), cache_dir=tmp_path / "env"
-    )
+    result = gateway("serve", "--config", str(config), "--port", str(free_port()), cache_dir=tmp_path / "env")
     assert_one_clear_line(result, tmp_path / "tokenizers")
     # With workers, the supervisor says it once, before starting any.
     (tmp_path / "workers").mkdir()
     workers = write_config(tmp_path / "workers", "server:\n  workers: 2\n")
     result = gateway(
-        "serve", "--config", str(workers), "--port", str(closed_port()), cache_dir=tmp_path / "env"
+        "serve", "--config", str(workers), "--port", str(free_port()), cache_dir=tmp_path / "env"
     )
     assert_one_clear_line(result, tmp_path / "workers" / "tokenizers")
 
@@ -552,7 +544,7 @@ def test_check_and_serve_ask_only_for_the_files_the_models_use(tmp_path: Path) -
     check = gateway("check", "--config", str(config), cache_dir=tmp_path / "unused")
     assert (check.returncode, check.stderr) == (1, expected)
     serve = gateway(
-        "serve", "--config", str(config), "--port", str(closed_port()), cache_dir=tmp_path / "unused"
+        "serve", "--config", str(config), "--port", str(free_port()), cache_dir=tmp_path / "unused"
     )
     assert (serve.returncode, serve.stderr) == (1, expected)
 

@@ -35,7 +35,7 @@ import tiktoken
 from aiohttp.test_utils import TestServer
 
 from gateway import state
-from tests.conftest import T0_MS, USER_KEY, ConfigWriter, RunningGateway, StartGateway, free_port
+from tests.conftest import T0_MS, USER_KEY, ConfigWriter, RunningGateway, StartGateway, refused_port
 from tests.fakes.openai_upstream import openai_chat_prompt_tokens
 from tests.fakes.scripted_upstream import (
     ANTHROPIC_INPUT_TOKENS,
@@ -449,7 +449,7 @@ async def test_ending(
     pg: asyncpg.Connection,
 ) -> None:
     if ending.script is None:
-        point_at(config_writer, f"http://127.0.0.1:{free_port()}")
+        point_at(config_writer, f"http://127.0.0.1:{refused_port()}")
     else:
         scripted.default = ending.script
     gateway = await start_gateway(POLICY, clock_ms=pinned_clock, extra=ABORT if ending.abort else "")

@@ -36,7 +36,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway import state
-from tests.conftest import ConfigWriter, RunningGateway, StartGateway, free_port
+from tests.conftest import ConfigWriter, RunningGateway, StartGateway, refused_port
 from tests.fakes.scripted_upstream import ANTHROPIC_INPUT_TOKENS, ENDINGS, Call, Script, ScriptedUpstream
 from tests.faults.test_endings import (
     POLICY,
@@ -66,7 +66,7 @@ async def scripted(config_writer: ConfigWriter) -> AsyncIterator[ScriptedUpstrea
     server = TestServer(upstream.app())
     await server.start_server()
     point_at(config_writer, str(server.make_url("")).rstrip("/"))
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{refused_port()}"
     config_writer.extra_providers = (
         f"dead:\n  type: openai\n  base_url: {dead}/v1\n  timeouts: {TIMEOUTS}\n"
         f"dead_anthropic:\n  type: anthropic\n  base_url: {dead}\n  timeouts: {TIMEOUTS}\n"
